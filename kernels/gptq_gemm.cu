@@ -1,0 +1,187 @@
+// Launchers and argument checks of the GPTQ CUDA ops. The op schemas are
+// defined in one place, zephyr_plugins/kernel_ops.py; bindings.cpp registers
+// these functions as their CUDA implementations.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "gptq_kernels.cuh"
+
+namespace zephyr {
+
+namespace {
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+constexpr int kMaxSmem = 96 * 1024;  // dynamic shared memory we allow per block
+
+template <typename T, int BITS, bool HAS_Z, int MT, int GPC>
+void launch_small(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, at::Tensor& out,
+                  at::Tensor& partial, int M, int K, int N, int Kp, int Np, int G, int group_rows, int cpb,
+                  int S, int smem, bool vec_x, cudaStream_t stream) {
+  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, GPC>;
+  static bool attr_set = false;  // per instantiation; racing first calls set the same value
+  if (!attr_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    attr_set = true;
+  }
+  dim3 grid(Np / kBlockN, S);
+  kernel<<<grid, kThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()),
+      HAS_Z ? reinterpret_cast<const T*>(zeros.data_ptr()) : nullptr,
+      perm.numel() ? perm.data_ptr<int>() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
+      locks.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), M, K, N, Kp, Np, G, group_rows, cpb, S,
+      vec_x);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int BITS, bool HAS_Z, int MT>
+void dispatch_gpc(int gpc, auto&&... args) {
+  switch (gpc) {
+    case 1: return launch_small<T, BITS, HAS_Z, MT, 1>(args...);
+    case 2: return launch_small<T, BITS, HAS_Z, MT, 2>(args...);
+    case 4: return launch_small<T, BITS, HAS_Z, MT, 4>(args...);
+    default: return launch_small<T, BITS, HAS_Z, MT, 8>(args...);
+  }
+}
+
+template <typename T, int BITS, bool HAS_Z>
+void dispatch_mt(int mt, int gpc, auto&&... args) {
+  switch (mt) {
+    case 1: return dispatch_gpc<T, BITS, HAS_Z, 1>(gpc, args...);
+    case 2: return dispatch_gpc<T, BITS, HAS_Z, 2>(gpc, args...);
+    default: return dispatch_gpc<T, BITS, HAS_Z, 4>(gpc, args...);
+  }
+}
+
+template <typename T>
+void dispatch_bits(int bits, bool has_z, int mt, int gpc, auto&&... args) {
+  if (bits == 4) {
+    if (has_z) return dispatch_mt<T, 4, true>(mt, gpc, args...);
+    return dispatch_mt<T, 4, false>(mt, gpc, args...);
+  }
+  if (has_z) return dispatch_mt<T, 8, true>(mt, gpc, args...);
+  return dispatch_mt<T, 8, false>(mt, gpc, args...);
+}
+
+}  // namespace
+
+// See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
+at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
+                                   int64_t bits, int64_t group_size, int64_t size_n) {
+  TORCH_CHECK(bits == 4 || bits == 8, "gptq_gemm_repacked: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2, "gptq_gemm_repacked: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "gptq_gemm_repacked: x must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "gptq_gemm_repacked: x must be float16 or bfloat16, got ", x.scalar_type());
+  const int M = x.size(0), K = x.size(1), N = size_n;
+  TORCH_CHECK(M <= 16 * kMaxMTiles, "gptq_gemm_repacked: x has M=", M, " rows; the fused kernel serves M <= ",
+              16 * kMaxMTiles, " (use gptq_dequantize + matmul above)");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
+              "gptq_gemm_repacked: qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  const int Np = qweight.size(0) * kBlockN, Kp = qweight.size(1) * 16;
+  TORCH_CHECK(qweight.size(2) == 32 * bits, "gptq_gemm_repacked: qweight.size(2)=", qweight.size(2),
+              " but bits=", bits, " needs ", 32 * bits);
+  TORCH_CHECK(Kp % kChunkK == 0 && Kp >= K && Kp < K + kChunkK, "gptq_gemm_repacked: qweight covers Kp=", Kp,
+              " rows but x has K=", K, " (Kp must be K rounded up to a multiple of 128)");
+  TORCH_CHECK(Np >= N && Np < N + kBlockN, "gptq_gemm_repacked: qweight covers Np=", Np,
+              " columns but size_n=", N);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.scalar_type() == x.scalar_type() &&
+                  scales.is_contiguous(),
+              "gptq_gemm_repacked: scales must be contiguous ", x.scalar_type(), " [G, ", Np, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const int G = scales.size(0);
+  const bool has_z = zeros.numel() > 0;
+  TORCH_CHECK(!has_z || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == x.scalar_type() &&
+                         zeros.is_contiguous()),
+              "gptq_gemm_repacked: zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
+  TORCH_CHECK(perm.numel() == 0 || (perm.dim() == 1 && perm.size(0) == K && perm.scalar_type() == at::kInt),
+              "gptq_gemm_repacked: perm must be empty or int32 [K=", K, "], got ", perm.scalar_type(), " ",
+              perm.sizes());
+  TORCH_CHECK(locks.dim() == 1 && locks.size(0) >= Np / kBlockN && locks.scalar_type() == at::kInt,
+              "gptq_gemm_repacked: locks must be int32 [>= ", Np / kBlockN, "] zeros, got ", locks.sizes());
+  const int group_rows = group_size == -1 ? K : int(group_size);
+  TORCH_CHECK(group_size == -1 || group_rows == 16 || group_rows == 32 || group_rows == 64 ||
+                  group_rows % kChunkK == 0,
+              "gptq_gemm_repacked: group_size=", group_size, " not served (allowed: -1, 16, 32, 64, multiples of 128)");
+  TORCH_CHECK(G == (K + group_rows - 1) / group_rows, "gptq_gemm_repacked: scales has ", G,
+              " groups but K=", K, ", group_size=", group_size, " needs ", (K + group_rows - 1) / group_rows);
+  for (const at::Tensor* t : {&qweight, &scales, &perm, &locks})
+    TORCH_CHECK(t->numel() == 0 || t->device() == x.device(), "gptq_gemm_repacked: all tensors must be on ",
+                x.device());
+
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const int gpc = (group_size == -1 || group_rows >= kChunkK) ? 1 : kChunkK / group_rows;
+  const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+
+  // Split K so that about 4 blocks per SM are in flight, keeping the block's
+  // staged x slice within the shared memory budget.
+  const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int S = std::max(1, std::min(chunks, ceil_div(4 * sms, nblk)));
+  int cpb = ceil_div(chunks, S);
+  const int esize = x.element_size();
+  while (cpb > 1 && M * (cpb * kChunkK + 8) * esize > kMaxSmem) --cpb;
+  S = ceil_div(chunks, cpb);
+  const int smem = std::max(M * (cpb * kChunkK + 8) * esize, M * kBlockN * 4);
+  at::Tensor partial;
+  if (S > 1) partial = at::empty({S, M, Np}, x.options().dtype(at::kFloat));
+  const bool vec_x = perm.numel() == 0 && K % 8 == 0 && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kHalf)
+    dispatch_bits<__half>(bits, has_z, mt, gpc, x, qweight, scales, zeros, perm, locks, out, partial, M, K, N, Kp,
+                          Np, G, group_rows, cpb, S, smem, vec_x, stream);
+  else
+    dispatch_bits<__nv_bfloat16>(bits, has_z, mt, gpc, x, qweight, scales, zeros, perm, locks, out, partial, M, K,
+                                 N, Kp, Np, G, group_rows, cpb, S, smem, vec_x, stream);
+  return out;
+}
+
+at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                                const at::Tensor& g_idx, int64_t bits, int64_t zero_offset) {
+  TORCH_CHECK(bits == 4 || bits == 8, "gptq_dequantize: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() &&
+                  (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16),
+              "gptq_dequantize: scales must be contiguous float16/bfloat16 [G, N], got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(g_idx.dim() == 1 && g_idx.scalar_type() == at::kInt && g_idx.is_contiguous(),
+              "gptq_dequantize: g_idx must be int32 [K], got ", g_idx.scalar_type(), " ", g_idx.sizes());
+  const int K = g_idx.size(0), N = scales.size(1), G = scales.size(0);
+  const int per = 32 / bits;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(0) == (K + per - 1) / per && qweight.size(1) == N &&
+                  qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
+              "gptq_dequantize: qweight must be contiguous int32 [", (K + per - 1) / per, ", ", N, "], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(qzeros.dim() == 2 && qzeros.size(0) == G && qzeros.size(1) == (N + per - 1) / per &&
+                  qzeros.scalar_type() == at::kInt && qzeros.is_contiguous(),
+              "gptq_dequantize: qzeros must be contiguous int32 [", G, ", ", (N + per - 1) / per, "], got ",
+              qzeros.sizes());
+  for (const at::Tensor* t : {&qzeros, &scales, &g_idx})
+    TORCH_CHECK(t->device() == qweight.device(), "gptq_dequantize: all tensors must be on ", qweight.device());
+  const at::cuda::OptionalCUDAGuard guard(qweight.device());
+  auto out = at::empty({K, N}, scales.options());
+  if (K == 0 || N == 0) return out;
+  dim3 block(256), grid((N + 255) / 256, qweight.size(0));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int zo = int(zero_offset);
+#define ZK_DEQ(T, B)                                                                                        \
+  gptq_dequantize_kernel<T, B><<<grid, block, 0, stream>>>(                                                 \
+      qweight.data_ptr<int>(), qzeros.data_ptr<int>(), reinterpret_cast<const T*>(scales.data_ptr()),      \
+      g_idx.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), K, N, zo)
+  if (scales.scalar_type() == at::kHalf) {
+    if (bits == 4) ZK_DEQ(__half, 4); else ZK_DEQ(__half, 8);
+  } else {
+    if (bits == 4) ZK_DEQ(__nv_bfloat16, 4); else ZK_DEQ(__nv_bfloat16, 8);
+  }
+#undef ZK_DEQ
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace zephyr
