@@ -2,10 +2,11 @@
 // defined in one place, zephyr_plugins/kernel_ops.py; bindings.cpp registers
 // these functions as their CUDA implementations.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
-#include "gptq_kernels.cuh"
+#include "gptq_launch.cuh"
 
 namespace zephyr {
 
@@ -13,57 +14,16 @@ namespace {
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-constexpr int kMaxSmem = 96 * 1024;  // dynamic shared memory we allow per block
-
-template <typename T, int BITS, bool HAS_Z, int MT, int GPC>
-void launch_small(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                  const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, at::Tensor& out,
-                  at::Tensor& partial, int M, int K, int N, int Kp, int Np, int G, int group_rows, int cpb,
-                  int S, int smem, bool vec_x, cudaStream_t stream) {
-  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, GPC>;
-  static bool attr_set = false;  // per instantiation; racing first calls set the same value
-  if (!attr_set) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
-    attr_set = true;
+// Multiprocessor count, cached per device (an attribute query, no sync).
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = v;
   }
-  dim3 grid(Np / kBlockN, S);
-  kernel<<<grid, kThreads, smem, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qweight.data_ptr()),
-      reinterpret_cast<const T*>(scales.data_ptr()),
-      HAS_Z ? reinterpret_cast<const T*>(zeros.data_ptr()) : nullptr,
-      perm.numel() ? perm.data_ptr<int>() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
-      locks.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), M, K, N, Kp, Np, G, group_rows, cpb, S,
-      vec_x);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int BITS, bool HAS_Z, int MT>
-void dispatch_gpc(int gpc, auto&&... args) {
-  switch (gpc) {
-    case 1: return launch_small<T, BITS, HAS_Z, MT, 1>(args...);
-    case 2: return launch_small<T, BITS, HAS_Z, MT, 2>(args...);
-    case 4: return launch_small<T, BITS, HAS_Z, MT, 4>(args...);
-    default: return launch_small<T, BITS, HAS_Z, MT, 8>(args...);
-  }
-}
-
-template <typename T, int BITS, bool HAS_Z>
-void dispatch_mt(int mt, int gpc, auto&&... args) {
-  switch (mt) {
-    case 1: return dispatch_gpc<T, BITS, HAS_Z, 1>(gpc, args...);
-    case 2: return dispatch_gpc<T, BITS, HAS_Z, 2>(gpc, args...);
-    default: return dispatch_gpc<T, BITS, HAS_Z, 4>(gpc, args...);
-  }
-}
-
-template <typename T>
-void dispatch_bits(int bits, bool has_z, int mt, int gpc, auto&&... args) {
-  if (bits == 4) {
-    if (has_z) return dispatch_mt<T, 4, true>(mt, gpc, args...);
-    return dispatch_mt<T, 4, false>(mt, gpc, args...);
-  }
-  if (has_z) return dispatch_mt<T, 8, true>(mt, gpc, args...);
-  return dispatch_mt<T, 8, false>(mt, gpc, args...);
+  return cache[device];
 }
 
 }  // namespace
@@ -110,11 +70,11 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
               "gptq_gemm_repacked: group_size=", group_size, " not served (allowed: -1, 16, 32, 64, multiples of 128)");
   TORCH_CHECK(G == (K + group_rows - 1) / group_rows, "gptq_gemm_repacked: scales has ", G,
               " groups but K=", K, ", group_size=", group_size, " needs ", (K + group_rows - 1) / group_rows);
-  for (const at::Tensor* t : {&qweight, &scales, &perm, &locks})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qweight, &scales, &perm, &locks})
     TORCH_CHECK(t->numel() == 0 || t->device() == x.device(), "gptq_gemm_repacked: all tensors must be on ",
                 x.device());
 
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const int gpc = (group_size == -1 || group_rows >= kChunkK) ? 1 : kChunkK / group_rows;
@@ -123,7 +83,7 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // Split K so that about 4 blocks per SM are in flight, keeping the block's
   // staged x slice within the shared memory budget.
   const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count(x.get_device());
   int S = std::max(1, std::min(chunks, ceil_div(4 * sms, nblk)));
   int cpb = ceil_div(chunks, S);
   const int esize = x.element_size();
@@ -133,13 +93,17 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, M, Np}, x.options().dtype(at::kFloat));
   const bool vec_x = perm.numel() == 0 && K % 8 == 0 && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  SmallArgs args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), has_z ? zeros.data_ptr() : nullptr,
+                 perm.numel() ? perm.data_ptr<int>() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
+                 locks.data_ptr<int>(), out.data_ptr(), M, K, N, Kp, Np, G, group_rows, cpb, S, smem, mt, gpc,
+                 vec_x, c10::cuda::getCurrentCUDAStream()};
+  cudaError_t err;
   if (x.scalar_type() == at::kHalf)
-    dispatch_bits<__half>(bits, has_z, mt, gpc, x, qweight, scales, zeros, perm, locks, out, partial, M, K, N, Kp,
-                          Np, G, group_rows, cpb, S, smem, vec_x, stream);
+    err = bits == 4 ? gptq_gemm_small_launch<__half, 4>(args) : gptq_gemm_small_launch<__half, 8>(args);
   else
-    dispatch_bits<__nv_bfloat16>(bits, has_z, mt, gpc, x, qweight, scales, zeros, perm, locks, out, partial, M, K,
-                                 N, Kp, Np, G, group_rows, cpb, S, smem, vec_x, stream);
+    err = bits == 4 ? gptq_gemm_small_launch<__nv_bfloat16, 4>(args)
+                    : gptq_gemm_small_launch<__nv_bfloat16, 8>(args);
+  C10_CUDA_CHECK(err);
   return out;
 }
 
@@ -164,11 +128,11 @@ at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qze
               qzeros.sizes());
   for (const at::Tensor* t : {&qzeros, &scales, &g_idx})
     TORCH_CHECK(t->device() == qweight.device(), "gptq_dequantize: all tensors must be on ", qweight.device());
-  const at::cuda::OptionalCUDAGuard guard(qweight.device());
+  const c10::cuda::OptionalCUDAGuard guard(qweight.device());
   auto out = at::empty({K, N}, scales.options());
   if (K == 0 || N == 0) return out;
   dim3 block(256), grid((N + 255) / 256, qweight.size(0));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int zo = int(zero_offset);
 #define ZK_DEQ(T, B)                                                                                        \
   gptq_dequantize_kernel<T, B><<<grid, block, 0, stream>>>(                                                 \

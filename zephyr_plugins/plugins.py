@@ -15,6 +15,7 @@ ENTRY_POINT_GROUP = "zephyr_plugins"
 # Built-ins register through the same hooks a third party uses.
 _BUILTIN_PLUGINS = (
     "zephyr_plugins.backends.reference",
+    "zephyr_plugins.backends.cuda",
     "zephyr_plugins.templates",
 )
 

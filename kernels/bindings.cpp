@@ -1,0 +1,26 @@
+// CUDA implementations of the zephyr GPTQ kernel ops.
+//
+// The schemas are defined in one place, zephyr_plugins/kernel_ops.py (with
+// their fake and CPU reference implementations and every argument
+// documented); this file only attaches the CUDA kernels to them:
+//
+//   zephyr::gptq_gemm_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
+//                              Tensor perm, Tensor(a!) locks, int bits, int group_size,
+//                              int size_n) -> Tensor
+//   zephyr::gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx,
+//                           int bits, int zero_offset) -> Tensor
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace zephyr {
+at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
+                                   int64_t bits, int64_t group_size, int64_t size_n);
+at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                                const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
+}  // namespace zephyr
+
+TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
+  m.impl("gptq_gemm_repacked", &zephyr::gptq_gemm_repacked_cuda);
+  m.impl("gptq_dequantize", &zephyr::gptq_dequantize_cuda);
+}

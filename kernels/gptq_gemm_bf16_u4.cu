@@ -1,0 +1,6 @@
+// Fused small-M GPTQ kernels for __nv_bfloat16 activations and 4-bit weights.
+#include "gptq_launch.cuh"
+
+namespace zephyr {
+template cudaError_t gptq_gemm_small_launch<__nv_bfloat16, 4>(const SmallArgs&);
+}  // namespace zephyr

@@ -1,0 +1,6 @@
+// Fused small-M GPTQ kernels for __half activations and 8-bit weights.
+#include "gptq_launch.cuh"
+
+namespace zephyr {
+template cudaError_t gptq_gemm_small_launch<__half, 8>(const SmallArgs&);
+}  // namespace zephyr

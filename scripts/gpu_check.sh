@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one GPU check: build the CUDA kernels, run the GPU tests, run the
+# benchmarks, and leave logs + results under $OUT (default ./out).
+#
+#   bash scripts/gpu_check.sh                 # everything
+#   GPU_CHECK_SKIP_BENCH=1 bash scripts/gpu_check.sh
+#
+# To add a step, append to GPU_TESTS (pytest paths, run with -m gpu) or
+# BENCHMARKS (scripts that take --out DIR). Keep what lands in $OUT to a few
+# files: logs at the top, benchmark results in $OUT/bench.
+set -u
+cd "$(dirname "$0")/.."
+
+GPU_TESTS=(tests/gpu)
+BENCHMARKS=(benchmarks/kernels.py)
+
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT/bench"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export ZEPHYR_PLUGINS_NO_ENTRYPOINTS=1
+# Build for the card at hand only (the general default is 80;89;90a).
+export ZEPHYR_CUDA_ARCHS=${ZEPHYR_CUDA_ARCHS:-90a}
+export ZEPHYR_KERNEL_CACHE=${ZEPHYR_KERNEL_CACHE:-$PWD/.cache/zephyr_kernels}
+export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+status=0
+
+{
+  echo "== $(date -u +%FT%TZ) gpu_check"
+  nvidia-smi -L || true
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/build.log"
+
+echo "== build kernels (ZEPHYR_CUDA_ARCHS=$ZEPHYR_CUDA_ARCHS)" | tee -a "$OUT/build.log"
+start=$(date +%s)
+ZEPHYR_KERNEL_VERBOSE=1 $PY -c "
+from zephyr_plugins.kernel_build import ensure_built
+ok, why = ensure_built()
+print('kernels built:', ok, why or '')
+raise SystemExit(0 if ok else 1)
+" >>"$OUT/build.log" 2>&1 || status=1
+echo "build took $(( $(date +%s) - start )) s, status $status" | tee -a "$OUT/build.log"
+grep -E "error|warning: .*spill|kernels built" "$OUT/build.log" | head -20
+
+if [ $status -eq 0 ]; then
+  echo "== gpu tests: ${GPU_TESTS[*]}"
+  $PY -m pytest -m gpu -p no:cacheprovider -q -rfE --durations=5 "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/gpu_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  if [ -z "${GPU_CHECK_SKIP_BENCH:-}" ]; then
+    for b in "${BENCHMARKS[@]}"; do
+      name=$(basename "$b" .py)
+      echo "== benchmark $b"
+      $PY "$b" --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$name.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+  fi
+fi
+echo "== gpu_check done, status $status"
+exit $status

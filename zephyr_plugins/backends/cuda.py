@@ -1,0 +1,110 @@
+"""The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
+
+- ``M <= FUSED_MAX_M`` rows (decode): ``zephyr::gptq_gemm_repacked``, a fused
+  dequantize + tensor-core matmul that streams the repacked weight once.
+- More rows (prefill): ``zephyr::gptq_dequantize`` to the activation dtype,
+  then ``x @ w`` in cuBLAS.
+
+Importing this module is cheap: the kernels are built the first time a CUDA
+layer is selected (:func:`zephyr_plugins.kernel_build.ensure_built`). Without
+nvcc, :meth:`CudaGPTQBackend.can_implement` says so and the reference backend
+serves the layer (with a one-time warning).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..hookspecs import hookimpl
+from .base import KernelBackend, LayerSpec
+
+# Largest M sent to the fused kernel (it serves up to 4 m16 tiles, M <= 64);
+# above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) lowers it.
+FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
+
+
+class CudaGPTQBackend(KernelBackend):
+    name = "cuda"
+    priority = 100
+    supported_bits = (4, 8)
+    supported_group_sizes = None  # -1, 16, 32, 64 or any multiple of 128: checked below
+    supported_dtypes = (torch.float16, torch.bfloat16)
+    device_types = ("cuda",)
+    min_capability = (8, 0)
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec):
+        ok, why = super().can_implement(spec)
+        if not ok:
+            return ok, why
+        gs = spec.group_size
+        if not (gs == -1 or gs in (16, 32, 64) or gs % 128 == 0):
+            return False, f"group_size={gs} not served; allowed values: -1, 16, 32, 64 or a multiple of 128"
+        from ..kernel_build import ensure_built
+
+        return ensure_built()
+
+    def process_weights(self, layer: torch.nn.Module) -> None:
+        from .. import kernel_ops  # noqa: F401 - op schemas
+        from ..repack import repack
+
+        spec = self.spec
+        self._fallback = False
+        try:
+            r = repack(
+                layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                spec.bits, spec.group_size, spec.zero_offset, spec.dtype,
+            )  # fmt: skip
+        except ValueError as exc:  # g_idx with unequal groups: rare, served exactly by the reference
+            warnings.warn(f"zephyr_plugins cuda backend: {exc}; this layer uses the reference path")
+            self._fallback = True
+            return
+        layer.register_buffer("_zk_qweight", r.qweight, persistent=False)
+        layer.register_buffer("_zk_scales", r.scales, persistent=False)
+        layer.register_buffer("_zk_zeros", r.zeros, persistent=False)
+        layer.register_buffer("_zk_perm", r.perm, persistent=False)
+        layer.register_buffer(
+            "_zk_locks", torch.zeros(r.qweight.shape[0], dtype=torch.int32, device=r.qweight.device), persistent=False
+        )
+        # The large-M path dequantizes the checkpoint layout; it wants the scales in the activation dtype.
+        layer.register_buffer("_zk_scales_ckpt", layer.scales.to(spec.dtype).contiguous(), persistent=False)
+        layer.register_buffer("_zk_g_idx", layer.g_idx.to(torch.int32).contiguous(), persistent=False)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from ..kernel_ops import gptq_dequantize, gptq_gemm_repacked
+
+        spec = self.spec
+        if self._fallback:
+            from ..ops import gptq_gemm
+
+            return gptq_gemm(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, spec.bits, spec.zero_offset)
+        x2 = x.reshape(-1, spec.in_features)
+        if x2.dtype != spec.dtype:
+            x2 = x2.to(spec.dtype)
+        if x2.shape[0] <= FUSED_MAX_M:
+            out = gptq_gemm_repacked(
+                x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
+                layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
+            )  # fmt: skip
+        else:
+            w = gptq_dequantize(
+                layer.qweight, layer.qzeros, layer._zk_scales_ckpt, layer._zk_g_idx, spec.bits, spec.zero_offset
+            )
+            out = x2 @ w
+        return out.reshape(*x.shape[:-1], spec.out_features)
+
+
+def unrepack_layer(layer: torch.nn.Module, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors rebuilt from a prepared layer's repacked buffers (for tests)."""
+    from ..repack import Repacked, unrepack
+
+    r = Repacked(layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, spec.group_size)
+    return unrepack(r, spec.bits, spec.in_features, spec.out_features, spec.zero_offset, layer.scales.dtype)
+
+
+@hookimpl
+def register_kernels(register):
+    register(CudaGPTQBackend)
