@@ -18,6 +18,7 @@ from .errors import CheckpointError, KernelUnavailableError, ZephyrError
 from .hookspecs import hookimpl
 from .loader import load, prepare_model
 from .quant_linear import QuantLinear
+from .runtime import Zephyr
 from .templates import ZEPHYR_CHAT_TEMPLATE, PromptTemplate, get_template, zephyr_prompt
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "PromptTemplate",
     "QuantLinear",
     "ZEPHYR_CHAT_TEMPLATE",
+    "Zephyr",
     "ZephyrError",
     "get_template",
     "hookimpl",

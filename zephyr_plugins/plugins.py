@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "zephyr_plugins"
 _BUILTIN_PLUGINS = (
     "zephyr_plugins.backends.reference",
     "zephyr_plugins.backends.cuda",
+    "zephyr_plugins.backends.dense",
     "zephyr_plugins.templates",
 )
 

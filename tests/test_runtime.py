@@ -1,0 +1,194 @@
+"""The generation runtime on the CPU: our model code against transformers, sampling, stops, streaming, batching."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from zephyr_plugins.assets import tiny_mistral, write_rtn_checkpoint
+from zephyr_plugins.config import GPTQConfig
+from zephyr_plugins.generation_api import SamplingParams
+from zephyr_plugins.quant_linear import QuantLinear
+from zephyr_plugins.runtime import Zephyr
+
+GREEDY = SamplingParams(max_new_tokens=32, temperature=0, repetition_penalty=1.0)
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Paris is", "In 1905, Albert Einstein published four papers that"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CI machine has 2 cores shared with other jobs: torch's thread pool then
+    # spends more time waiting than computing on these tiny matmuls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, zephyr_tokenizer):
+    """Two tiny checkpoints: in-order 4-bit (q/k/v fused), and act-order 4-bit with an 8-token window (not fused)."""
+    root = tmp_path_factory.mktemp("runtime")
+    plain = write_rtn_checkpoint(
+        tiny_mistral(seed=1), str(root / "plain"), GPTQConfig(bits=4, group_size=128), tokenizer=zephyr_tokenizer
+    )
+    windowed = write_rtn_checkpoint(
+        tiny_mistral(seed=2, sliding_window=8),
+        str(root / "window"),
+        GPTQConfig(bits=4, group_size=64, desc_act=True),
+        tokenizer=zephyr_tokenizer,
+    )
+    return {"plain": plain, "window": windowed}
+
+
+@pytest.fixture(scope="module")
+def llm(ckpts):
+    return Zephyr.from_pretrained(ckpts["plain"], device="cpu", max_batch_size=4, max_seq_len=128)
+
+
+def dequantized_hf(folder):
+    """transformers' MistralForCausalLM with every QuantLinear replaced by nn.Linear of its dequantized weight."""
+    from zephyr_plugins.loader import load
+
+    model, tok = load(folder)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=False)
+            lin.weight = nn.Parameter(m.dequantized_weight(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    model.config._attn_implementation = "eager"
+    return model, tok
+
+
+def hf_greedy(model, ids, steps):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=steps, do_sample=False, eos_token_id=model.config.eos_token_id,
+                         pad_token_id=0)  # fmt: skip
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("which", ["plain", "window"])
+def test_greedy_equals_transformers(ckpts, which, zephyr_tokenizer):
+    llm = Zephyr.from_pretrained(ckpts[which], device="cpu", max_batch_size=2, max_seq_len=128)
+    fused = [len(b.attention.wqkv.parts) for b in llm.model.layers]
+    assert fused == ([1, 1] if which == "plain" else [3, 3])  # RTN act-order g_idx differ per layer: not fused
+    hf, tok = dequantized_hf(ckpts[which])
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        if which == "window":
+            assert len(ids) > 8 or prompt == "Paris is"  # most prompts are longer than the window
+        assert llm.generate_tokens([ids], GREEDY)[0] == hf_greedy(hf, ids, 32)
+
+
+def test_float_checkpoint_and_windowed_prefill_chunks(tmp_path, zephyr_tokenizer, monkeypatch):
+    """A float checkpoint loads (the fp16 baseline path); chunked prefill across the window edge is exact."""
+    import zephyr_plugins.runtime as rt
+
+    model = tiny_mistral(seed=3, sliding_window=6)
+    model.save_pretrained(tmp_path / "f")
+    zephyr_tokenizer.save_pretrained(tmp_path / "f")
+    llm = Zephyr.from_pretrained(str(tmp_path / "f"), device="cpu", max_batch_size=1, max_seq_len=64)
+    model.config._attn_implementation = "eager"
+    ids = zephyr_tokenizer(PROMPTS[2])["input_ids"]
+    want = hf_greedy(model, ids, 16)
+    params = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
+    assert llm.generate_tokens([ids], params)[0] == want
+    monkeypatch.setattr(rt, "PREFILL_TOKENS", 5)  # prompt of 12 tokens in chunks of 5
+    assert llm.generate_tokens([ids], params)[0] == want
+
+
+def test_batch_equals_one_by_one(llm, ckpts):
+    params = SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+    batch = llm.complete(PROMPTS, params)
+    for prompt, got in zip(PROMPTS, batch):
+        assert llm.complete([prompt], params)[0] == got
+    windowed = Zephyr.from_pretrained(ckpts["window"], device="cpu", max_batch_size=4, max_seq_len=64)
+    many = windowed.generate(PROMPTS, max_new_tokens=12, temperature=0)
+    assert many == [windowed.generate([p], max_new_tokens=12, temperature=0)[0] for p in PROMPTS]
+
+
+def test_sampling_is_reproducible_with_a_seed(llm):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=1234)
+    a = llm.complete([PROMPTS[1]], params)[0]
+    assert a == llm.complete([PROMPTS[1]], params)[0]
+    texts = {llm.complete([PROMPTS[1]], SamplingParams(max_new_tokens=16, temperature=1.0, seed=s))[0].text for s in range(4)}
+    assert len(texts) > 1
+    assert a.completion_tokens == 16 and a.finish_reason == "length"
+
+
+def test_stop_strings_cut_exactly_and_never_stream_partially(llm):
+    full = llm.complete([PROMPTS[0]], GREEDY)[0].text
+    assert len(full) > 20
+    # A stop string spanning token boundaries, from the middle of the greedy text.
+    stop = full[len(full) // 2 : len(full) // 2 + 5]
+    cut = full[: full.find(stop)]
+    params = SamplingParams(max_new_tokens=32, temperature=0, repetition_penalty=1.0, stop=(stop, "never appears"))
+    got = llm.complete([PROMPTS[0]], params)[0]
+    assert (got.text, got.finish_reason) == (cut, "stop")
+    pieces = list(llm.stream_complete(PROMPTS[0], params))
+    assert "".join(p.text for p in pieces) == cut
+    assert pieces[-1].finish_reason == "stop" and all(p.finish_reason is None for p in pieces[:-1])
+    streamed = ""
+    for p in pieces:  # no prefix of the stop string is ever handed out past the cut
+        streamed += p.text
+        assert stop not in streamed and len(streamed) <= len(cut)
+
+
+def test_streaming_concatenates_to_the_completion(llm):
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=7)
+    for prompt in PROMPTS:
+        want = llm.complete([prompt], params)[0]
+        chunks = list(llm.stream_complete(prompt, params))
+        assert "".join(c.text for c in chunks) == want.text
+        assert chunks[-1].completion_tokens == want.completion_tokens
+        assert chunks[-1].finish_reason == want.finish_reason
+
+
+def test_text_stream_multibyte_and_spaces(zephyr_tokenizer):
+    from zephyr_plugins.detokenizer import TextStream
+
+    text = "Zürich 東京 😀 naïve  two  spaces\nend"
+    ids = zephyr_tokenizer(text, add_special_tokens=False)["input_ids"]
+    ts = TextStream(zephyr_tokenizer)
+    pieces = [ts.push(i) for i in ids] + [ts.finish("length")]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == zephyr_tokenizer.decode(ids, skip_special_tokens=True)
+    assert len([p for p in pieces if p]) > 5  # it really streams
+
+
+def test_user_api_chat_stream_generate(llm):
+    answer = llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=8, seed=3)
+    assert answer == "".join(llm.stream("Hi", max_new_tokens=8, seed=3))
+    outs = llm.generate(PROMPTS[:2], max_new_tokens=6, temperature=0, stop=["\n\n"])
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_cancel_and_threads(llm):
+    cancel = threading.Event()
+    cancel.set()
+    got = llm.complete([PROMPTS[0]], SamplingParams(max_new_tokens=30, temperature=0), cancel)[0]
+    assert got.finish_reason == "cancelled" and got.completion_tokens == 1
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    want = [llm.complete([p], params)[0] for p in PROMPTS]
+    results = {}
+
+    def work(i):
+        results[i] = llm.complete([PROMPTS[i]], params)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(3)] == want
+
+
+def test_bad_input(llm):
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        llm.complete(["word " * 200], GREEDY)
+    with pytest.raises(TypeError):
+        llm.complete("one string", GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate(["x"], temperature=-1)

@@ -1,0 +1,224 @@
+"""Flat model code for the Mistral / Llama family (what Zephyr-7B, Mistral-7B and SmolLM2 need).
+
+RMSNorm, rotary embeddings (``rope_theta``), grouped-query attention with an
+optional sliding window (exact at any length: the static cache keeps every
+position and the mask hides what lies outside the window), SwiGLU MLP and a
+tied or untied head. q/k/v and gate/up are each one matmul (fused at load
+time, :mod:`zephyr_plugins.model_loading`). Linears are ``QuantLinear`` or
+``nn.Linear``; speed comes from CUDA graphs and kernels, not from Python.
+
+Example::
+
+    >>> args = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+    ...                  intermediate_size=14336, sliding_window=4096)
+    >>> model = Transformer(args)          # then fill weights (model_loading.load_transformer)
+    >>> model.setup_cache(max_batch_size=8, max_seq_len=2048, dtype=torch.float16)
+    >>> logits = model(tokens, start=0, pad=pad)     # prefill: tokens [B, S] -> [B, V] (last position)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache, attend, attention_mask
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, cfg) -> "ModelArgs":
+        """From a ``MistralConfig`` (``loader.mistral_config_from_dict`` has checked it)."""
+        eos = cfg.eos_token_id
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+            head_dim=getattr(cfg, "head_dim", None) or 0,
+            norm_eps=cfg.rms_norm_eps,
+            rope_theta=float(getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 1e4)),
+            sliding_window=cfg.sliding_window,
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            max_position_embeddings=cfg.max_position_embeddings,
+            bos_token_id=cfg.bos_token_id,
+            eos_token_ids=eos,
+        )
+
+
+class Concat(nn.Module):
+    """Linears sharing one input whose outputs are concatenated.
+
+    One fused layer when the checkpoint allows it (one launch, one weight read);
+    several when it does not (e.g. act-order layers with different ``g_idx``).
+    """
+
+    def __init__(self, parts: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, as the reference implementation does, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin: fp32 [max_len, head_dim // 2]`` for positions ``0 .. max_len - 1``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [B, S, H, D]`` by ``cos, sin: [B, S, D/2]`` (HF "rotate half" layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D/2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, wqkv: nn.Module, wo: nn.Module):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wqkv = wqkv  # [B, S, D] -> [B, S, (H + 2 * Hkv) * hd]
+        self.wo = wo  # [B, S, H * hd] -> [B, S, D]
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, cache_index, mask, kv_len):
+        # x: [B, S, D]; cos/sin: [B, S, hd/2]; cache_index: int64 [S]; mask: bool [B, 1, S, kv_len] or None
+        bsz, seqlen, _ = x.shape
+        hd, h, hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.wqkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q = apply_rope(q.view(bsz, seqlen, h, hd), cos, sin).transpose(1, 2)  # [B, H, S, hd]
+        k = apply_rope(k.view(bsz, seqlen, hkv, hd), cos, sin).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = v.view(bsz, seqlen, hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        k_all, v_all = self.kv_cache.update(cache_index, k, v, kv_len)  # [B, Hkv, kv_len, hd]
+        if mask is None:  # fresh causal prefill from position 0: attend over this chunk only
+            k_all, v_all = k, v
+        y = attend(q, k_all, v_all, mask)  # [B, H, S, hd]
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, h * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w_gate_up: nn.Module, w_down: nn.Module, intermediate_size: int):
+        super().__init__()
+        self.w_gate_up = w_gate_up  # [B, S, D] -> [B, S, 2 * F]
+        self.w_down = w_down  # [B, S, F] -> [B, S, D]
+        self.intermediate_size = intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.intermediate_size, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, attention: Attention, feed_forward: FeedForward):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = attention
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = feed_forward
+
+    def forward(self, x, cos, sin, cache_index, mask, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_index, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder. Build with :func:`zephyr_plugins.model_loading.load_transformer`."""
+
+    def __init__(self, args: ModelArgs, layers: Sequence[Block], output: nn.Module):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = output  # [B, S, D] -> [B, S, V]
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Allocate the static KV cache and the rotary tables (once; reallocates if sizes change)."""
+        device = self.tok_embeddings.weight.device
+        a = self.args
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, dtype, device)
+        self.rope_cos, self.rope_sin = rope_tables(max_seq_len, a.head_dim, a.rope_theta, device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: torch.Tensor | int,
+        pad: torch.Tensor,
+        kv_len: Optional[int] = None,
+        last_only: bool = False,
+        causal_fresh: bool = False,
+    ) -> torch.Tensor:
+        """Run ``tokens: int64 [B, S]`` written at cache slots ``start .. start + S - 1``.
+
+        - ``start``: int or int64 tensor ``[1]`` (a tensor in CUDA graphs, so one graph serves every step).
+        - ``pad: int64 [B]``: left padding of each row; slots ``< pad[b]`` are never attended.
+        - ``kv_len``: cache slots to attend over (static; must exceed the last slot written).
+        - ``causal_fresh``: the chunk starts at slot 0 with no padding and fits the window,
+          so plain causal attention over the chunk is exact (flash kernels on CUDA).
+
+        Returns fp32 logits ``[B, S, V]``, or ``[B, V]`` for the last position if ``last_only``.
+        """
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        kv_len = kv_len or self.max_seq_len
+        slots = torch.arange(seqlen, device=device) + start  # [S] cache slots of this chunk
+        pos = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)  # [B, S] positions for RoPE
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, S, hd/2]
+        mask = None if causal_fresh else attention_mask(slots, pad, kv_len, self.args.sliding_window)
+        x = self.tok_embeddings(tokens)  # [B, S, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, mask, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.output(self.norm(x)).float()  # [B, S', V]
+        return logits[:, -1] if last_only else logits
