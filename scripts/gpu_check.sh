@@ -12,7 +12,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 GPU_TESTS=(tests/gpu)
-BENCHMARKS=(benchmarks/kernels.py)
+BENCHMARKS=(benchmarks/kernels.py benchmarks/e2e.py)
 
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/bench"

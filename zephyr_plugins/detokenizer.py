@@ -40,6 +40,8 @@ class TextStream:
         self._scanned = 0  # characters of ``text`` already searched for stop strings
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # token-level use (benchmarks): ids only
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:

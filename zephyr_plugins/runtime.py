@@ -42,13 +42,14 @@ PREFILL_TOKENS = 4096
 
 
 class Zephyr:
-    """A loaded model ready to generate. Build it with :meth:`from_pretrained`."""
+    """A loaded model ready to generate. Build it with :meth:`from_pretrained`.
+
+    Without a tokenizer only :meth:`generate_tokens` works (token ids in and out).
+    """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                  dtype: Optional[torch.dtype] = None, cuda_graphs: Optional[bool] = None,
                  template: PromptTemplate = ZEPHYR, backend: Optional[str] = None):
-        if tokenizer is None:
-            raise ValueError("Zephyr needs a tokenizer: the checkpoint folder ships none")
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_seq_len={max_seq_len} >= 2")
         self.model = model
@@ -66,7 +67,7 @@ class Zephyr:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.steps = DecodeGraphs(model, enabled=cuda_graphs)
         eos = set(model.args.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._lock = threading.Lock()
@@ -156,6 +157,8 @@ class Zephyr:
                     yield StreamChunk(piece, len(ids), len(s.ids), s.finish_reason if s.finished else None)
 
     def _encode(self, prompt: str, add_bos: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (the checkpoint ships none): pass tokenizer= to from_pretrained")
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
         ids = self.tokenizer(prompt, add_special_tokens=add_bos)["input_ids"]
