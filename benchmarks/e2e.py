@@ -280,6 +280,12 @@ def main(argv=None) -> int:
         result["transformers_fp16"] = bench_transformers(args.prompt)
         print(f"transformers eager fp16 batch 1: {result['transformers_fp16']['decode_tok_s']:.1f} tok/s", flush=True)
     work = args.workdir or tempfile.mkdtemp(prefix="zephyr_e2e_")
+    stem = f"e2e_{card.replace(' ', '_')}_{result['date'][:10]}"
+
+    def save() -> None:  # after every config, so a run cut short keeps what it measured
+        with open(os.path.join(args.out, stem + ".json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+
     for name in args.configs.split(","):
         layout = CONFIGS[name]
         if layout is not None:
@@ -306,10 +312,9 @@ def main(argv=None) -> int:
         if "batches" in r:
             r["batches"] = {str(k): v for k, v in r["batches"].items()}
             print(f"{name}: prefill {args.prefill} tokens {r['prefill_4096_ms']:.0f} ms, peak {r['peak_gib']:.1f} GiB, "
-                  f"kernels {r['kernels']}", flush=True)  # fmt: skip
-    stem = f"e2e_{card.replace(' ', '_')}_{result['date'][:10]}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+                  f"kernels {r['kernels']}, load {r['load_s']:.0f} s", flush=True)  # fmt: skip
+        save()
+    save()
     try:
         plot(result, os.path.join(args.out, stem + ".png"))
     except Exception as exc:
