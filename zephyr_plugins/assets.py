@@ -168,3 +168,28 @@ def read_text(name: str, max_chars: Optional[int] = None) -> str:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     return text[:max_chars] if max_chars else text
+
+
+def dequantized_twin(qmodel, config=None):
+    """A plain transformers ``MistralForCausalLM`` running ``qmodel``'s dequantized weights (fp32).
+
+    The oracle for end-to-end checks: same tensors, transformers' own model code,
+    no quantized kernels.
+    """
+    from transformers import MistralForCausalLM
+
+    from .quant_linear import QuantLinear
+
+    ref = MistralForCausalLM(config or qmodel.config).eval()
+    own = ref.state_dict()
+    sd = {k: v.float() for k, v in qmodel.state_dict().items() if k in own}
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, QuantLinear):
+            sd[f"{name}.weight"] = mod.dequantized_weight()
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if "rotary" not in m and not (ref.config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized_twin: missing {missing}, unexpected {unexpected}")
+    if ref.config.tie_word_embeddings:
+        ref.tie_weights()
+    return ref
