@@ -173,7 +173,8 @@ def timed(fn, repeat: int = 1) -> float:
     return sorted(best)[len(best) // 2]
 
 
-def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefill_len: int, quick: bool) -> dict:
+def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefill_len: int, quick: bool,
+                  ablate: bool = False) -> dict:
     from zephyr_plugins.generation_api import SamplingParams
     from zephyr_plugins.runtime import Zephyr
 
@@ -199,6 +200,21 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
                    "weight_gb_s": out["weight_bytes"] / step / 1e9}  # fmt: skip
         print(f"  batch {b:>2}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step  prefill {t_one * 1e3:7.1f} ms", flush=True)
     out["batches"] = runs
+    if ablate:  # what the fused (compiled) elementwise ops and the CUDA graphs each buy, at batch 1
+        from zephyr_plugins.decode_graphs import DecodeGraphs
+        from zephyr_plugins.model_ops import ModelOps
+
+        prompts = torch.randint(3, 32000, (1, prompt_len), generator=g).tolist()
+        short = SamplingParams(max_new_tokens=65, temperature=0, repetition_penalty=1.0)
+        compiled_ops = llm.model.ops
+        for label, ops, graphs in (("plain_ops_graphs", ModelOps(False), True), ("compiled_ops_no_graphs", compiled_ops, False)):
+            llm.model.ops, llm.steps = ops, DecodeGraphs(llm.model, enabled=graphs)
+            llm.generate_tokens(prompts, short)
+            t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
+            step = (timed(lambda: llm.generate_tokens(prompts, short)) - t_one) / 64
+            out[f"batch1_{label}"] = {"decode_tok_s": 1 / step, "ms_per_step": step * 1e3}
+            print(f"  batch  1 {label}: {1 / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
+        llm.model.ops, llm.steps = compiled_ops, DecodeGraphs(llm.model)
     long_prompt = torch.randint(3, 32000, (1, prefill_len), generator=g).tolist()
     llm.generate_tokens(long_prompt, one)
     out["prefill_4096_ms"] = timed(lambda: llm.generate_tokens(long_prompt, one), repeat=3) * 1e3
@@ -299,7 +315,8 @@ def main(argv=None) -> int:
         write_random_checkpoint(folder, layout)
         print(f"{name}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         try:
-            r = bench_runtime(folder, batches, args.prompt, args.new_tokens, args.prefill, args.quick)
+            r = bench_runtime(folder, batches, args.prompt, args.new_tokens, args.prefill, args.quick,
+                              ablate=not args.quick and name == args.configs.split(",")[0])
         except Exception as exc:  # keep the other configs' numbers
             import traceback
 

@@ -1,4 +1,4 @@
-"""Static KV cache and the two attention paths (chunked SDPA prefill, GQA decode).
+"""Static KV cache, the attention mask, and SDPA attention for (chunked) prefill.
 
 The cache is preallocated for ``max_batch_size x max_seq_len`` so that a
 decode step has fixed shapes and addresses (what CUDA graphs need). Every
@@ -13,12 +13,11 @@ Example::
     >>> cache = KVCache(max_batch_size=2, max_seq_len=64, n_kv_heads=2, head_dim=16, dtype=torch.float32)
     >>> k_all, v_all = cache.update(torch.tensor([0, 1]), k, v, kv_len=64)   # k, v: [2, 2, 2, 16]
     >>> mask = attention_mask(torch.tensor([0, 1]), pad=torch.tensor([0, 1]), kv_len=64, window=None)
-    >>> y = attend(q, k_all, v_all, mask)                                       # q: [2, H, 2, 16]
+    >>> y = prefill_attention(q, k_all, v_all, mask)                            # q: [2, H, 2, 16]
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -62,15 +61,14 @@ def attention_mask(slots: torch.Tensor, pad: torch.Tensor, kv_len: int, window: 
     return ok.unsqueeze(1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention of ``q: [B, H, S, hd]`` over ``k, v: [B, Hkv, L, hd]`` -> ``[B, H, S, hd]``.
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of ``q: [B, H, S, hd]`` over ``k, v: [B, Hkv, L, hd]`` through SDPA -> ``[B, H, S, hd]``.
 
-    ``mask``: bool ``[B, 1, S, L]``, or ``None`` for plain causal attention (``S == L``).
+    ``mask``: bool ``[B, 1, S, L]``, or ``None`` for plain causal attention (``S == L``),
+    which lets SDPA pick its flash kernel. (Decoding, one query per row, uses
+    :func:`zephyr_plugins.model_ops.decode_attention`.)
     """
-    bsz, h, seqlen, hd = q.shape
-    hkv = k.shape[1]
-    if seqlen == 1:
-        return _decode_attention(q, k, v, mask)
+    h, hkv = q.shape[1], k.shape[1]
     if hkv != h:
         # SDPA's fused kernels want equal head counts; prefill is compute-bound, the copy is cheap.
         k = k.repeat_interleave(h // hkv, dim=1)
@@ -78,16 +76,3 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    # One query per row: group the H query heads by their KV head instead of
-    # repeating K/V (which would read the cache H / Hkv times). Scores in fp32.
-    bsz, h, _, hd = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    qg = q.reshape(bsz, hkv, h // hkv, hd)  # [B, Hkv, G, hd]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(hd))  # [B, Hkv, G, L]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(bsz, 1, 1, kv_len), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(bsz, h, 1, hd)  # [B, H, 1, hd]

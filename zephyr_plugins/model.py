@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache, attend, attention_mask
+from .kv_cache import KVCache, attention_mask, prefill_attention
+from .model_ops import ModelOps
 
 
 @dataclass
@@ -97,11 +97,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, as the reference implementation does, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    # No forward: the model calls ``ops.rms_norm(x, norm.weight, norm.eps)`` (model_ops.py), which can be compiled.
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,14 +105,6 @@ def rope_tables(max_len: int, head_dim: int, theta: float, device=None) -> tuple
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x: [B, S, H, D]`` by ``cos, sin: [B, S, D/2]`` (HF "rotate half" layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D/2]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -127,19 +115,19 @@ class Attention(nn.Module):
         self.wo = wo  # [B, S, H * hd] -> [B, S, D]
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len):
+    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps):
         # x: [B, S, D]; cos/sin: [B, S, hd/2]; cache_index: int64 [S]; mask: bool [B, 1, S, kv_len] or None
         bsz, seqlen, _ = x.shape
-        hd, h, hkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.wqkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        q = apply_rope(q.view(bsz, seqlen, h, hd), cos, sin).transpose(1, 2)  # [B, H, S, hd]
-        k = apply_rope(k.view(bsz, seqlen, hkv, hd), cos, sin).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = v.view(bsz, seqlen, hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = ops.split_rope(self.wqkv(x), cos, sin, h, hkv, hd)  # [B, H, S, hd], [B, Hkv, S, hd] x 2
         k_all, v_all = self.kv_cache.update(cache_index, k, v, kv_len)  # [B, Hkv, kv_len, hd]
-        if mask is None:  # fresh causal prefill from position 0: attend over this chunk only
+        if mask is None:  # fresh causal prefill from slot 0: attend over this chunk only
             k_all, v_all = k, v
-        y = attend(q, k_all, v_all, mask)  # [B, H, S, hd]
-        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, h * hd))
+        if seqlen == 1:
+            y = ops.decode_attention(q, k_all, v_all, mask)  # [B, 1, H * hd]
+        else:
+            y = prefill_attention(q, k_all, v_all, mask).transpose(1, 2).reshape(bsz, seqlen, h * hd)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
@@ -149,9 +137,8 @@ class FeedForward(nn.Module):
         self.w_down = w_down  # [B, S, F] -> [B, S, D]
         self.intermediate_size = intermediate_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.intermediate_size, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+        return self.w_down(ops.silu_mul(self.w_gate_up(x), self.intermediate_size))
 
 
 class Block(nn.Module):
@@ -162,9 +149,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache_index, mask, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps):
+        h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+        x, h = ops.add_rms_norm(x, self.attention(h, cos, sin, cache_index, mask, kv_len, ops), self.ffn_norm.weight,
+                                self.ffn_norm.eps)  # fmt: skip
+        return x + self.feed_forward(h, ops)
 
 
 class Transformer(nn.Module):
@@ -179,6 +168,7 @@ class Transformer(nn.Module):
         self.output = output  # [B, S, D] -> [B, S, V]
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.ops = ModelOps(compile=False)  # the runtime switches to compiled ops on CUDA
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
         """Allocate the static KV cache and the rotary tables (once; reallocates if sizes change)."""
@@ -217,8 +207,8 @@ class Transformer(nn.Module):
         mask = None if causal_fresh else attention_mask(slots, pad, kv_len, self.args.sliding_window)
         x = self.tok_embeddings(tokens)  # [B, S, D]
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, mask, kv_len)
+            x = layer(x, cos, sin, slots, mask, kv_len, self.ops)
         if last_only:
             x = x[:, -1:]
-        logits = self.output(self.norm(x)).float()  # [B, S', V]
+        logits = self.output(self.ops.rms_norm(x, self.norm.weight, self.norm.eps)).float()  # [B, S', V]
         return logits[:, -1] if last_only else logits

@@ -19,6 +19,7 @@ generation at a time per model (a lock), cancellable through a ``threading.Event
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Iterator, Optional, Sequence, Union
 
@@ -30,6 +31,7 @@ from .detokenizer import TextStream
 from .generation_api import Completion, SamplingParams, StreamChunk
 from .loader import load_tokenizer
 from .model_loading import load_transformer
+from .model_ops import ModelOps
 from .quant_linear import QuantLinear
 from .sampling import Sampler
 from .templates import ZEPHYR, PromptTemplate
@@ -49,7 +51,7 @@ class Zephyr:
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                  dtype: Optional[torch.dtype] = None, cuda_graphs: Optional[bool] = None,
-                 template: PromptTemplate = ZEPHYR, backend: Optional[str] = None):
+                 template: PromptTemplate = ZEPHYR, backend: Optional[str] = None, compile: Optional[bool] = None):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_seq_len={max_seq_len} >= 2")
         self.model = model
@@ -63,6 +65,9 @@ class Zephyr:
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 self.kernels[name] = m.prepare(self.dtype, backend=backend).name  # repack once, before capture
+        if compile is None:
+            compile = self.device.type == "cuda" and os.environ.get("ZEPHYR_COMPILE", "1") != "0"
+        model.ops = ModelOps(compile=compile)  # fused elementwise kernels (see model_ops.py)
         model.setup_cache(max_batch_size, max_seq_len, self.dtype)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.steps = DecodeGraphs(model, enabled=cuda_graphs)
@@ -75,7 +80,8 @@ class Zephyr:
     @classmethod
     def from_pretrained(cls, ref, device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8,
                         max_seq_len: int = 4096, backend: Optional[str] = None, revision: Optional[str] = None,
-                        cuda_graphs: Optional[bool] = None, tokenizer=None) -> "Zephyr":
+                        cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
+                        tokenizer=None) -> "Zephyr":
         """Load a GPTQ or float checkpoint: a folder, ``repo`` or ``repo:branch``.
 
         ``device`` defaults to CUDA when present; ``dtype`` to fp16 on CUDA and fp32
@@ -87,7 +93,7 @@ class Zephyr:
         model, _ = load_transformer(folder, device=device, dtype=dtype)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   dtype=dtype, cuda_graphs=cuda_graphs, backend=backend)
+                   dtype=dtype, cuda_graphs=cuda_graphs, backend=backend, compile=compile)
 
     # ----------------------------------------------------------------- user API
     def chat(self, messages: Messages, cancel=None, **sampling) -> str:
