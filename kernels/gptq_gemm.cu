@@ -26,6 +26,18 @@ int sm_count(int device) {
   return cache[device];
 }
 
+// Compute capability major, cached per device.
+int cc_major(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
+    cache[device] = v;
+  }
+  return cache[device];
+}
+
 }  // namespace
 
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
@@ -65,9 +77,9 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   TORCH_CHECK(locks.dim() == 1 && locks.size(0) >= Np / kBlockN && locks.scalar_type() == at::kInt,
               "gptq_gemm_repacked: locks must be int32 [>= ", Np / kBlockN, "] zeros, got ", locks.sizes());
   const int group_rows = group_size == -1 ? K : int(group_size);
-  TORCH_CHECK(group_size == -1 || group_rows == 16 || group_rows == 32 || group_rows == 64 ||
-                  group_rows % kChunkK == 0,
-              "gptq_gemm_repacked: group_size=", group_size, " not served (allowed: -1, 16, 32, 64, multiples of 128)");
+  // A lane's 32 rows of a chunk must lie in one group (see gptq_kernels.cuh).
+  TORCH_CHECK(group_size == -1 || group_rows == 32 || group_rows == 64 || group_rows % kChunkK == 0,
+              "gptq_gemm_repacked: group_size=", group_size, " not served (allowed: -1, 32, 64, multiples of 128)");
   TORCH_CHECK(G == (K + group_rows - 1) / group_rows, "gptq_gemm_repacked: scales has ", G,
               " groups but K=", K, ", group_size=", group_size, " needs ", (K + group_rows - 1) / group_rows);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qweight, &scales, &perm, &locks})
@@ -77,26 +89,47 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  const int gpc = (group_size == -1 || group_rows >= kChunkK) ? 1 : kChunkK / group_rows;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  auto stream = c10::cuda::getCurrentCUDAStream();
 
-  // Split K so that about 4 blocks per SM are in flight, keeping the block's
-  // staged x slice within the shared memory budget.
+  // x as the kernel reads it: [M, Kp] rows of 16-byte aligned, zero-padded,
+  // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
+  const bool direct = perm.numel() == 0 && K == Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
+  at::Tensor xg = x;
+  bool pdl = false;
+  if (!direct) {
+    xg = at::empty({M, Kp}, x.options());
+    dim3 grid(ceil_div(Kp, 256), M);
+    const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
+    if (x.scalar_type() == at::kHalf)
+      gather_pad_kernel<__half><<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
+                                                          reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
+    else
+      gather_pad_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+          reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pdl = cc_major(x.get_device()) >= 9;
+  }
+
+  // Split K so that the whole grid is resident at once (one wave): a
+  // partial last wave would leave most of the memory system idle at the end.
   const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
-  const int sms = sm_count(x.get_device());
-  int S = std::max(1, std::min(chunks, ceil_div(4 * sms, nblk)));
-  int cpb = ceil_div(chunks, S);
-  const int esize = x.element_size();
-  while (cpb > 1 && M * (cpb * kChunkK + 8) * esize > kMaxSmem) --cpb;
+  int occ;
+  if (x.scalar_type() == at::kHalf)
+    occ = bits == 4 ? gptq_gemm_small_occupancy<__half, 4>(mt, has_z) : gptq_gemm_small_occupancy<__half, 8>(mt, has_z);
+  else
+    occ = bits == 4 ? gptq_gemm_small_occupancy<__nv_bfloat16, 4>(mt, has_z)
+                    : gptq_gemm_small_occupancy<__nv_bfloat16, 8>(mt, has_z);
+  const int slots = sm_count(x.get_device()) * occ;
+  int S = std::max(1, std::min(chunks, slots / nblk));
+  const int cpb = ceil_div(chunks, S);
   S = ceil_div(chunks, cpb);
-  const int smem = std::max(M * (cpb * kChunkK + 8) * esize, M * kBlockN * 4);
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, M, Np}, x.options().dtype(at::kFloat));
-  const bool vec_x = perm.numel() == 0 && K % 8 == 0 && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
-  SmallArgs args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), has_z ? zeros.data_ptr() : nullptr,
-                 perm.numel() ? perm.data_ptr<int>() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
-                 locks.data_ptr<int>(), out.data_ptr(), M, K, N, Kp, Np, G, group_rows, cpb, S, smem, mt, gpc,
-                 vec_x, c10::cuda::getCurrentCUDAStream()};
+  SmallArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), has_z ? zeros.data_ptr() : nullptr,
+                 S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
+                 M, N, Kp, Np, G, group_rows, cpb, S, mt, pdl, stream};
   cudaError_t err;
   if (x.scalar_type() == at::kHalf)
     err = bits == 4 ? gptq_gemm_small_launch<__half, 4>(args) : gptq_gemm_small_launch<__half, 8>(args);
@@ -131,18 +164,23 @@ at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qze
   const c10::cuda::OptionalCUDAGuard guard(qweight.device());
   auto out = at::empty({K, N}, scales.options());
   if (K == 0 || N == 0) return out;
-  dim3 block(256), grid((N + 255) / 256, qweight.size(0));
+  const bool vec = N % 4 == 0;
+  dim3 block(256), grid(ceil_div(vec ? N / 4 : N, 256), qweight.size(0));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int zo = int(zero_offset);
-#define ZK_DEQ(T, B)                                                                                        \
-  gptq_dequantize_kernel<T, B><<<grid, block, 0, stream>>>(                                                 \
-      qweight.data_ptr<int>(), qzeros.data_ptr<int>(), reinterpret_cast<const T*>(scales.data_ptr()),      \
+#define ZK_DEQ(T, B, V)                                                                                \
+  gptq_dequantize_kernel<T, B, V><<<grid, block, 0, stream>>>(                                         \
+      qweight.data_ptr<int>(), qzeros.data_ptr<int>(), reinterpret_cast<const T*>(scales.data_ptr()), \
       g_idx.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), K, N, zo)
-  if (scales.scalar_type() == at::kHalf) {
-    if (bits == 4) ZK_DEQ(__half, 4); else ZK_DEQ(__half, 8);
-  } else {
-    if (bits == 4) ZK_DEQ(__nv_bfloat16, 4); else ZK_DEQ(__nv_bfloat16, 8);
-  }
+  const bool half = scales.scalar_type() == at::kHalf;
+  if (half && bits == 4 && vec) { ZK_DEQ(__half, 4, 4); }
+  else if (half && bits == 4) { ZK_DEQ(__half, 4, 1); }
+  else if (half && vec) { ZK_DEQ(__half, 8, 4); }
+  else if (half) { ZK_DEQ(__half, 8, 1); }
+  else if (bits == 4 && vec) { ZK_DEQ(__nv_bfloat16, 4, 4); }
+  else if (bits == 4) { ZK_DEQ(__nv_bfloat16, 4, 1); }
+  else if (vec) { ZK_DEQ(__nv_bfloat16, 8, 4); }
+  else { ZK_DEQ(__nv_bfloat16, 8, 1); }
 #undef ZK_DEQ
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

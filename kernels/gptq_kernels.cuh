@@ -47,6 +47,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunkK = 128;  // K rows a warp handles per main-loop iteration (8 steps)
 constexpr int kBlockN = 64;   // columns per block
 constexpr int kMaxMTiles = 4;  // fused kernel serves M <= 64
+constexpr int kXAlign = 16;  // bytes: x rows are read with 16-byte loads
 
 template <typename T>
 struct Traits;
@@ -106,31 +107,68 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
+// Programmatic dependent launch (Hopper): the gather kernel lets the fused
+// kernel start early; the fused kernel waits only before it reads x.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
+// copied, zero-padded to Kp, so the fused kernel reads x with aligned 16-byte
+// loads and never past the end. One launch per call, M*Kp elements.
+template <typename T>
+__global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xg, int K,
+                                  int Kp) {
+  pdl_launch_dependents();
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  const int m = blockIdx.y;
+  if (k >= Kp) return;
+  T v = Traits<T>::from_float(0.f);
+  if (k < K) v = x[(size_t)m * K + (perm ? __ldg(perm + k) : k)];
+  xg[(size_t)m * Kp + k] = v;
+}
+
 // ---------------------------------------------------------------------------
 // Fused kernel. Grid: (Np/64, S). Block (nb, s) computes out[:, nb*64 : +64]
 // over chunks [s*cpb, min((s+1)*cpb, chunks)) of K; warps take the block's
-// chunks round-robin. x for the block's K range is gathered (act-order) into
-// shared memory once. Warps are reduced through shared memory in a fixed
-// order; when S > 1 every block stores an fp32 partial and the last block to
-// arrive at locks[nb] sums the S partials in order (deterministic) and writes
-// the output, then resets the lock to 0 for the next call.
-//   MT: m16 tiles (M <= 16*MT); GPC: groups per 128-row chunk (128 / group).
+// chunks round-robin, each prefetching its next chunk's weights while it
+// computes the current one. Lane (r = l/4, c = l%4) reads x row r, columns
+// [32c, 32c+32) of the chunk in four 16-byte loads: the repack ordered K
+// inside each chunk so that these are exactly the lane's A fragments of the
+// chunk's 8 steps (step i uses columns 32c + 4i + {0..3}), and the lane's
+// 32 rows lie in one group for group sizes 32, 64 and multiples of 128.
+// Warps are reduced through shared memory in a fixed order; when S > 1 each
+// block stores an fp32 partial and the last block to arrive at locks[nb]
+// sums the S partials in order (deterministic), writes the output and resets
+// the lock to 0 for the next call.
+//   MT: m16 tiles (M <= 16*MT).
 // ---------------------------------------------------------------------------
-template <typename T, int BITS, bool HAS_Z, int MT, int GPC>
+template <typename T, int BITS, bool HAS_Z, int MT>
 __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
-    const T* __restrict__ x,          // [M, K]
+    const T* __restrict__ x,            // [M, ldx]: x itself (ldx = K = Kp) or gathered/padded (ldx = Kp)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
-    const T* __restrict__ scales,     // [G, Np] shuffled
-    const T* __restrict__ zeros,      // [G, Np] shuffled, or null if HAS_Z is false
-    const int* __restrict__ perm,     // [K] or null
-    float* __restrict__ partial,      // [S, M, Np] fp32, used when S > 1
-    int* __restrict__ locks,          // [Np/64]
-    T* __restrict__ out,              // [M, N]
-    int M, int K, int N, int Kp, int Np, int G, int group_rows, int cpb, int S, bool vec_x) {
+    const T* __restrict__ scales,       // [G, Np] shuffled
+    const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
+    float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
+    int* __restrict__ locks,            // [Np/64]
+    T* __restrict__ out,                // [M, N]
+    int M, int N, int Kp, int Np, int G, int group_rows, int cpb, int S) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* xs = reinterpret_cast<T*>(smem_raw);
+  constexpr int VPS = BITS / 4;  // 16-byte weight vectors per lane per step
+  // A second register buffer for the next chunk's weights costs occupancy;
+  // measured slower than letting more warps keep loads in flight.
+  constexpr bool kPrefetch = false;
+  constexpr int kDefaultZero = 1 << (BITS - 1);
+  __shared__ float red[kMaxMTiles * 16 * kBlockN];
+  __shared__ int is_last;
 
   const int nb = blockIdx.x;
   const int s = blockIdx.y;
@@ -139,32 +177,9 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
   const int chunks = Kp / kChunkK;
   const int c_begin = s * cpb;
   const int c_count = min(cpb, chunks - c_begin);
-  const int kb0 = c_begin * kChunkK;
-  const int KB = c_count * kChunkK;
-  const int ld = KB + 8;  // +16 bytes per row: A-fragment loads hit 32 distinct banks
-
-  // ---- stage x[:, kb0 : kb0+KB] (gathered through perm) into shared memory.
-  if (vec_x) {  // no perm, K % 8 == 0, x 16-byte aligned
-    const int kv = KB / 8;
-    for (int m = 0; m < M; ++m) {
-      for (int i = threadIdx.x; i < kv; i += kThreads) {
-        const int k = kb0 + i * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (k < K) v = *reinterpret_cast<const uint4*>(x + (size_t)m * K + k);
-        *reinterpret_cast<uint4*>(xs + m * ld + i * 8) = v;
-      }
-    }
-  } else {
-    for (int m = 0; m < M; ++m) {
-      for (int i = threadIdx.x; i < KB; i += kThreads) {
-        const int k = kb0 + i;
-        T v = Tr::from_float(0.f);
-        if (k < K) v = x[(size_t)m * K + (perm ? __ldg(perm + k) : k)];
-        xs[m * ld + i] = v;
-      }
-    }
-  }
-  __syncthreads();
+  const int KS = Kp / 16;
+  const int r0 = lane >> 2;
+  const int cl = lane & 3;
 
   float acc[MT][8][4];
 #pragma unroll
@@ -174,115 +189,136 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][t][e] = 0.f;
 
-  constexpr int VPS = BITS / 4;  // 16-byte vectors per lane per step
-  const int KS = Kp / 16;
-  const int r0 = lane >> 2;
-  const int c0 = (lane & 3) * 2;
-  constexpr int kDefaultZero = 1 << (BITS - 1);
-
-  for (int c = warp; c < c_count; c += kWarps) {
-    const int chunk = c_begin + c;
-    // Issue every weight load of the chunk before any math: 8 (4-bit) or 16
-    // (8-bit) independent 16-byte loads in flight per lane.
-    uint4 wq[8][VPS];
+  uint4 wq[8][VPS];
+  uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
+  auto load_chunk = [&](uint4 (&w)[8][VPS], uint4& sc, uint4& zc, int chunk) {
     const uint4* src = qweight + ((size_t)nb * KS + (size_t)chunk * 8) * VPS * 32 + lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int h = 0; h < VPS; ++h) wq[i][h] = load_stream(src + (i * VPS + h) * 32);
+      for (int h = 0; h < VPS; ++h) w[i][h] = load_stream(src + (i * VPS + h) * 32);
+    const int g = min((chunk * kChunkK + cl * 32) / group_rows, G - 1);
+    const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
+    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
+    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
+  };
+  // Weights do not depend on x: request them before waiting for the gather.
+  if (warp < c_count) load_chunk(wq, sv, zv, c_begin + warp);
+  pdl_wait();
 
-    // Scales (and zeros) of the chunk's groups: 16 bytes per lane each.
-    uint4 sv[GPC], zv[GPC];
-#pragma unroll
-    for (int gi = 0; gi < GPC; ++gi) {
-      const int g = min((chunk * kChunkK + gi * (kChunkK / GPC)) / group_rows, G - 1);
-      sv[gi] = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)g * Np + nb * kBlockN + r0 * 8));
-      if (HAS_Z) zv[gi] = __ldg(reinterpret_cast<const uint4*>(zeros + (size_t)g * Np + nb * kBlockN + r0 * 8));
-    }
+  for (int c = warp; c < c_count; c += kWarps) {
+    const int chunk = c_begin + c;
+    uint4 wn[8][VPS];
+    uint4 sn = sv, zn = zv;
+    if (kPrefetch && c + kWarps < c_count) load_chunk(wn, sn, zn, chunk + kWarps);
+    // This lane's x: rows mt*16 + r0 (+8), columns chunk*128 + 32*cl .. +32,
+    // read 16 bytes (two steps) at a time.
+    const T* xrow = x + (size_t)r0 * Kp + chunk * kChunkK + cl * 32;
 
+    const T* sp = reinterpret_cast<const T*>(&sv);
+    const T* zp = reinterpret_cast<const T*>(&zv);
+    // Per-tile constants (both halves of a B fragment share the column).
+    T2 sc2[8], zlo2[8], zhi2[8];
+    float sf[8], zf[8];
 #pragma unroll
-    for (int gi = 0; gi < GPC; ++gi) {
-      const T* sp = reinterpret_cast<const T*>(&sv[gi]);
-      const T* zp = reinterpret_cast<const T*>(&zv[gi]);
-      // Per-tile constants of this group, as pairs (both halves of a B
-      // fragment share the column, hence the scale and zero point).
-      T2 sc2[8], zlo2[8], zhi2[8];
-      float sf[8], zf[8];
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
-        if (BITS == 4) {
-          sc2[t] = Tr::bcast(sp[t]);
-          // (magic + q) - (magic + z) and (magic + 16q)/16 - (magic/16 + z) are
-          // exact small integers, so the only rounding is the final * scale.
-          zlo2[t] = Tr::bcast(Tr::from_float(Tr::kMagicF + z));
-          zhi2[t] = Tr::bcast(Tr::from_float(-(Tr::kMagicF / 16.f + z)));
-        } else {
-          sf[t] = Tr::to_float(sp[t]);
-          zf[t] = 8388608.f + z;  // 2^23 + z: matches the fp32 magic below
-        }
+    for (int t = 0; t < 8; ++t) {
+      const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
+      if (BITS == 4) {
+        sc2[t] = Tr::bcast(sp[t]);
+        // (magic + q) - (magic + z) is an exact small integer; so is
+        // (magic + 16q)/16 - (magic/16 + z): the only rounding is * scale.
+        zlo2[t] = Tr::bcast(Tr::from_float(Tr::kMagicF + z));
+        zhi2[t] = Tr::bcast(Tr::from_float(-(Tr::kMagicF / 16.f + z)));
+      } else {
+        sf[t] = Tr::to_float(sp[t]);
+        zf[t] = 8388608.f + z;  // 2^23 + z: matches the fp32 magic below
       }
-      const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
+    }
+    const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
 
+    uint4 xq[MT][2];
 #pragma unroll
-      for (int ii = 0; ii < 8 / GPC; ++ii) {
-        const int i = gi * (8 / GPC) + ii;
-        const int kk = c * kChunkK + i * 16;  // column in xs
-        uint32_t a[MT][4];
+    for (int i = 0; i < 8; ++i) {
+      if (i % 2 == 0) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int r = mt * 16 + r0;
-          const T* p = xs + r * ld + kk + c0;
-          a[mt][0] = r < M ? *reinterpret_cast<const uint32_t*>(p) : 0u;
-          a[mt][2] = r < M ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
-          a[mt][1] = r + 8 < M ? *reinterpret_cast<const uint32_t*>(p + 8 * ld) : 0u;
-          a[mt][3] = r + 8 < M ? *reinterpret_cast<const uint32_t*>(p + 8 * ld + 8) : 0u;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = mt * 16 + hh * 8 + r0;
+            xq[mt][hh] = row < M ? __ldg(reinterpret_cast<const uint4*>(xrow + (size_t)(mt * 16 + hh * 8) * Kp) + i / 2)
+                                 : make_uint4(0, 0, 0, 0);
+          }
+      }
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t* lo = reinterpret_cast<const uint32_t*>(&xq[mt][0]);
+        const uint32_t* hi = reinterpret_cast<const uint32_t*>(&xq[mt][1]);
+        a[mt][0] = lo[2 * (i % 2)];
+        a[mt][2] = lo[2 * (i % 2) + 1];
+        a[mt][1] = hi[2 * (i % 2)];
+        a[mt][3] = hi[2 * (i % 2) + 1];
+      }
+      if (BITS == 4) {
+        const uint32_t* w4 = reinterpret_cast<const uint32_t*>(&wq[i][0]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int ab = 0; ab < 2; ++ab) {
+            const int t = 2 * j + ab;
+            const uint32_t w = ab ? (w4[j] >> 8) : w4[j];
+            T2 lo = bit_cast_to<T2>((w & 0x000f000fu) | Tr::kMagic);
+            lo = __hmul2(__hsub2(lo, zlo2[t]), sc2[t]);
+            T2 hi;
+            if constexpr (Tr::kMagicF == 1024.f) {
+              // fp16 has 10 mantissa bits: the high nibble fits in place (16q).
+              hi = bit_cast_to<T2>((w & 0x00f000f0u) | Tr::kMagic);
+              hi = __hmul2(__hfma2(hi, inv16, zhi2[t]), sc2[t]);
+            } else {
+              // bf16 has 7: shift the high nibble down first.
+              hi = bit_cast_to<T2>(((w >> 4) & 0x000f000fu) | Tr::kMagic);
+              hi = __hmul2(__hsub2(hi, zlo2[t]), sc2[t]);
+            }
+            const uint32_t b0 = bit_cast_to<uint32_t>(lo);
+            const uint32_t b1 = bit_cast_to<uint32_t>(hi);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][t], a[mt], b0, b1);
+          }
         }
-        if (BITS == 4) {
-          const uint32_t* w4 = reinterpret_cast<const uint32_t*>(&wq[i][0]);
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t* w8 = reinterpret_cast<const uint32_t*>(&wq[i][h]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
+            const int t = 4 * h + j;
+            const uint32_t w = w8[j];
+            // byte -> low byte of the fp32 2^23: value 2^23 + q, exact.
+            const float q0 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7440)) - zf[t];
+            const float q1 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7441)) - zf[t];
+            const float q2 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7442)) - zf[t];
+            const float q3 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7443)) - zf[t];
+            const uint32_t b0 = bit_cast_to<uint32_t>(Tr::pack(q0 * sf[t], q1 * sf[t]));
+            const uint32_t b1 = bit_cast_to<uint32_t>(Tr::pack(q2 * sf[t], q3 * sf[t]));
 #pragma unroll
-            for (int ab = 0; ab < 2; ++ab) {
-              const int t = 2 * j + ab;
-              const uint32_t w = ab ? (w4[j] >> 8) : w4[j];
-              T2 lo = bit_cast_to<T2>((w & 0x000f000fu) | Tr::kMagic);
-              T2 hi = bit_cast_to<T2>((w & 0x00f000f0u) | Tr::kMagic);
-              lo = __hmul2(__hsub2(lo, zlo2[t]), sc2[t]);
-              hi = __hmul2(__hfma2(hi, inv16, zhi2[t]), sc2[t]);
-              const uint32_t b0 = bit_cast_to<uint32_t>(lo);
-              const uint32_t b1 = bit_cast_to<uint32_t>(hi);
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][t], a[mt], b0, b1);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t* w8 = reinterpret_cast<const uint32_t*>(&wq[i][h]);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int t = 4 * h + j;
-              const uint32_t w = w8[j];
-              // byte -> low byte of the fp32 2^23: value 2^23 + q, exact.
-              const float q0 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7440)) - zf[t];
-              const float q1 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7441)) - zf[t];
-              const float q2 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7442)) - zf[t];
-              const float q3 = __int_as_float(__byte_perm(w, 0x4B000000u, 0x7443)) - zf[t];
-              const uint32_t b0 = bit_cast_to<uint32_t>(Tr::pack(q0 * sf[t], q1 * sf[t]));
-              const uint32_t b1 = bit_cast_to<uint32_t>(Tr::pack(q2 * sf[t], q3 * sf[t]));
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][t], a[mt], b0, b1);
-            }
+            for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][t], a[mt], b0, b1);
           }
         }
       }
+    }
+    if (kPrefetch) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int h = 0; h < VPS; ++h) wq[i][h] = wn[i][h];
+      sv = sn;
+      zv = zn;
+    } else if (c + kWarps < c_count) {
+      load_chunk(wq, sv, zv, chunk + kWarps);
     }
   }
 
   // ---- reduce the 4 warps in a fixed order through shared memory.
-  __syncthreads();  // xs is dead from here on; reuse it as red[M][64] fp32
-  float* red = reinterpret_cast<float*>(smem_raw);
   for (int w = 0; w < kWarps; ++w) {
     if (warp == w) {
 #pragma unroll
@@ -292,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = mt * 16 + r0 + (e >= 2 ? 8 : 0);
-            const int col = t * 8 + c0 + (e & 1);
+            const int col = t * 8 + cl * 2 + (e & 1);
             if (row < M) {
               float* d = red + row * kBlockN + col;
               *d = (w == 0) ? acc[mt][t][e] : *d + acc[mt][t][e];
@@ -316,7 +352,6 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
   }
   __threadfence();  // make this block's partial visible before it counts itself in
   __syncthreads();
-  __shared__ int is_last;
   if (threadIdx.x == 0) is_last = (atomicAdd(locks + nb, 1) == S - 1);
   __syncthreads();
   if (!is_last) return;
@@ -336,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
 // W[k, n] = (q - ((zstored + zero_offset) & mask)) * scales[g_idx[k], n],
 // computed in fp32 exactly as zephyr_plugins.reference.dequantize does.
 // ---------------------------------------------------------------------------
-template <typename T, int BITS>
+template <typename T, int BITS, int VEC>
 __global__ void gptq_dequantize_kernel(const int* __restrict__ qweight,  // [ceil(K*BITS/32), N]
                                        const int* __restrict__ qzeros,   // [G, ceil(N*BITS/32)]
                                        const T* __restrict__ scales,     // [G, N]
@@ -346,20 +381,33 @@ __global__ void gptq_dequantize_kernel(const int* __restrict__ qweight,  // [cei
   using Tr = Traits<T>;
   constexpr int PER = 32 / BITS;
   constexpr int MASK = (1 << BITS) - 1;
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  const int n = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;  // VEC consecutive columns (N % VEC == 0)
   const int w = blockIdx.y;
   if (n >= N) return;
-  const uint32_t q = static_cast<uint32_t>(qweight[(size_t)w * N + n]);
+  uint32_t q[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) q[v] = static_cast<uint32_t>(qweight[(size_t)w * N + n + v]);
   const int zwords = (N * BITS + 31) / 32;
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int k = w * PER + j;
     if (k >= K) break;
-    const int g = g_idx[k];
-    const uint32_t zw = static_cast<uint32_t>(qzeros[(size_t)g * zwords + n / PER]);
-    const int z = (int(zw >> ((n % PER) * BITS) & MASK) + zero_offset) & MASK;
-    const int v = int((q >> (j * BITS)) & MASK);
-    out[(size_t)k * N + n] = Tr::from_float(float(v - z) * Tr::to_float(scales[(size_t)g * N + n]));
+    const int g = __ldg(g_idx + k);
+    alignas(8) T o[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int nn = n + v;
+      const uint32_t zw = static_cast<uint32_t>(__ldg(qzeros + (size_t)g * zwords + nn / PER));
+      const int z = (int(zw >> ((nn % PER) * BITS) & MASK) + zero_offset) & MASK;
+      const int val = int((q[v] >> (j * BITS)) & MASK);
+      o[v] = Tr::from_float(float(val - z) * Tr::to_float(scales[(size_t)g * N + nn]));
+    }
+    if constexpr (VEC == 4) {
+      *reinterpret_cast<uint2*>(out + (size_t)k * N + n) = *reinterpret_cast<const uint2*>(o);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[(size_t)k * N + n + v] = o[v];
+    }
   }
 }
 

@@ -9,55 +9,66 @@
 
 namespace zephyr {
 
-constexpr int kMaxSmem = 96 * 1024;  // dynamic shared memory a block may use
-
 struct SmallArgs {
-  const void* x;
+  const void* x;  // [M, Kp] (x itself when K == Kp and no act-order, else gathered/padded)
   const void* qweight;
   const void* scales;
   const void* zeros;  // null: every zero point is 2^(bits-1)
-  const int* perm;    // null: no act-order permutation
   float* partial;     // null when S == 1
   int* locks;
   void* out;
-  int M, K, N, Kp, Np, G, group_rows, cpb, S, smem, mt, gpc;
-  bool vec_x;
+  int M, N, Kp, Np, G, group_rows, cpb, S, mt;
+  bool pdl;  // launch as a programmatic dependent of the gather kernel (sm_90)
   cudaStream_t stream;
 };
 
-template <typename T, int BITS, bool HAS_Z, int MT, int GPC>
+template <typename T, int BITS, bool HAS_Z, int MT>
 cudaError_t launch_small(const SmallArgs& a) {
-  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, GPC>;
-  static bool attr_set = false;  // per instantiation; racing first calls set the same value
-  if (!attr_set) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-    if (err != cudaSuccess) return err;
-    attr_set = true;
-  }
-  dim3 grid(a.Np / kBlockN, a.S);
-  kernel<<<grid, kThreads, a.smem, a.stream>>>(
-      static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-      static_cast<const T*>(a.zeros), a.perm, a.partial, a.locks, static_cast<T*>(a.out), a.M, a.K, a.N, a.Kp,
-      a.Np, a.G, a.group_rows, a.cpb, a.S, a.vec_x);
+  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(a.Np / kBlockN, a.S);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x),
+                                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out),
+                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
+// Resident blocks per SM of one instantiation (cached; the grid is sized to it).
 template <typename T, int BITS, bool HAS_Z, int MT>
-cudaError_t launch_small_gpc(const SmallArgs& a) {
-  switch (a.gpc) {
-    case 1: return launch_small<T, BITS, HAS_Z, MT, 1>(a);
-    case 2: return launch_small<T, BITS, HAS_Z, MT, 2>(a);
-    case 4: return launch_small<T, BITS, HAS_Z, MT, 4>(a);
-    default: return launch_small<T, BITS, HAS_Z, MT, 8>(a);
+int occupancy_small() {
+  static int occ = 0;
+  if (occ == 0) {
+    int v = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemm_small_kernel<T, BITS, HAS_Z, MT>, kThreads, 0) !=
+        cudaSuccess)
+      v = 1;
+    occ = v < 1 ? 1 : v;
   }
+  return occ;
+}
+
+template <typename T, int BITS, bool HAS_Z>
+int occupancy_small_mt(int mt) {
+  return mt == 1 ? occupancy_small<T, BITS, HAS_Z, 1>()
+                 : (mt == 2 ? occupancy_small<T, BITS, HAS_Z, 2>() : occupancy_small<T, BITS, HAS_Z, 4>());
 }
 
 template <typename T, int BITS, bool HAS_Z>
 cudaError_t launch_small_mt(const SmallArgs& a) {
   switch (a.mt) {
-    case 1: return launch_small_gpc<T, BITS, HAS_Z, 1>(a);
-    case 2: return launch_small_gpc<T, BITS, HAS_Z, 2>(a);
-    default: return launch_small_gpc<T, BITS, HAS_Z, 4>(a);
+    case 1: return launch_small<T, BITS, HAS_Z, 1>(a);
+    case 2: return launch_small<T, BITS, HAS_Z, 2>(a);
+    default: return launch_small<T, BITS, HAS_Z, 4>(a);
   }
 }
 
@@ -67,6 +78,15 @@ cudaError_t gptq_gemm_small_launch(const SmallArgs& a) {
   return a.zeros ? launch_small_mt<T, BITS, true>(a) : launch_small_mt<T, BITS, false>(a);
 }
 
+template <typename T, int BITS>
+int gptq_gemm_small_occupancy(int mt, bool has_z) {
+  return has_z ? occupancy_small_mt<T, BITS, true>(mt) : occupancy_small_mt<T, BITS, false>(mt);
+}
+
+extern template int gptq_gemm_small_occupancy<__half, 4>(int, bool);
+extern template int gptq_gemm_small_occupancy<__half, 8>(int, bool);
+extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 4>(int, bool);
+extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 8>(int, bool);
 extern template cudaError_t gptq_gemm_small_launch<__half, 4>(const SmallArgs&);
 extern template cudaError_t gptq_gemm_small_launch<__half, 8>(const SmallArgs&);
 extern template cudaError_t gptq_gemm_small_launch<__nv_bfloat16, 4>(const SmallArgs&);

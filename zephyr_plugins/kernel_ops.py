@@ -23,7 +23,7 @@ Ops:
     - ``locks``: int32 ``[>= Np/64]``, zeros; the kernel's split-K semaphores.
       Each call leaves it zero again, but two calls sharing it must not run
       concurrently on different streams.
-    - ``bits``: 4 or 8. ``group_size``: -1, 16, 32, 64 or a multiple of 128.
+    - ``bits``: 4 or 8. ``group_size``: -1, 32, 64 or a multiple of 128.
     - ``size_n``: N.
 
     Returns ``x.dtype [M, N]`` (fp32 accumulation).

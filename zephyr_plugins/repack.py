@@ -8,7 +8,8 @@ top of ``kernels/gptq_kernels.cuh``; it is pure torch and runs on any device
   every group is a contiguous run of rows; the kernel gathers ``x[:, perm]``.
 - K is padded to a multiple of 128, N to a multiple of 64.
 - ``qweight``: int32 ``[Np/64, Kp/16, 32*bits]``, each 16x64 step shuffled
-  into the lane order of ``mma.m16n8k16`` B fragments.
+  into the lane order of ``mma.m16n8k16`` B fragments, and K reordered inside
+  each 128-row chunk so a lane's A fragments are contiguous in x.
 - ``scales`` / ``zeros``: ``[G, Np]`` in the activation dtype, each 64-column
   block stored as ``[n % 8][n // 8]``; ``zeros`` holds real zero points and is
   empty when all equal ``2**(bits-1)``.
@@ -84,18 +85,23 @@ def _unshuffle_block_cols(t: torch.Tensor) -> torch.Tensor:
 
 
 def shuffle_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Values ``int [Kp, Np]`` (K in repacked order) to the kernel's ``int32 [Np/64, Kp/16, 32*bits]``."""
+    """Values ``int [Kp, Np]`` (K in repacked order) to the kernel's ``int32 [Np/64, Kp/16, 32*bits]``.
+
+    Inside each 128-row chunk, row ``c*32 + i*4 + h*2 + e`` is element ``(h, e)``
+    of step ``i``'s B fragment of lane ``c`` (``l % 4``), so that a lane's A
+    fragments of the whole chunk are 32 contiguous columns of x.
+    """
     kp, np_ = q.shape
     v = q.to(torch.int64)
     if bits == 4:
-        # row k = step*16 + h*8 + c*2 + e, column n = nb*64 + (j*2 + ab)*8 + nl
-        v = v.view(kp // 16, 2, 4, 2, np_ // 64, 4, 2, 8)  # [step, h, c, e, nb, j, ab, nl]
-        v = v.permute(4, 0, 7, 2, 5, 3, 6, 1)  # [nb, step, nl, c, j, e, ab, h]: nibble i = e*4 + ab*2 + h
+        # column n = nb*64 + (j*2 + ab)*8 + nl
+        v = v.view(kp // 128, 4, 8, 2, 2, np_ // 64, 4, 2, 8)  # [chunk, c, i, h, e, nb, j, ab, nl]
+        v = v.permute(5, 0, 2, 8, 1, 6, 4, 7, 3)  # [nb, chunk, i, nl, c, j, e, ab, h]: nibble = e*4 + ab*2 + h
         v = v.reshape(np_ // 64, kp // 16, 32, 4, 8)
     elif bits == 8:
-        # row k = step*16 + h*8 + c*2 + e, column n = nb*64 + (hh*4 + j)*8 + nl
-        v = v.view(kp // 16, 2, 4, 2, np_ // 64, 2, 4, 8)  # [step, h, c, e, nb, hh, j, nl]
-        v = v.permute(4, 0, 5, 7, 2, 6, 1, 3)  # [nb, step, hh, nl, c, j, h, e]: byte b = h*2 + e
+        # column n = nb*64 + (hh*4 + j)*8 + nl
+        v = v.view(kp // 128, 4, 8, 2, 2, np_ // 64, 2, 4, 8)  # [chunk, c, i, h, e, nb, hh, j, nl]
+        v = v.permute(5, 0, 2, 6, 8, 1, 7, 3, 4)  # [nb, chunk, i, hh, nl, c, j, h, e]: byte = h*2 + e
         v = v.reshape(np_ // 64, kp // 16, 2, 32, 4, 4)
     else:
         raise ValueError(f"bits={bits} is not supported by the zk layout; allowed values: [4, 8]")
@@ -113,11 +119,11 @@ def unshuffle_qweight(w: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, device=w.device, dtype=torch.int64) * bits
     v = ((w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [nb, ks, 32*bits, per]
     if bits == 4:
-        v = v.view(nb, ks, 8, 4, 4, 2, 2, 2)  # [nb, step, nl, c, j, e, ab, h]
-        v = v.permute(1, 7, 3, 5, 0, 4, 6, 2)  # [step, h, c, e, nb, j, ab, nl]
+        v = v.view(nb, ks // 8, 8, 8, 4, 4, 2, 2, 2)  # [nb, chunk, i, nl, c, j, e, ab, h]
+        v = v.permute(1, 4, 2, 8, 6, 0, 5, 7, 3)  # [chunk, c, i, h, e, nb, j, ab, nl]
     else:
-        v = v.view(nb, ks, 2, 8, 4, 4, 2, 2)  # [nb, step, hh, nl, c, j, h, e]
-        v = v.permute(1, 6, 4, 7, 0, 2, 5, 3)  # [step, h, c, e, nb, hh, j, nl]
+        v = v.view(nb, ks // 8, 8, 2, 8, 4, 4, 2, 2)  # [nb, chunk, i, hh, nl, c, j, h, e]
+        v = v.permute(1, 5, 2, 7, 8, 0, 3, 6, 4)  # [chunk, c, i, h, e, nb, hh, j, nl]
     return v.reshape(ks * 16, nb * 64).to(torch.int32)
 
 

@@ -30,7 +30,7 @@ class CudaGPTQBackend(KernelBackend):
     name = "cuda"
     priority = 100
     supported_bits = (4, 8)
-    supported_group_sizes = None  # -1, 16, 32, 64 or any multiple of 128: checked below
+    supported_group_sizes = None  # -1, 32, 64 or any multiple of 128: checked below
     supported_dtypes = (torch.float16, torch.bfloat16)
     device_types = ("cuda",)
     min_capability = (8, 0)
@@ -41,8 +41,9 @@ class CudaGPTQBackend(KernelBackend):
         if not ok:
             return ok, why
         gs = spec.group_size
-        if not (gs == -1 or gs in (16, 32, 64) or gs % 128 == 0):
-            return False, f"group_size={gs} not served; allowed values: -1, 16, 32, 64 or a multiple of 128"
+        # A lane reads 32 consecutive (repacked) rows, which must share one group.
+        if not (gs == -1 or gs in (32, 64) or gs % 128 == 0):
+            return False, f"group_size={gs} not served; allowed values: -1, 32, 64 or a multiple of 128"
         from ..kernel_build import ensure_built
 
         return ensure_built()
