@@ -192,3 +192,27 @@ def test_bad_input(llm):
         llm.complete("one string", GREEDY)
     with pytest.raises(ValueError, match="temperature"):
         llm.generate(["x"], temperature=-1)
+
+
+@pytest.mark.slow
+def test_smollm2_rtn_greedy_equals_transformers(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M (tied head, 9 heads / 3 KV heads), RTN 4-bit g128: 32 greedy tokens as transformers."""
+    from transformers import AutoTokenizer
+
+    from zephyr_plugins.assets import load_float, read_text
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    folder = write_rtn_checkpoint(load_float(smollm2_dir), str(tmp_path / "q"), GPTQConfig(bits=4, group_size=128), tok)
+    llm = Zephyr.from_pretrained(folder, device="cpu", max_batch_size=2, max_seq_len=256)
+    assert llm.model.args.tie_word_embeddings and len(llm.model.layers[0].attention.wqkv.parts) == 1
+    hf, _ = dequantized_hf(folder)
+    text = read_text("eval", max_chars=2000)
+    prompts = [text[:300], "The capital of France is"]
+    got = llm.generate_tokens([tok(p)["input_ids"] for p in prompts], GREEDY)
+    for prompt, ours in zip(prompts, got):
+        assert ours == hf_greedy(hf, tok(prompt)["input_ids"], 32)
+    # The text API on a real tokenizer (byte-level BPE): streaming == non-streaming == decode of the tokens.
+    params = SamplingParams(max_new_tokens=32, temperature=0, repetition_penalty=1.0)
+    done = llm.complete([prompts[1]], params)[0]
+    assert "".join(c.text for c in llm.stream_complete(prompts[1], params)) == done.text
+    assert done.text == tok.decode(got[1], skip_special_tokens=True)
