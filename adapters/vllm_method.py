@@ -45,11 +45,11 @@ from vllm.model_executor.parameter import (
 from zephyr_plugins.backends import LayerSpec, select_backend
 from zephyr_plugins.config import SUPPORTED_BITS, GPTQConfig, packed_words
 from zephyr_plugins.errors import CheckpointError, KernelUnavailableError
-from zephyr_plugins.reference import dequantize
 
 from .vllm import METHOD_NAME, claims
 
-#: "0" turns off the CPU path's cached dequantized weight (then every call runs the op).
+#: On the CPU the ``dense`` backend (dequantize once, then plain GEMMs) serves
+#: layers unless this is "0"; then the reference op dequantizes on every call.
 CPU_DENSE_ENV = "ZEPHYR_VLLM_CPU_DENSE"
 
 
@@ -258,8 +258,14 @@ class ZephyrGPTQLinearMethod(LinearMethodBase):
         )
 
     def _select(self, k: int, n: int, dtype: torch.dtype):
+        spec = self._spec(k, n, dtype)
+        prefer = os.environ.get("ZEPHYR_KERNEL") or None
+        if prefer is None and spec.device_type == "cpu" and os.environ.get(CPU_DENSE_ENV, "1") != "0":
+            # The reference dequantizes the whole weight on every call; on the
+            # CPU, memory is cheap next to that, so keep the float weight once.
+            prefer = "dense"
         try:
-            return select_backend(self._spec(k, n, dtype))
+            return select_backend(spec, prefer=prefer)
         except KernelUnavailableError as exc:
             raise KernelUnavailableError(f"zephyr_gptq cannot serve layer {self.prefix!r}: {exc}") from None
 
@@ -277,7 +283,7 @@ class ZephyrGPTQLinearMethod(LinearMethodBase):
     # ---------------------------------------------------------------- process
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Validate the loaded tensors, then let the chosen backend repack them once."""
-        bits, zero_offset = self.quant_config.bits, self.quant_config.gptq.zero_offset
+        bits = self.quant_config.bits
         g_idx = layer.g_idx.data
         if layer.zephyr_shard_groups:
             # A rank's slice of trivial g_idx starts at its first group.
@@ -310,29 +316,9 @@ class ZephyrGPTQLinearMethod(LinearMethodBase):
             kernel = self._backend_cls(self._spec(k, shard.scales.shape[1], dtype))
             kernel.process_weights(shard)
             self._kernels.append((kernel, shard))
-        self._dense = None
-        if self._use_cpu_dense():
-            # The CPU reference dequantizes the whole weight on every call; on
-            # the CPU memory is cheap next to that, so keep the float weight
-            # ([N, K], the nn.Linear layout the CPU GEMM wants) once.
-            w = torch.cat(
-                [dequantize(s.qweight, s.qzeros, s.scales, s.g_idx, bits, zero_offset) for _, s in self._kernels],
-                dim=1,
-            )
-            layer.zephyr_dense_weight = nn.Parameter(w.t().contiguous().to(dtype), requires_grad=False)
-            self._dense = True
-
-    def _use_cpu_dense(self) -> bool:
-        return (
-            _platform().is_cpu()
-            and all(kernel.name == "reference" for kernel, _ in self._kernels)
-            and os.environ.get(CPU_DENSE_ENV, "1") != "0"
-        )
 
     # ------------------------------------------------------------------ apply
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._dense:
-            return torch.nn.functional.linear(x, layer.zephyr_dense_weight, bias)
         if len(self._kernels) == 1:
             kernel, shard = self._kernels[0]
             out = kernel.apply(shard, x)

@@ -88,10 +88,14 @@ def run_vllm_jobs(jobs: list[dict], workdir, timeout: int = 900, **env: str) -> 
 
 
 def reference_greedy(folder: str, prompts: list[list[int]], steps: int):
-    """Greedy tokens and per-step log-probs from our transformers runtime (fp32, reference kernels)."""
+    """Greedy tokens and per-step log-probs from our transformers model (fp32).
+
+    The ``dense`` backend computes exactly the reference's ``x @ dequantize(W)``
+    in fp32, but dequantizes once instead of on every call.
+    """
     from zephyr_plugins.loader import load
 
-    model, _ = load(folder, dtype=torch.float32)
+    model, _ = load(folder, dtype=torch.float32, backend="dense")
     tokens, logprobs = [], []
     with torch.no_grad():
         for ids in prompts:
