@@ -23,7 +23,6 @@ import asyncio
 import functools
 import os
 import threading
-import weakref
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 from zephyr_plugins.generation_api import Completion, Generator, SamplingParams, StreamChunk
@@ -159,7 +158,7 @@ async def iterate_in_thread(make_iter: Callable[[], Iterator[Any]], cancel: thre
 
 
 # ---------------------------------------------------------------------------- shared models
-_SHARED: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+_SHARED: dict[tuple, Any] = {}
 _SHARED_LOCK = threading.Lock()
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}
 
@@ -169,8 +168,9 @@ def shared_generator(model: str, device: Optional[str] = None, dtype: Optional[s
 
     Instances naming the same checkpoint folder (after resolving ``repo:branch``
     and symlinks), device and dtype get the same object, so a model is in
-    memory once; it is freed when no adapter holds it any more. ``loader``
-    (``(folder, device, dtype) -> Generator``) replaces the runtime, for tests.
+    memory once and creating adapters (``ZephyrLLM(model=...).invoke(...)`` in
+    a loop) never reloads it; :func:`release_shared_models` lets go of them.
+    ``loader`` (``(folder, device, dtype) -> Generator``) replaces the runtime, for tests.
     """
     from zephyr_plugins.checkpoint import resolve_checkpoint
 
@@ -192,6 +192,15 @@ def shared_generator(model: str, device: Optional[str] = None, dtype: Optional[s
             with _SHARED_LOCK:
                 _SHARED[key] = gen
     return gen
+
+
+def release_shared_models() -> int:
+    """Forget every shared model (they are freed once no adapter uses them); returns how many."""
+    with _SHARED_LOCK:
+        n = len(_SHARED)
+        _SHARED.clear()
+        _KEY_LOCKS.clear()
+    return n
 
 
 def load_runtime(folder: str, device: Optional[str], dtype: Optional[str]):

@@ -21,23 +21,6 @@ def tiny_main(seed_checkpoints):
     return seed_checkpoints["main"]
 
 
-_GEN = {}
-
-
-def _source(folder):
-    # TEMPORARY until zephyr_plugins.runtime lands: the transformers test double.
-    try:
-        import zephyr_plugins.runtime  # noqa: F401
-
-        return {"model": folder}
-    except ImportError:
-        from hf_generator import load_hf_generator
-
-        if folder not in _GEN:
-            _GEN[folder] = load_hf_generator(folder)
-        return {"generator": _GEN[folder], "model": folder}
-
-
 class _ZephyrSuite:
     """What the suites need to know about ChatZephyr."""
 
@@ -53,7 +36,8 @@ class _ZephyrSuite:
 
     @property
     def chat_model_params(self):
-        return {**_source(self.folder), "temperature": 0}
+        # In-process: the runtime's Zephyr, loaded once and shared by every instance.
+        return {"model": self.folder, "temperature": 0}
 
     @property
     def has_tool_calling(self):
