@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("zephyr_plugins.cli_serve", "serve a GPTQ checkpoint with vLLM's OpenAI-compatible server"),
     "chat": ("zephyr_plugins.cli_chat", "chat with a model in the terminal (streaming)"),
     "generate": ("zephyr_plugins.cli_generate", "generate one completion for a prompt (streaming)"),
+    "quantize": ("zephyr_plugins.cli_quantize", "GPTQ-quantize a float Mistral/Llama model into a checkpoint"),
+    "ppl": ("zephyr_plugins.cli_ppl", "perplexity of a model on a text file"),
 }
 
 
