@@ -112,8 +112,6 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     pdl = cc_major(x.get_device()) >= 9;
   }
 
-  // Split K so that the whole grid is resident at once (one wave): a
-  // partial last wave would leave most of the memory system idle at the end.
   const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
   int occ;
   if (x.scalar_type() == at::kHalf)
@@ -121,10 +119,18 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   else
     occ = bits == 4 ? gptq_gemm_small_occupancy<__nv_bfloat16, 4>(mt, has_z)
                     : gptq_gemm_small_occupancy<__nv_bfloat16, 8>(mt, has_z);
+  // Pick the split S of K minimizing (waves of resident blocks) x (chunks of
+  // the busiest warp + about one chunk of fixed cost per block): a partial
+  // last wave leaves the memory system idle.
   const int slots = sm_count(x.get_device()) * occ;
-  int S = std::max(1, std::min(chunks, slots / nblk));
-  const int cpb = ceil_div(chunks, S);
-  S = ceil_div(chunks, cpb);
+  int S = 1, cpb = chunks;
+  long best = -1;
+  for (int s_try = 1; s_try <= std::min(chunks, 64); ++s_try) {
+    const int c_try = ceil_div(chunks, s_try);
+    const int s_real = ceil_div(chunks, c_try);
+    const long cost = long(ceil_div(nblk * s_real, slots)) * (ceil_div(c_try, kWarps) + 1);
+    if (best < 0 || cost < best) best = cost, S = s_real, cpb = c_try;
+  }
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, M, Np}, x.options().dtype(at::kFloat));
   SmallArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), has_z ? zeros.data_ptr() : nullptr,
