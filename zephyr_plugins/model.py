@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .kv_cache import KVCache, attention_mask, prefill_attention
+from .kv_cache import KVCache, prefill_attention
 from .model_ops import ModelOps
 
 
@@ -149,11 +149,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps):
-        h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+    def forward(self, x, h, cos, sin, cache_index, mask, kv_len, ops: ModelOps, next_norm: RMSNorm):
+        # x: [B, S, D] residual stream; h = attention_norm(x), computed by the previous block.
+        # Each residual add is fused with the norm that follows it, the last one with the
+        # next block's attention_norm (or the final norm): one kernel instead of two.
         x, h = ops.add_rms_norm(x, self.attention(h, cos, sin, cache_index, mask, kv_len, ops), self.ffn_norm.weight,
                                 self.ffn_norm.eps)  # fmt: skip
-        return x + self.feed_forward(h, ops)
+        return ops.add_rms_norm(x, self.feed_forward(h, ops), next_norm.weight, next_norm.eps)
 
 
 class Transformer(nn.Module):
@@ -201,14 +203,17 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         device = tokens.device
         kv_len = kv_len or self.max_seq_len
+        ops = self.ops
         slots = torch.arange(seqlen, device=device) + start  # [S] cache slots of this chunk
-        pos = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)  # [B, S] positions for RoPE
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, S, hd/2]
-        mask = None if causal_fresh else attention_mask(slots, pad, kv_len, self.args.sliding_window)
+        cos, sin, mask = ops.rope_and_mask(slots, pad, self.rope_cos, self.rope_sin, kv_len, self.args.sliding_window,
+                                           not causal_fresh)  # [B, S, hd/2] x 2, [B, 1, S, kv_len] or None
         x = self.tok_embeddings(tokens)  # [B, S, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin, slots, mask, kv_len, self.ops)
+        first = self.layers[0].attention_norm
+        h = ops.rms_norm(x, first.weight, first.eps)
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            x, h = layer(x, h, cos, sin, slots, mask, kv_len, ops, next_norm)
         if last_only:
-            x = x[:, -1:]
-        logits = self.output(self.ops.rms_norm(x, self.norm.weight, self.norm.eps)).float()  # [B, S', V]
+            h = h[:, -1:]  # h = norm(x): the norm is per position
+        logits = self.output(h).float()  # [B, S', V]
         return logits[:, -1] if last_only else logits

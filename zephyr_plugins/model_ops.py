@@ -51,13 +51,29 @@ def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
     """Split ``qkv: [B, S, (H + 2 Hkv) hd]`` and rotate q and k (HF "rotate half" layout).
 
     Returns ``q: [B, H, S, hd]``, ``k, v: [B, Hkv, S, hd]``; ``cos, sin: fp32 [B, S, hd/2]``.
+    q and k heads are rotated as one block (one fused kernel rather than two).
     """
     bsz, seqlen, _ = qkv.shape
-    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
-    q = _rotate(q.reshape(bsz, seqlen, n_heads, head_dim), cos, sin)
-    k = _rotate(k.reshape(bsz, seqlen, n_kv_heads, head_dim), cos, sin)
-    v = v.reshape(bsz, seqlen, n_kv_heads, head_dim)
+    qk = qkv[..., : (n_heads + n_kv_heads) * head_dim].reshape(bsz, seqlen, n_heads + n_kv_heads, head_dim)
+    qk = _rotate(qk, cos, sin)
+    q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
+    v = qkv[..., (n_heads + n_kv_heads) * head_dim :].reshape(bsz, seqlen, n_kv_heads, head_dim)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def rope_and_mask(slots: torch.Tensor, pad: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                  kv_len: int, window: Optional[int], with_mask: bool):  # fmt: skip
+    """Per-step tables: ``cos, sin: fp32 [B, S, hd/2]`` at each row's positions, and the attention mask.
+
+    ``slots: int64 [S]`` cache slots of the chunk; ``pad: int64 [B]`` left padding. The mask
+    (``bool [B, 1, S, kv_len]``, see :func:`zephyr_plugins.kv_cache.attention_mask`) is ``None``
+    unless ``with_mask``.
+    """
+    from .kv_cache import attention_mask
+
+    pos = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)  # [B, S] positions (padding: 0)
+    mask = attention_mask(slots, pad, kv_len, window) if with_mask else None
+    return rope_cos[pos], rope_sin[pos], mask
 
 
 def silu_mul(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
@@ -87,6 +103,7 @@ _FUNCTIONS = {
     "add_rms_norm": add_rms_norm,
     "split_rope": split_rope,
     "silu_mul": silu_mul,
+    "rope_and_mask": rope_and_mask,
     "decode_attention": decode_attention,
 }
 _compiled: dict[str, object] = {}
@@ -97,7 +114,11 @@ class _Guarded:
     """A compiled function that falls back, once and for good, to the plain one if compiling fails."""
 
     def __init__(self, name: str, fn):
-        self.name, self.fn, self.compiled = name, fn, torch.compile(fn, dynamic=True, fullgraph=True)
+        # Decode attention reduces over a few hundred slots for only B * H rows: Inductor would split
+        # that reduction into several kernels, each costing more launch time than work.
+        options = {"split_reductions": False} if name == "decode_attention" else None
+        self.name, self.fn = name, fn
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
     def __call__(self, *args):
         if self.compiled is not None:
