@@ -34,6 +34,7 @@ from vllm.model_executor.layers.linear import (
     register_weight_loader_v2_supported_method,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.logger import init_logger
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -47,6 +48,8 @@ from zephyr_plugins.config import SUPPORTED_BITS, GPTQConfig, packed_words
 from zephyr_plugins.errors import CheckpointError, KernelUnavailableError
 
 from .vllm import METHOD_NAME, claims
+
+logger = init_logger(__name__)
 
 #: On the CPU the ``dense`` backend (dequantize once, then plain GEMMs) serves
 #: layers unless this is "0"; then the reference op dequantizes on every call.
@@ -189,6 +192,8 @@ class _Shard(nn.Module):
 class ZephyrGPTQLinearMethod(LinearMethodBase):
     """Creates GPTQ parameters with vLLM's TP-aware classes; runs our kernel backends."""
 
+    _announced: set = set()  # backend names already logged in this process
+
     def __init__(self, quant_config: ZephyrGPTQVllmConfig, prefix: str = ""):
         self.quant_config = quant_config
         self.prefix = prefix
@@ -316,6 +321,9 @@ class ZephyrGPTQLinearMethod(LinearMethodBase):
             kernel = self._backend_cls(self._spec(k, shard.scales.shape[1], dtype))
             kernel.process_weights(shard)
             self._kernels.append((kernel, shard))
+        if kernel.name not in self._announced:
+            self._announced.add(kernel.name)
+            logger.info("zephyr_gptq: kernel backend %r serves %s (and others like it)", kernel.name, self.prefix)
 
     # ------------------------------------------------------------------ apply
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

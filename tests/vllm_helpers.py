@@ -108,7 +108,9 @@ def reference_greedy(folder: str, prompts: list[list[int]], steps: int):
     return tokens, logprobs
 
 
-def compare_greedy(ours: list[int], ref: list[int], ref_logprobs: list[torch.Tensor], what: str) -> int:
+def compare_greedy(
+    ours: list[int], ref: list[int], ref_logprobs: list[torch.Tensor], what: str, margin: float = TIE_MARGIN
+) -> int:
     """Assert ``ours == ref`` up to the first step where ``ref`` had a near-tie; returns the steps compared.
 
     After a legitimately broken tie the sequences have different contexts, so
@@ -120,7 +122,7 @@ def compare_greedy(ours: list[int], ref: list[int], ref_logprobs: list[torch.Ten
             continue
         top2 = ref_logprobs[step].topk(2).values
         gap = float(top2[0] - top2[1])
-        assert gap < TIE_MARGIN, (
+        assert gap < margin, (
             f"{what}: step {step}: vLLM chose {a}, reference {b} (reference top-2 gap {gap:.4g} is no tie);\n"
             f"vLLM {ours}\nref  {ref}"
         )

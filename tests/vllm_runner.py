@@ -6,7 +6,8 @@ Used by tests/test_vllm_adapter.py (vLLM start-up costs 10 s of imports plus
     python tests/vllm_runner.py jobs.json out.json
 
 ``jobs.json``: ``[{"name", "model", "prompts": [[token ids]], "max_tokens",
-"dtype", "quantization", "logprobs", "llm_kwargs", "env"}]`` (``env``: variables
+"dtype", "quantization", "logprobs", "llm_kwargs", "env", "throughput": {"batches",
+"new_tokens"}}]`` (``env``: variables
 set while that job runs; with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine runs
 in this process, so they reach it). ``out.json``:
 ``{name: {"tokens": [[ids]], "logprobs": [[{id: logprob}]], "seconds"} or {"error": str}}``.
@@ -52,8 +53,31 @@ def run_job(job):
         result["logprobs"].append(
             [{str(t): float(lp.logprob) for t, lp in step.items()} for step in (c.logprobs or [])]
         )
+    if job.get("throughput"):
+        result["throughput"] = decode_rate(llm, **job["throughput"])
     del llm
     return result
+
+
+def decode_rate(llm, batches=(1,), new_tokens=64, prompt_len=64):
+    """Decode tokens/s per batch size: rows * (N - 1) / (time(N tokens) - time(1 token)), prefill excluded."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=list(range(1000, 1000 + prompt_len)))
+
+    def timed(batch, n):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        llm.generate([prompt] * batch, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    timed(1, 2)  # warm-up
+    rates = {}
+    for b in batches:
+        one, full = timed(b, 1), timed(b, new_tokens)
+        rates[f"batch{b}_tok_s"] = round(b * (new_tokens - 1) / max(full - one, 1e-9), 1)
+    return rates
 
 
 def main(jobs_path, out_path):
