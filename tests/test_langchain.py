@@ -332,3 +332,29 @@ def test_non_text_content_is_rejected_before_generation(inproc):
     img = HumanMessage([{"type": "text", "text": "What is this?"}, {"type": "image", "url": "http://x/y.png"}])
     with pytest.raises(ValueError, match="content\\[1\\] is a 'image' block"):
         ChatZephyr(**inproc).invoke([img])
+
+
+# ---------------------------------------------------------------------------- a real model
+@pytest.fixture(scope="module")
+def smollm2_8bit(smollm2_dir, tmp_path_factory):
+    """SmolLM2-135M-Instruct, RTN 8-bit g128 act-order: a real (ChatML-trained) instruction model."""
+    from transformers import AutoTokenizer
+
+    from zephyr_plugins import GPTQConfig
+    from zephyr_plugins.assets import load_float, write_rtn_checkpoint
+
+    folder = str(tmp_path_factory.mktemp("smol") / "8bit")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return write_rtn_checkpoint(load_float(smollm2_dir), folder, GPTQConfig(bits=8, group_size=128, desc_act=True), tok)
+
+
+@pytest.mark.slow
+def test_real_model_answers_with_its_own_template(smollm2_8bit):
+    chat = ChatZephyr(model=smollm2_8bit, prompt_template="auto", temperature=0, max_tokens=24)
+    prompt = chat._prompt([HumanMessage("What is the capital of France?")])
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" in prompt
+    answer = chat.invoke("What is the capital of France?")
+    assert "Paris" in answer.content, answer.content
+    assert "<|im_end|>" not in answer.content and answer.response_metadata["finish_reason"] == "stop"
+    streamed = "".join(c.content for c in chat.stream("What is the capital of France?"))
+    assert streamed == answer.content
