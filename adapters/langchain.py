@@ -85,6 +85,8 @@ class ChatZephyr(ZephyrFields, BaseChatModel):
         'Paris'
     """
 
+    model_config = ZephyrFields.model_config  # BaseChatModel's would ignore misspelt options
+
     @property
     def _llm_type(self) -> str:
         return "zephyr-chat"
@@ -204,6 +206,8 @@ class ZephyrLLM(ZephyrFields, LLM):
         "empty system turn for 'zephyr', none for other templates).",
     )
 
+    model_config = ZephyrFields.model_config
+
     @property
     def _llm_type(self) -> str:
         return "zephyr-llm"
@@ -266,8 +270,10 @@ class ZephyrLLM(ZephyrFields, LLM):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> LLMResult:
-        # One call for all prompts: the in-process runtime batches them.
         req = self._request(stop, kwargs, self._template_for_stops())
+        if self.streaming:  # token by token, so on_llm_new_token fires during invoke()
+            return self._llm_result([self._streamed(p, req, run_manager) for p in prompts], req.model)
+        # One call for all prompts: the in-process runtime batches them.
         return self._llm_result(self._complete([self._prompt(p) for p in prompts], req), req.model)
 
     async def _agenerate(
@@ -278,7 +284,31 @@ class ZephyrLLM(ZephyrFields, LLM):
         **kwargs: Any,
     ) -> LLMResult:
         req = self._request(stop, kwargs, self._template_for_stops())
+        if self.streaming:
+            return self._llm_result([await self._astreamed(p, req, run_manager) for p in prompts], req.model)
         return self._llm_result(await self._acomplete([self._prompt(p) for p in prompts], req), req.model)
+
+    def _streamed(self, prompt: str, req, run_manager) -> Completion:
+        text, final = "", None
+        for item in self._stream_text(self._prompt(prompt), req):
+            if isinstance(item, Final):
+                final = item
+            else:
+                text += item
+                if run_manager:
+                    run_manager.on_llm_new_token(item, chunk=GenerationChunk(text=item))
+        return Completion(text, final.prompt_tokens, final.completion_tokens, final.finish_reason)
+
+    async def _astreamed(self, prompt: str, req, run_manager) -> Completion:
+        text, final = "", None
+        async for item in self._astream_text(self._prompt(prompt), req):
+            if isinstance(item, Final):
+                final = item
+            else:
+                text += item
+                if run_manager:
+                    await run_manager.on_llm_new_token(item, chunk=GenerationChunk(text=item))
+        return Completion(text, final.prompt_tokens, final.completion_tokens, final.finish_reason)
 
     def _stream(
         self,

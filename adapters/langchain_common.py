@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from zephyr_plugins import generation_api as api
 from zephyr_plugins.generation_api import Completion, SamplingParams, StreamChunk
@@ -47,7 +47,8 @@ class Final:
 class ZephyrFields(BaseModel):
     """Connection, template and sampling fields of the Zephyr LangChain adapters."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+    # extra="forbid": a misspelt option (``tempreature=``) fails instead of being ignored.
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=(), extra="forbid")
 
     model: Optional[str] = Field(
         default=None,
@@ -78,7 +79,11 @@ class ZephyrFields(BaseModel):
     top_p: float = Field(default=api.DEFAULT_TOP_P, description="Nucleus sampling mass, in (0, 1].")
     top_k: int = Field(default=api.DEFAULT_TOP_K, description="Sample among the k likeliest tokens; 0 = no limit.")
     repetition_penalty: float = Field(default=api.DEFAULT_REPETITION_PENALTY, description="> 1 discourages repeats.")
-    max_tokens: int = Field(default=api.DEFAULT_MAX_NEW_TOKENS, description="Most new tokens per answer.")
+    max_tokens: int = Field(
+        default=api.DEFAULT_MAX_NEW_TOKENS,
+        validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+        description="Most new tokens per answer (alias: max_new_tokens).",
+    )
     stop: Optional[list[str]] = Field(
         default=None, description="Stop sequences (any length); the answer is cut right before the first one."
     )

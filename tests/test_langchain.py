@@ -141,6 +141,7 @@ def test_usage_metadata_and_per_call_options(inproc, folder):
     assert msg.response_metadata["model_name"] == folder
     chunks = list(chat.stream(PIRATE, max_tokens=5))
     assert sum((c for c in chunks[1:]), chunks[0]).usage_metadata == msg.usage_metadata
+    assert ChatZephyr(model=folder, max_new_tokens=5).max_tokens == 5  # the runtime's name works too
     with pytest.raises(TypeError, match="unknown keyword arguments \\['tempreature'\\]"):
         chat.invoke("Hi", tempreature=0.5)
     with pytest.raises(ValueError, match="per call is not supported in-process"):
@@ -167,6 +168,9 @@ def test_on_llm_new_token_callbacks(inproc):
     cb3 = _Tokens()
     llm = greedy(inproc, ZephyrLLM)
     assert "".join(llm.stream("Hello", config={"callbacks": [cb3]})) == llm.invoke("Hello") == "".join(cb3.tokens)
+    cb4 = _Tokens()
+    assert greedy(inproc, ZephyrLLM, streaming=True).invoke("Hello", config={"callbacks": [cb4]}) == "".join(cb4.tokens)
+    assert len(cb4.tokens) > 5
 
 
 async def test_async_chat_matches_sync(inproc):
@@ -321,6 +325,7 @@ def test_tools_and_structured_output_say_not_supported(inproc):
         ({"model": "m", "max_tokens": 0}, "max_new_tokens=0 must be >= 1"),
         ({"model": "m", "stop": [""]}, "stop\\[0\\] is an empty string"),
         ({"model": "m", "dtype": "int8"}, "dtype='int8'; allowed values"),
+        ({"model": "m", "tempreature": 0.5}, "tempreature\n  Extra inputs are not permitted"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
