@@ -159,7 +159,7 @@ def test_text_stream_multibyte_and_spaces(zephyr_tokenizer):
 
 
 def test_user_api_chat_stream_generate(llm):
-    answer = llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=8, seed=3)
+    answer = llm.chat([{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], max_new_tokens=8, seed=3)
     assert answer == "".join(llm.stream("Hi", max_new_tokens=8, seed=3))
     outs = llm.generate(PROMPTS[:2], max_new_tokens=6, temperature=0, stop=["\n\n"])
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
@@ -216,3 +216,26 @@ def test_smollm2_rtn_greedy_equals_transformers(smollm2_dir, tmp_path):
     done = llm.complete([prompts[1]], params)[0]
     assert "".join(c.text for c in llm.stream_complete(prompts[1], params)) == done.text
     assert done.text == tok.decode(got[1], skip_special_tokens=True)
+
+
+def test_cli_generate_and_chat(ckpts, capsys):
+    from zephyr_plugins import cli, cli_chat
+
+    args = ["--device", "cpu", "--max-new-tokens", "6", "--temperature", "0", "--max-seq-len", "128"]
+    assert cli.main(["generate", ckpts["plain"], "Hi", *args]) == 0
+    out = capsys.readouterr().out
+    llm = Zephyr.from_pretrained(ckpts["plain"], device="cpu", max_batch_size=1, max_seq_len=128)
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    assert out == llm.chat(messages, max_new_tokens=6, temperature=0) + "\n"
+    turns = iter(["Hi", "/reset", "Hi"])
+
+    def fake_input(prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    assert cli_chat.main([ckpts["plain"], *args], input_fn=fake_input) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # The chat's first turn (empty system message) is `generate`'s prompt; /reset starts over.
+    assert lines[0] == lines[1] == out.rstrip("\n")

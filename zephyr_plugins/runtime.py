@@ -101,9 +101,13 @@ class Zephyr:
         return "".join(self.stream(messages, cancel=cancel, **sampling))
 
     def stream(self, prompt_or_messages: Union[str, Messages], cancel=None, **sampling) -> Iterator[str]:
-        """Yield the answer's text as it is generated. A string is one user turn in the template."""
+        """Yield the answer's text as it is generated.
+
+        A string is one user turn after an empty system turn, as in the model card's
+        prompt (:func:`zephyr_plugins.templates.zephyr_prompt`).
+        """
         if isinstance(prompt_or_messages, str):
-            prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
+            prompt_or_messages = [{"role": "system", "content": ""}, {"role": "user", "content": prompt_or_messages}]
         prompt = self.template.render(prompt_or_messages)
         params = self._params(sampling, self.template.stop)
         for chunk in self.stream_complete(prompt, params, cancel):
