@@ -239,3 +239,33 @@ def test_cli_generate_and_chat(ckpts, capsys):
     lines = capsys.readouterr().out.splitlines()
     # The chat's first turn (empty system message) is `generate`'s prompt; /reset starts over.
     assert lines[0] == lines[1] == out.rstrip("\n")
+
+
+def test_filtering_matches_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from zephyr_plugins.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1000, generator=g) * 3
+    for top_k, top_p in [(40, 0.95), (0, 0.9), (5, 1.0), (0, 0.5), (1000, 0.3)]:
+        ref = logits.clone()
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        vals, idx = filter_logits(logits, top_k, top_p)
+        ours = torch.full_like(logits, float("-inf")).scatter(1, idx, vals)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref)), (top_k, top_p)
+        assert torch.allclose(torch.softmax(ours, -1), torch.softmax(ref, -1), atol=1e-6)
+
+
+def test_repetition_penalty_greedy_equals_transformers(ckpts, zephyr_tokenizer):
+    llm = Zephyr.from_pretrained(ckpts["plain"], device="cpu", max_batch_size=1, max_seq_len=128)
+    hf, tok = dequantized_hf(ckpts["plain"])
+    ids = tok(PROMPTS[0])["input_ids"]
+    params = SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=0.3)  # < 1: favours repeats
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, repetition_penalty=0.3,
+                       pad_token_id=0)[0, len(ids):].tolist()  # fmt: skip
+    assert llm.generate_tokens([ids], params)[0] == want
+    assert want != hf_greedy(hf, ids, 24)  # the penalty changes the output, so the test can fail

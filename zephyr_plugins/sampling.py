@@ -61,17 +61,26 @@ class Sampler:
         return nxt
 
     def _sample(self, logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        if 0 < top_k < vocab:
-            # Work on the k best only: top-p then sorts k values instead of the vocabulary.
-            vals, idx = torch.topk(logits, top_k, dim=-1)  # [B, k], sorted descending
-        else:
-            vals, idx = torch.sort(logits, dim=-1, descending=True)
-        if top_p < 1.0:
-            probs = torch.softmax(vals, dim=-1)
-            # Drop a token when the tokens ranked above it already reach top_p; the best one always stays.
-            drop = (probs.cumsum(dim=-1) - probs) >= top_p
-            vals = vals.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(vals, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)  # [B, 1]
+        vals, idx = filter_logits(logits, top_k, top_p)
+        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=self.generator)  # [B, 1]
         return idx.gather(1, choice).squeeze(1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p (nucleus) filtering of ``logits: [B, V]``, as transformers' warpers do it.
+
+    Returns ``(vals, idx)``, both ``[B, n]`` sorted by descending logit: the candidates'
+    logits (``-inf`` where top-p dropped them) and their token ids.
+    """
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        # Work on the k best only: top-p then sorts k values instead of the vocabulary.
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # [B, k], sorted descending
+    else:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)
+    if top_p < 1.0:
+        probs = torch.softmax(vals, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best one always stays.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        vals = vals.masked_fill(drop, float("-inf"))
+    return vals, idx
