@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
+#include <cstdlib>
+
 #include "gptq_launch.cuh"
 
 namespace zephyr {
@@ -113,29 +116,44 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   }
 
   const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
-  int occ;
-  if (x.scalar_type() == at::kHalf)
-    occ = bits == 4 ? gptq_gemm_small_occupancy<__half, 4>(mt, has_z) : gptq_gemm_small_occupancy<__half, 8>(mt, has_z);
-  else
-    occ = bits == 4 ? gptq_gemm_small_occupancy<__nv_bfloat16, 4>(mt, has_z)
-                    : gptq_gemm_small_occupancy<__nv_bfloat16, 8>(mt, has_z);
+  auto occupancy = [&](bool pf) {
+    if (x.scalar_type() == at::kHalf)
+      return bits == 4 ? gptq_gemm_small_occupancy<__half, 4>(mt, has_z, pf)
+                       : gptq_gemm_small_occupancy<__half, 8>(mt, has_z, pf);
+    return bits == 4 ? gptq_gemm_small_occupancy<__nv_bfloat16, 4>(mt, has_z, pf)
+                     : gptq_gemm_small_occupancy<__nv_bfloat16, 8>(mt, has_z, pf);
+  };
   // Pick the split S of K minimizing (waves of resident blocks) x (chunks of
   // the busiest warp + about one chunk of fixed cost per block): a partial
-  // last wave leaves the memory system idle.
-  const int slots = sm_count(x.get_device()) * occ;
-  int S = 1, cpb = chunks;
-  long best = -1;
-  for (int s_try = 1; s_try <= std::min(chunks, 64); ++s_try) {
-    const int c_try = ceil_div(chunks, s_try);
-    const int s_real = ceil_div(chunks, c_try);
-    const long cost = long(ceil_div(nblk * s_real, slots)) * (ceil_div(c_try, kWarps) + 1);
-    if (best < 0 || cost < best) best = cost, S = s_real, cpb = c_try;
-  }
+  // last wave leaves the memory system idle. Returns {cost, S, cpb}.
+  auto plan = [&](int occ) {
+    const int slots = sm_count(x.get_device()) * occ;
+    std::array<long, 3> best = {-1, 1, chunks};
+    for (int s_try = 1; s_try <= std::min(chunks, 64); ++s_try) {
+      const int c_try = ceil_div(chunks, s_try);
+      const int s_real = ceil_div(chunks, c_try);
+      const long cost = long(ceil_div(nblk * s_real, slots)) * (ceil_div(c_try, kWarps) + 1);
+      if (best[0] < 0 || cost < best[0]) best = {cost, s_real, c_try};
+    }
+    return best;
+  };
+  auto p = plan(occupancy(false));
+  // The prefetching variant (one m-tile only) costs occupancy; on the H100 it
+  // paid off only for 8-bit weights on long layers (gate_up: 54 vs 61 us) and
+  // lost 5-15% on every 4-bit shape. ZEPHYR_CUDA_PREFETCH=0/1 forces it off/on.
+  static const int pf_env = [] {
+    const char* e = std::getenv("ZEPHYR_CUDA_PREFETCH");
+    return e ? std::atoi(e) : -1;
+  }();
+  const bool pf = mt == 1 && (pf_env == 1 || (pf_env != 0 && bits == 8 &&
+                                              long(nblk) * chunks >= 64L * sm_count(x.get_device())));
+  if (pf) p = plan(occupancy(true));
+  const int S = int(p[1]), cpb = int(p[2]);
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, M, Np}, x.options().dtype(at::kFloat));
   SmallArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), has_z ? zeros.data_ptr() : nullptr,
                  S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 M, N, Kp, Np, G, group_rows, cpb, S, mt, pdl, stream};
+                 M, N, Kp, Np, G, group_rows, cpb, S, mt, pf, pdl, stream};
   cudaError_t err;
   if (x.scalar_type() == at::kHalf)
     err = bits == 4 ? gptq_gemm_small_launch<__half, 4>(args) : gptq_gemm_small_launch<__half, 8>(args);

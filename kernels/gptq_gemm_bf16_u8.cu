@@ -3,5 +3,5 @@
 
 namespace zephyr {
 template cudaError_t gptq_gemm_small_launch<__nv_bfloat16, 8>(const SmallArgs&);
-template int gptq_gemm_small_occupancy<__nv_bfloat16, 8>(int, bool);
+template int gptq_gemm_small_occupancy<__nv_bfloat16, 8>(int, bool, bool);
 }  // namespace zephyr

@@ -3,5 +3,5 @@
 
 namespace zephyr {
 template cudaError_t gptq_gemm_small_launch<__half, 4>(const SmallArgs&);
-template int gptq_gemm_small_occupancy<__half, 4>(int, bool);
+template int gptq_gemm_small_occupancy<__half, 4>(int, bool, bool);
 }  // namespace zephyr

@@ -11,22 +11,27 @@
 //   K rows are first permuted by argsort(g_idx) (act-order) so each group is a
 //   contiguous run of rows, then padded to Kp = ceil(K/128)*128; N is padded to
 //   Np = ceil(N/64)*64.  The weight is cut into blocks of 16 rows x 64 columns
-//   ("steps"); one step is exactly what a warp feeds to eight
-//   mma.m16n8k16 B operands (n-tiles t = 0..7 of 8 columns each).
+//   ("steps", 8 per 128-row "chunk"); one step is exactly what a warp feeds
+//   to eight mma.m16n8k16 B operands (n-tiles t = 0..7 of 8 columns each).
+//   Inside a chunk the rows are reordered: B-fragment element (h, e) of lane
+//   l in step i is chunk row 32*(l%4) + 4*i + 2*h + e. (The mma sums over k in
+//   any order, and this makes a lane's A fragments of the whole chunk the 32
+//   contiguous x columns [32*(l%4), +32): four 16-byte loads, and its 32 rows
+//   one group for group sizes 32, 64 and multiples of 128.)
 //
 //   qweight: int32 [Np/64, Kp/16, 32*bits]: for each 64-column block, its
 //     steps in K order; inside a step, lane l of the warp reads bits/4
 //     16-byte vectors (coalesced: the warp reads 512 contiguous bytes each).
-//     Lane l holds column n = t*8 + l/4 and rows k0 = (l%4)*2 + {0,1,8,9},
-//     i.e. its B fragments {b0 = (k0, k0+1), b1 = (k0+8, k0+9)} of each tile.
-//   4-bit: word j of the lane covers tiles A = 2j and B = 2j+1; nibble i
-//     (bits 4i..4i+3) holds (row, tile) = 0:(k0,A) 1:(k0+8,A) 2:(k0,B)
-//     3:(k0+8,B) 4:(k0+1,A) 5:(k0+9,A) 6:(k0+1,B) 7:(k0+9,B).  So
+//     Lane l holds column n = t*8 + l/4 of each tile t, as B fragments
+//     b0 = (h=0, e=0..1), b1 = (h=1, e=0..1).
+//   4-bit: word j of the lane covers tiles A = 2j and B = 2j+1; nibble
+//     e*4 + ab*2 + h holds element (h, e) of tile 2j+ab.  So
 //     (w & 0x000f000f) is b0 of A as two 16-bit lanes, (w & 0x00f000f0) is
 //     b1 of A (times 16), and w >> 8 gives the same for B: two LOP3s per
-//     fragment, no shifts per value.
-//   8-bit: vector h (0/1) holds tiles 4h..4h+3, word j tile 4h+j; byte
-//     b holds row 0:k0 1:k0+1 2:k0+8 3:k0+9.
+//     fragment, no shifts per value (bf16, with 7 mantissa bits, shifts
+//     the high nibble down first).
+//   8-bit: vector hh (0/1) holds tiles 4hh..4hh+3, word j tile 4hh+j; byte
+//     h*2 + e holds element (h, e).
 //   scales, zeros: [G, Np] in the activation dtype, each 64-column block
 //     stored as [l/4][t] so a lane reads its 8 values in one 16-byte load.
 //     zeros holds the real zero point (checkpoint offset already added); it
@@ -148,9 +153,9 @@ __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict
 // block stores an fp32 partial and the last block to arrive at locks[nb]
 // sums the S partials in order (deterministic), writes the output and resets
 // the lock to 0 for the next call.
-//   MT: m16 tiles (M <= 16*MT).
+//   MT: m16 tiles (M <= 16*MT); PF: register double-buffering of weights.
 // ---------------------------------------------------------------------------
-template <typename T, int BITS, bool HAS_Z, int MT>
+template <typename T, int BITS, bool HAS_Z, int MT, bool PF>
 __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
     const T* __restrict__ x,            // [M, ldx]: x itself (ldx = K = Kp) or gathered/padded (ldx = Kp)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
@@ -163,9 +168,10 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
   constexpr int VPS = BITS / 4;  // 16-byte weight vectors per lane per step
-  // A second register buffer for the next chunk's weights costs occupancy;
-  // measured slower than letting more warps keep loads in flight.
-  constexpr bool kPrefetch = false;
+  // PF: load the next chunk's weights into a second register buffer while
+  // computing this one. It costs ~32 registers (occupancy), so the host uses
+  // it only when warps have several chunks each.
+  constexpr bool kPrefetch = PF;
   constexpr int kDefaultZero = 1 << (BITS - 1);
   __shared__ float red[kMaxMTiles * 16 * kBlockN];
   __shared__ int is_last;

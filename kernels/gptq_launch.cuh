@@ -18,13 +18,14 @@ struct SmallArgs {
   int* locks;
   void* out;
   int M, N, Kp, Np, G, group_rows, cpb, S, mt;
+  bool pf;   // prefetch variant (mt == 1 only)
   bool pdl;  // launch as a programmatic dependent of the gather kernel (sm_90)
   cudaStream_t stream;
 };
 
-template <typename T, int BITS, bool HAS_Z, int MT>
+template <typename T, int BITS, bool HAS_Z, int MT, bool PF>
 cudaError_t launch_small(const SmallArgs& a) {
-  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT>;
+  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, PF>;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.Np / kBlockN, a.S);
   cfg.blockDim = dim3(kThreads);
@@ -44,12 +45,12 @@ cudaError_t launch_small(const SmallArgs& a) {
 }
 
 // Resident blocks per SM of one instantiation (cached; the grid is sized to it).
-template <typename T, int BITS, bool HAS_Z, int MT>
+template <typename T, int BITS, bool HAS_Z, int MT, bool PF>
 int occupancy_small() {
   static int occ = 0;
   if (occ == 0) {
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemm_small_kernel<T, BITS, HAS_Z, MT>, kThreads, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, PF>, kThreads, 0) !=
         cudaSuccess)
       v = 1;
     occ = v < 1 ? 1 : v;
@@ -58,17 +59,17 @@ int occupancy_small() {
 }
 
 template <typename T, int BITS, bool HAS_Z>
-int occupancy_small_mt(int mt) {
-  return mt == 1 ? occupancy_small<T, BITS, HAS_Z, 1>()
-                 : (mt == 2 ? occupancy_small<T, BITS, HAS_Z, 2>() : occupancy_small<T, BITS, HAS_Z, 4>());
+int occupancy_small_mt(int mt, bool pf) {
+  if (mt == 1) return pf ? occupancy_small<T, BITS, HAS_Z, 1, true>() : occupancy_small<T, BITS, HAS_Z, 1, false>();
+  return mt == 2 ? occupancy_small<T, BITS, HAS_Z, 2, false>() : occupancy_small<T, BITS, HAS_Z, 4, false>();
 }
 
 template <typename T, int BITS, bool HAS_Z>
 cudaError_t launch_small_mt(const SmallArgs& a) {
   switch (a.mt) {
-    case 1: return launch_small<T, BITS, HAS_Z, 1>(a);
-    case 2: return launch_small<T, BITS, HAS_Z, 2>(a);
-    default: return launch_small<T, BITS, HAS_Z, 4>(a);
+    case 1: return a.pf ? launch_small<T, BITS, HAS_Z, 1, true>(a) : launch_small<T, BITS, HAS_Z, 1, false>(a);
+    case 2: return launch_small<T, BITS, HAS_Z, 2, false>(a);
+    default: return launch_small<T, BITS, HAS_Z, 4, false>(a);
   }
 }
 
@@ -79,14 +80,14 @@ cudaError_t gptq_gemm_small_launch(const SmallArgs& a) {
 }
 
 template <typename T, int BITS>
-int gptq_gemm_small_occupancy(int mt, bool has_z) {
-  return has_z ? occupancy_small_mt<T, BITS, true>(mt) : occupancy_small_mt<T, BITS, false>(mt);
+int gptq_gemm_small_occupancy(int mt, bool has_z, bool pf) {
+  return has_z ? occupancy_small_mt<T, BITS, true>(mt, pf) : occupancy_small_mt<T, BITS, false>(mt, pf);
 }
 
-extern template int gptq_gemm_small_occupancy<__half, 4>(int, bool);
-extern template int gptq_gemm_small_occupancy<__half, 8>(int, bool);
-extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 4>(int, bool);
-extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 8>(int, bool);
+extern template int gptq_gemm_small_occupancy<__half, 4>(int, bool, bool);
+extern template int gptq_gemm_small_occupancy<__half, 8>(int, bool, bool);
+extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 4>(int, bool, bool);
+extern template int gptq_gemm_small_occupancy<__nv_bfloat16, 8>(int, bool, bool);
 extern template cudaError_t gptq_gemm_small_launch<__half, 4>(const SmallArgs&);
 extern template cudaError_t gptq_gemm_small_launch<__half, 8>(const SmallArgs&);
 extern template cudaError_t gptq_gemm_small_launch<__nv_bfloat16, 4>(const SmallArgs&);
