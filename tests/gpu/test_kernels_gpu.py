@@ -153,3 +153,33 @@ def test_torch_compile():
     x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
     compiled = torch.compile(lambda t: layer(t), fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_long_8bit_layer(dtype):
+    """8-bit gate_up-sized layer: the shape that takes the prefetching kernel variant."""
+    layer, w, _ = _layer(4096, 28672, 8, 128, True, False, dtype)
+    for m in (1, 7, 16):
+        _check(layer, w, m, dtype)
+
+
+def test_forced_prefetch_variant_in_subprocess():
+    """ZEPHYR_CUDA_PREFETCH=1 (read once per process) on the awkward and Mistral shapes."""
+    import os
+    import subprocess
+
+    _cuda()
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import test_kernels_gpu as t
+for k, n in [(576, 1536), (704, 200), (14336, 4096)]:
+    for bits, gs, act in [(4, 128, True), (8, 32, True), (4, 64, False)]:
+        layer, w, _ = t._layer(k, n, bits, gs, act, False, torch.bfloat16)
+        for m in (1, 5, 16):
+            t._check(layer, w, m, torch.bfloat16)
+print("ok")
+"""
+    env = {**os.environ, "ZEPHYR_CUDA_PREFETCH": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
