@@ -340,22 +340,11 @@ def test_non_text_content_is_rejected_before_generation(inproc):
 
 
 # ---------------------------------------------------------------------------- a real model
-@pytest.fixture(scope="module")
-def smollm2_8bit(smollm2_dir, tmp_path_factory):
-    """SmolLM2-135M-Instruct, RTN 8-bit g128 act-order: a real (ChatML-trained) instruction model."""
-    from transformers import AutoTokenizer
-
-    from zephyr_plugins import GPTQConfig
-    from zephyr_plugins.assets import load_float, write_rtn_checkpoint
-
-    folder = str(tmp_path_factory.mktemp("smol") / "8bit")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    return write_rtn_checkpoint(load_float(smollm2_dir), folder, GPTQConfig(bits=8, group_size=128, desc_act=True), tok)
-
-
 @pytest.mark.slow
-def test_real_model_answers_with_its_own_template(smollm2_8bit):
-    chat = ChatZephyr(model=smollm2_8bit, prompt_template="auto", temperature=0, max_tokens=24)
+def test_real_model_answers_with_its_own_template(smollm2_dir):
+    # The float SmolLM2-135M-Instruct folder (the runtime loads float checkpoints too; quantized
+    # SmolLM2 is tested in test_smollm2.py): what matters here is its ChatML template via "auto".
+    chat = ChatZephyr(model=smollm2_dir, prompt_template="auto", temperature=0, max_tokens=24)
     prompt = chat._prompt([HumanMessage("What is the capital of France?")])
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" in prompt
     answer = chat.invoke("What is the capital of France?")
