@@ -3,10 +3,11 @@
 Which endpoint, and why:
 
 - Named templates (``"zephyr"``, the default, or a plugin's) go to
-  ``/v1/completions`` with the prompt rendered here. The answer then does not
-  depend on whatever chat template the server's tokenizer carries (TheBloke's
-  GPTQ checkpoints ship none in older revisions), the Zephyr layout is the same
-  byte for byte as in-process, and a partial assistant message can be continued.
+  ``/v1/completions`` with the prompt rendered here. The prompt is then the same
+  byte for byte as in-process, whatever chat template the server was started
+  with, and it gets its BOS token as in training: the chat endpoint expects a
+  template to write its own BOS, and Zephyr's template has none (one token
+  fewer, measured in tests/test_langchain_server.py).
 - ``prompt_template="auto"`` means "the checkpoint's own chat template", which
   lives on the server: those conversations go to ``/v1/chat/completions``, with
   vLLM's ``continue_final_message`` to continue a partial assistant message.
