@@ -352,3 +352,19 @@ def test_real_model_answers_with_its_own_template(smollm2_dir):
     assert "<|im_end|>" not in answer.content and answer.response_metadata["finish_reason"] == "stop"
     streamed = "".join(c.content for c in chat.stream("What is the capital of France?"))
     assert streamed == answer.content
+
+
+def test_missing_langchain_names_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['langchain_core'] = None\n"
+        "import zephyr_plugins\n"
+        "try:\n"
+        "    import zephyr_plugins.adapters.langchain\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 'pip install "zephyr-plugins[langchain]"' in out.stdout, out.stdout + out.stderr
