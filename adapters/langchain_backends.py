@@ -177,6 +177,11 @@ def shared_generator(model: str, device: Optional[str] = None, dtype: Optional[s
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed values: {list(DTYPES)} or None (the runtime's default)")
     folder = os.path.realpath(resolve_checkpoint(model))
+    # Spell the runtime's defaults out, so device=None and device="cpu" share a model.
+    import torch
+
+    device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     key = (folder, device, dtype, loader)
     with _SHARED_LOCK:
         gen = _SHARED.get(key)

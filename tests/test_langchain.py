@@ -213,7 +213,8 @@ async def test_zephyr_llm_async(inproc):
 def test_instances_share_one_model(folder):
     a, b = ChatZephyr(model=folder), ZephyrLLM(model=folder + "/")
     assert a._get_backend().generator is b._get_backend().generator
-    assert ChatZephyr(model=folder, dtype="float32")._get_backend().generator is not a._get_backend().generator
+    # The runtime's defaults spelt out (CPU: float32) name the same model.
+    assert ChatZephyr(model=folder, device="cpu", dtype="float32")._get_backend().generator is a._get_backend().generator
 
 
 def test_shared_generator_loads_once_under_threads(folder):
@@ -230,6 +231,9 @@ def test_shared_generator_loads_once_under_threads(folder):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda _: shared_generator(folder, "cpu", None, loader=loader), range(8)))
     assert len(loads) == 2 and all(g is got[0] for g in got)  # one load (loader + Gen init)
+    assert loads[0] == (folder, "cpu", "float32")
+    other = shared_generator(folder, "cpu", "bfloat16", loader=loader)
+    assert other is not got[0] and len(loads) == 4
 
 
 def test_eight_threads_get_correct_answers(inproc):
