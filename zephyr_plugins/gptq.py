@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -103,6 +104,19 @@ def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype=torch.float1
     return scale, zero
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _upper_inverse_cholesky(H: torch.Tensor, damp_percent: float, name: str):
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, retrying with more damping."""
     mean_diag = torch.mean(torch.diag(H)).item()
@@ -181,7 +195,9 @@ def gptq_quantize(
         W = W[:, perm]
         H = H[perm][:, perm]
 
-    U, damp = _upper_inverse_cholesky(H, config.damp_percent, name)
+    # LAPACK's potri under OpenMP was 100x slower than one thread on a busy CPU.
+    with _single_thread(H.device):
+        U, damp = _upper_inverse_cholesky(H, config.damp_percent, name)
     del H
 
     codes = torch.zeros(n_out, k, dtype=torch.float32, device=W.device)
@@ -203,27 +219,30 @@ def gptq_quantize(
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if config.group_size != -1:
-                if static is not None:
-                    g = (int(perm[col]) if perm is not None else col) // gs
-                    scale, zero = static[g]
-                elif col % gs == 0:
-                    scale, zero = group_params(W1[:, i : i + gs], bits, sym, scale_dtype)
-                    scales[col // gs], zeros[col // gs] = scale, zero
-            w = W1[:, i]
-            d = U1[i, i]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-            deq = scale * (q - zero)
-            codes[:, col] = q
-            Q1[:, i] = deq
-            losses += (w - deq) ** 2 / d**2 / 2
-            err = (w - deq) / d
-            # Spread this column's error over the rest of the block now; over
-            # later blocks once per block (the "lazy batch" update).
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        # Hundreds of tiny ops per column: on the CPU, thread fan-out costs
+        # far more than it saves (75x slower on a busy 2-core machine).
+        with _single_thread(W.device):
+            for i in range(i2 - i1):
+                col = i1 + i
+                if config.group_size != -1:
+                    if static is not None:
+                        g = (int(perm[col]) if perm is not None else col) // gs
+                        scale, zero = static[g]
+                    elif col % gs == 0:
+                        scale, zero = group_params(W1[:, i : i + gs], bits, sym, scale_dtype)
+                        scales[col // gs], zeros[col // gs] = scale, zero
+                w = W1[:, i]
+                d = U1[i, i]
+                q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+                deq = scale * (q - zero)
+                codes[:, col] = q
+                Q1[:, i] = deq
+                losses += (w - deq) ** 2 / d**2 / 2
+                err = (w - deq) / d
+                # Spread this column's error over the rest of the block now; over
+                # later blocks once per block (the "lazy batch" update).
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+                Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 

@@ -160,21 +160,12 @@ def quantize_model(
         bar = _progress(len(layers), progress)
         for i, block in enumerate(layers):
             block.to(device)
-            linears = _block_linears(block)
-            groups = _groups(list(linears), config.true_sequential) if modules_in_block is None else modules_in_block
-            for group in groups:
-                accs = _accumulate(block, {n: linears[n] for n in group}, inputs, device)
-                for name in group:
-                    full = f"model.layers.{i}.{name}"
-                    bar.set_postfix_str(f"layer {i + 1}/{len(layers)} {name}")
-                    lin = linears[name]
-                    res = gptq_quantize(lin.weight, accs.pop(name), config, name=full)
-                    lin.weight.data = res.weight.to(device=lin.weight.device, dtype=lin.weight.dtype)
-                    for key, t in pack_layer(res.q, res.zeros, res.scales, res.g_idx, config).items():
-                        out[f"{full}.{key}"] = t.cpu()
-                    if lin.bias is not None:
-                        out[f"{full}.bias"] = lin.bias.detach().to(torch.float16).cpu()
-            inputs = [(h, kw) for h, (_, kw) in zip(_run_block(block, inputs), inputs)]
+            tensors, outputs = quantize_block(
+                block, inputs, config, prefix=f"model.layers.{i}.", modules_in_block=modules_in_block,
+                status=lambda name, i=i: bar.set_postfix_str(f"layer {i + 1}/{len(layers)} {name}"),
+            )
+            out.update(tensors)
+            inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
             block.to(home)
             bar.update(1)
         bar.close()
@@ -186,6 +177,41 @@ def quantize_model(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return _with_float_tensors(model, out, config)
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    inputs: list[tuple[torch.Tensor, dict]],
+    config: GPTQConfig,
+    prefix: str = "",
+    modules_in_block: Optional[list[list[str]]] = None,
+    status=None,
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """GPTQ one decoder block (already on its device) given its inputs ``[(hidden, kwargs), ...]``.
+
+    Returns the checkpoint tensors of its linears (names prefixed by
+    ``prefix``, on the CPU) and the block's outputs with quantized weights
+    (the next block's inputs). The block's linears keep the dequantized weights.
+    """
+    linears = _block_linears(block)
+    groups = _groups(list(linears), config.true_sequential) if modules_in_block is None else modules_in_block
+    device = next(block.parameters()).device
+    out: dict[str, torch.Tensor] = {}
+    for group in groups:
+        accs = _accumulate(block, {n: linears[n] for n in group}, inputs, device)
+        for name in group:
+            if status is not None:
+                status(name)
+            lin = linears[name]
+            res = gptq_quantize(lin.weight, accs.pop(name), config, name=prefix + name)
+            lin.weight.data = res.weight.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            for key, t in pack_layer(res.q, res.zeros, res.scales, res.g_idx, config).items():
+                out[f"{prefix}{name}.{key}"] = t.cpu()
+            if lin.bias is not None:
+                out[f"{prefix}{name}.bias"] = lin.bias.detach().to(torch.float16).cpu()
+        del accs
+    return out, _run_block(block, inputs)
 
 
 def _accumulate(block, targets: dict[str, nn.Linear], inputs, device) -> dict[str, HessianAccumulator]:
