@@ -33,6 +33,8 @@ MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads
 
 
 def _git_commit() -> str:
+    if os.environ.get("ZEPHYR_GIT_COMMIT"):  # set when the tree is copied without .git
+        return os.environ["ZEPHYR_GIT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 
 GPU_TESTS=(tests/gpu)
 BENCHMARKS=(benchmarks/kernels.py benchmarks/e2e.py)
+BENCHMARKS+=(benchmarks/quantize.py)  # GPTQ time of Mistral-7B-shaped blocks (quantization helper)
 # Narrow a run: GPU_CHECK_TESTS="tests/gpu/test_kernels_gpu.py" GPU_CHECK_BENCHMARKS="benchmarks/kernels.py"
 [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a GPU_TESTS <<<"$GPU_CHECK_TESTS"
 [ -n "${GPU_CHECK_BENCHMARKS:-}" ] && read -r -a BENCHMARKS <<<"$GPU_CHECK_BENCHMARKS"
