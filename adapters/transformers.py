@@ -87,7 +87,8 @@ class ZephyrGPTQConfig(QuantizationConfigMixin):
         self.dataset, self.nsamples, self.model_seqlen, self.seed = dataset, nsamples, model_seqlen, seed
         self.tokenizer, self.batch_size, self.device = tokenizer, batch_size, device
         # Older writers call the format "format"; keep other unknown keys verbatim.
-        kwargs.pop("format", None) if kwargs.get("format") == checkpoint_format else None
+        if kwargs.get("format") == checkpoint_format:
+            kwargs.pop("format")
         self.extra = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         self.post_init()
 

@@ -1,6 +1,5 @@
 """GPTQ algorithm and block-by-block driver on a tiny random Mistral (CPU, fast)."""
 
-import os
 
 import pytest
 import torch
