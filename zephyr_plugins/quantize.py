@@ -342,7 +342,9 @@ def quantize_to_folder(
         mtype = getattr(AutoConfig.from_pretrained(ref), "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{ref}: model_type={mtype!r} is not supported for GPTQ; allowed values: {list(SUPPORTED_MODEL_TYPES)}")
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+        on_gpu = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+        # Blocks run in fp16 on a GPU (as GPTQ tools do); Hessians are fp32 either way.
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float16 if on_gpu else torch.float32).eval()
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ref)
     check_model(model)
     start = time.time()
