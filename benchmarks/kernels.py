@@ -1,9 +1,9 @@
 """Benchmark the CUDA GPTQ kernels against cuBLAS fp16 and torch's int4 kernel.
 
 For the four Mistral-7B linear shapes and M in {1, ..., 4096}, times in one
-run: our backend (what ``QuantLinear`` dispatches to: the fused kernel for
-M <= 64, dequantize + cuBLAS above), the fused kernel and the dequantize +
-cuBLAS path separately where both apply, cuBLAS fp16 ``x @ W``, and torch's
+run: our backend (what ``QuantLinear`` dispatches to: the GEMV kernel for
+M <= 8, the fused kernel for M <= 64, dequantize + cuBLAS above), the GEMV
+and fused kernels and the dequantize + cuBLAS path separately where two apply, cuBLAS fp16 ``x @ W``, and torch's
 ``_weight_int4pack_mm`` (g128, bf16). Each measurement is the median over
 replays of a CUDA graph that runs the op over several weight copies in turn,
 so that the 50 MB L2 cache never holds the weight; a device-to-device copy
@@ -11,7 +11,10 @@ measures the bandwidth ceiling in the same run.
 
 Usage::
 
-    python benchmarks/kernels.py [--out DIR] [--quick]
+    python benchmarks/kernels.py [--out DIR] [--quick] [--sweep]
+
+``--sweep`` also times the GEMV kernel under forced launch plans (warps per
+block x splits along K) at M = 1 and 8, to check its planner.
 
 Writes ``kernels_<card>_<date>.json`` and ``.png`` (speedup vs M) into DIR
 (default ``benchmarks/results``) and prints a table.
@@ -137,12 +140,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--quick", action="store_true", help="fewer M values (1, 16, 64, 256)")
+    ap.add_argument("--sweep", action="store_true", help="time forced GEMV launch plans at M = 1 and 8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device; nothing to benchmark")
         return 0
     from zephyr_plugins.kernel_build import ensure_built
-    from zephyr_plugins.kernel_ops import gptq_dequantize, gptq_gemm_repacked
+    from zephyr_plugins.kernel_ops import gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
 
     ok, why = ensure_built()
     if not ok:
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
-    rows = []
+    rows, sweep = [], []
     for sname, (k, n) in SHAPES.items():
         print(f"shape {sname} K={k} N={n}", flush=True)
         count = copies_for(k * n * 2)
@@ -179,6 +183,23 @@ def main(argv=None) -> int:
                     "ours_GBps": (wbytes + 2 * m * (k + n)) / ours / 1e3,
                     "fp16_GBps": (2 * k * n + 2 * m * (k + n)) / fp16[m] / 1e3,
                 }  # fmt: skip
+                if m <= 8:  # GEMV and fused kernel, to place the dispatch threshold
+                    row["gemv_us"] = time_graph(
+                        [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                        L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
+                    row["fused_us"] = time_graph(
+                        [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                        L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
+                if args.sweep and m in (1, 8) and act:
+                    for bw in (4, 8):
+                        for sp in (1, 2, 4, 8, 16, 32):
+                            us = time_graph(
+                                [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros,
+                                                                L._zk_perm, L._zk_locks, bits, gs, n, bw, sp)
+                                 for L in layers])  # fmt: skip
+                            sweep.append({"shape": sname, "layout": lname, "M": m, "block_warps": bw,
+                                          "splits": sp, "us": us})  # fmt: skip
+                            print(f"    sweep {lname} M={m} warps={bw} splits={sp}: {us:.1f} us", flush=True)
                 if 16 <= m <= 128:  # both paths, to place the dispatch threshold
                     if m <= 64:
                         row["fused_us"] = time_graph(
@@ -191,7 +212,8 @@ def main(argv=None) -> int:
                 print(
                     f"  {lname:11s} M={m:5d} ours {ours:9.1f} us  fp16 {fp16[m]:9.1f} us  "
                     f"x{fp16[m] / ours:5.2f}  {row['ours_GBps']:6.0f} GB/s"
-                    + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else ""),
+                    + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
+                    + (f"  gemv {row['gemv_us']:7.1f} fused {row['fused_us']:7.1f}" if "gemv_us" in row else ""),
                     flush=True,
                 )
             del layers
@@ -212,7 +234,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"kernels_{card.replace(' ', '_')}_{meta['date'][:10]}"
-    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows, "gemv_plan_sweep": sweep}, indent=1))
     plot(summary, meta, out / f"{tag}.png")
     print(f"wrote {out / (tag + '.json')} and .png")
     return 0

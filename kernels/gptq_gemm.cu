@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdlib>
 
+#include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
 
 namespace zephyr {
@@ -41,79 +42,99 @@ int cc_major(int device) {
   return cache[device];
 }
 
+// Sizes of one call on the zk layout, after the argument checks.
+struct ZkShape {
+  int M, K, N, Kp, Np, G, group_rows;
+  bool has_z;
+};
+
+// Checks shared by the fused and the GEMV op (`op` names the op in messages).
+ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros, const at::Tensor& perm, const at::Tensor& locks, int64_t bits,
+                      int64_t group_size, int64_t size_n, int max_m, const char* above) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, ": x must be float16 or bfloat16, got ", x.scalar_type());
+  const int M = x.size(0), K = x.size(1), N = size_n;
+  TORCH_CHECK(M <= max_m, op, ": x has M=", M, " rows; this kernel serves M <= ", max_m, " (", above, ")");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
+              op, ": qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  const int Np = qweight.size(0) * kBlockN, Kp = qweight.size(1) * 16;
+  TORCH_CHECK(qweight.size(2) == 32 * bits, op, ": qweight.size(2)=", qweight.size(2),
+              " but bits=", bits, " needs ", 32 * bits);
+  TORCH_CHECK(Kp % kChunkK == 0 && Kp >= K && Kp < K + kChunkK, op, ": qweight covers Kp=", Kp,
+              " rows but x has K=", K, " (Kp must be K rounded up to a multiple of 128)");
+  TORCH_CHECK(Np >= N && Np < N + kBlockN, op, ": qweight covers Np=", Np,
+              " columns but size_n=", N);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.scalar_type() == x.scalar_type() &&
+                  scales.is_contiguous(),
+              op, ": scales must be contiguous ", x.scalar_type(), " [G, ", Np, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const int G = scales.size(0);
+  const bool has_z = zeros.numel() > 0;
+  TORCH_CHECK(!has_z || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == x.scalar_type() &&
+                         zeros.is_contiguous()),
+              op, ": zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
+  TORCH_CHECK(perm.numel() == 0 || (perm.dim() == 1 && perm.size(0) == K && perm.scalar_type() == at::kInt),
+              op, ": perm must be empty or int32 [K=", K, "], got ", perm.scalar_type(), " ",
+              perm.sizes());
+  TORCH_CHECK(locks.dim() == 1 && locks.size(0) >= Np / kBlockN && locks.scalar_type() == at::kInt,
+              op, ": locks must be int32 [>= ", Np / kBlockN, "] zeros, got ", locks.sizes());
+  const int group_rows = group_size == -1 ? K : int(group_size);
+  // A lane's 32 rows of a chunk must lie in one group (see gptq_kernels.cuh).
+  TORCH_CHECK(group_size == -1 || group_rows == 32 || group_rows == 64 || group_rows % kChunkK == 0,
+              op, ": group_size=", group_size, " not served (allowed: -1, 32, 64, multiples of 128)");
+  TORCH_CHECK(G == (K + group_rows - 1) / group_rows, op, ": scales has ", G,
+              " groups but K=", K, ", group_size=", group_size, " needs ", (K + group_rows - 1) / group_rows);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qweight, &scales, &perm, &locks})
+    TORCH_CHECK(t->numel() == 0 || t->device() == x.device(), op, ": all tensors must be on ", x.device());
+  return ZkShape{M, K, N, Kp, Np, G, group_rows, has_z};
+}
+
+// x as the kernels read it: [M, Kp] rows of 16-byte aligned, zero-padded,
+// act-order-gathered columns. Only a plain, 128-aligned x is read in place.
+// Returns the tensor to read and sets `pdl` when the kernel that follows may
+// be launched as a programmatic dependent of the gather (sm_90).
+at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, cudaStream_t stream, bool& pdl) {
+  pdl = false;
+  const bool direct = perm.numel() == 0 && K == Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
+  if (direct) return x;
+  const int M = x.size(0);
+  at::Tensor xg = at::empty({M, Kp}, x.options());
+  dim3 grid(ceil_div(Kp, 256), M);
+  const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
+  if (x.scalar_type() == at::kHalf)
+    gather_pad_kernel<__half><<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
+                                                        reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
+  else
+    gather_pad_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p, reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()),
+        K, Kp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pdl = cc_major(x.get_device()) >= 9;
+  return xg;
+}
+
 }  // namespace
 
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n) {
-  TORCH_CHECK(bits == 4 || bits == 8, "gptq_gemm_repacked: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2, "gptq_gemm_repacked: x must be 2-D [M, K], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "gptq_gemm_repacked: x must be contiguous");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "gptq_gemm_repacked: x must be float16 or bfloat16, got ", x.scalar_type());
-  const int M = x.size(0), K = x.size(1), N = size_n;
-  TORCH_CHECK(M <= 16 * kMaxMTiles, "gptq_gemm_repacked: x has M=", M, " rows; the fused kernel serves M <= ",
-              16 * kMaxMTiles, " (use gptq_dequantize + matmul above)");
-  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
-              "gptq_gemm_repacked: qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ",
-              qweight.scalar_type(), " ", qweight.sizes());
-  const int Np = qweight.size(0) * kBlockN, Kp = qweight.size(1) * 16;
-  TORCH_CHECK(qweight.size(2) == 32 * bits, "gptq_gemm_repacked: qweight.size(2)=", qweight.size(2),
-              " but bits=", bits, " needs ", 32 * bits);
-  TORCH_CHECK(Kp % kChunkK == 0 && Kp >= K && Kp < K + kChunkK, "gptq_gemm_repacked: qweight covers Kp=", Kp,
-              " rows but x has K=", K, " (Kp must be K rounded up to a multiple of 128)");
-  TORCH_CHECK(Np >= N && Np < N + kBlockN, "gptq_gemm_repacked: qweight covers Np=", Np,
-              " columns but size_n=", N);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.scalar_type() == x.scalar_type() &&
-                  scales.is_contiguous(),
-              "gptq_gemm_repacked: scales must be contiguous ", x.scalar_type(), " [G, ", Np, "], got ",
-              scales.scalar_type(), " ", scales.sizes());
-  const int G = scales.size(0);
-  const bool has_z = zeros.numel() > 0;
-  TORCH_CHECK(!has_z || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == x.scalar_type() &&
-                         zeros.is_contiguous()),
-              "gptq_gemm_repacked: zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
-  TORCH_CHECK(perm.numel() == 0 || (perm.dim() == 1 && perm.size(0) == K && perm.scalar_type() == at::kInt),
-              "gptq_gemm_repacked: perm must be empty or int32 [K=", K, "], got ", perm.scalar_type(), " ",
-              perm.sizes());
-  TORCH_CHECK(locks.dim() == 1 && locks.size(0) >= Np / kBlockN && locks.scalar_type() == at::kInt,
-              "gptq_gemm_repacked: locks must be int32 [>= ", Np / kBlockN, "] zeros, got ", locks.sizes());
-  const int group_rows = group_size == -1 ? K : int(group_size);
-  // A lane's 32 rows of a chunk must lie in one group (see gptq_kernels.cuh).
-  TORCH_CHECK(group_size == -1 || group_rows == 32 || group_rows == 64 || group_rows % kChunkK == 0,
-              "gptq_gemm_repacked: group_size=", group_size, " not served (allowed: -1, 32, 64, multiples of 128)");
-  TORCH_CHECK(G == (K + group_rows - 1) / group_rows, "gptq_gemm_repacked: scales has ", G,
-              " groups but K=", K, ", group_size=", group_size, " needs ", (K + group_rows - 1) / group_rows);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qweight, &scales, &perm, &locks})
-    TORCH_CHECK(t->numel() == 0 || t->device() == x.device(), "gptq_gemm_repacked: all tensors must be on ",
-                x.device());
-
+  const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
+                                  size_n, 16 * kMaxMTiles, "use gptq_dequantize + matmul above");
+  const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
+  const bool has_z = z.has_z;
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
   auto stream = c10::cuda::getCurrentCUDAStream();
-
-  // x as the kernel reads it: [M, Kp] rows of 16-byte aligned, zero-padded,
-  // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
-  const bool direct = perm.numel() == 0 && K == Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
-  at::Tensor xg = x;
   bool pdl = false;
-  if (!direct) {
-    xg = at::empty({M, Kp}, x.options());
-    dim3 grid(ceil_div(Kp, 256), M);
-    const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
-    if (x.scalar_type() == at::kHalf)
-      gather_pad_kernel<__half><<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
-                                                          reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
-    else
-      gather_pad_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
-          reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    pdl = cc_major(x.get_device()) >= 9;
-  }
+  const at::Tensor xg = gather_x(x, perm, K, Kp, stream, pdl);
 
   const int chunks = Kp / kChunkK, nblk = Np / kBlockN;
   auto occupancy = [&](bool pf) {
@@ -160,6 +181,71 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   else
     err = bits == 4 ? gptq_gemm_small_launch<__nv_bfloat16, 4>(args)
                     : gptq_gemm_small_launch<__nv_bfloat16, 8>(args);
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+// See zephyr_plugins/kernel_ops.py. block_warps / splits: 0 = planned here, else forced (benchmarks).
+at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
+                                   int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,
+                                   int64_t splits) {
+  const ZkShape z = check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
+                                  size_n, kGemvMaxM, "use gptq_gemm_repacked above");
+  TORCH_CHECK(block_warps == 0 || block_warps == 4 || block_warps == 8,
+              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or 8, got ", block_warps);
+  TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemv_repacked: splits must be in [0, 256], got ", splits);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto out = at::empty({z.M, z.N}, x.options());
+  if (z.M == 0 || z.N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // With >= 128-row groups a chunk has one scale per column: applied after the mma.
+  const bool scale_after = z.group_rows % kChunkK == 0 || z.G == 1;
+  const bool half = x.scalar_type() == at::kHalf;
+  auto occupancy = [&](int w) {
+    if (half)
+      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(w, z.has_z, scale_after)
+                       : gptq_gemv_occupancy<__half, 8>(w, z.has_z, scale_after);
+    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(w, z.has_z, scale_after)
+                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(w, z.has_z, scale_after);
+  };
+  // Plan: W warps per block, `upw` 4 KB units per warp, S blocks per column
+  // block. Cost = waves of resident blocks x (units per warp + ~2 units of
+  // fixed cost: launch, first round trip, reduction) + 5 when split over
+  // blocks (the partial + lock round trip). The 5 is measured: on the H100 a
+  // sweep of forced plans (benchmarks/kernels.py --sweep) found S = 1 best
+  // for qkv and o (e.g. qkv 4-bit 10.1 us vs 10.9 at S = 2; o 8-bit 10.1 vs
+  // 10.5 at S = 4) and S = 4 best for down (16.4 us vs 22.8 at S = 1); this
+  // model picks the measured best plan (within 0.3 us) for all four shapes,
+  // 4- and 8-bit, M = 1 and 8. Ties keep the larger block.
+  const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = z.Np / kBlockN;
+  const int sms = sm_count(x.get_device());
+  long best = -1;
+  int W = 8, upw = units, S = 1;
+  for (int w : {8, 4}) {
+    if (block_warps && w != block_warps) continue;
+    const int slots = sms * occupancy(w);
+    const int most = ceil_div(units, w);
+    for (int s_try = splits ? std::min<int>(splits, most) : 1; s_try <= most; ++s_try) {
+      const int u = ceil_div(units, w * s_try);
+      const int s_real = ceil_div(units, w * u);
+      const long cost = long(ceil_div(nblk * s_real, slots)) * (u + 2) + (s_real > 1 ? 5 : 0);
+      if (best < 0 || cost < best) best = cost, W = w, upw = u, S = s_real;
+      if (splits) break;
+    }
+  }
+  bool pdl = false;
+  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  at::Tensor partial;
+  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
+  GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
+                S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
+                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, stream};
+  cudaError_t err;
+  if (half)
+    err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);
+  else
+    err = bits == 4 ? gptq_gemv_launch<__nv_bfloat16, 4>(args) : gptq_gemv_launch<__nv_bfloat16, 8>(args);
   C10_CUDA_CHECK(err);
   return out;
 }

@@ -1,7 +1,10 @@
-// Fused small-M GPTQ kernels for __half activations and 8-bit weights.
+// Fused small-M and GEMV GPTQ kernels for __half activations and 8-bit weights.
+#include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
 
 namespace zephyr {
 template cudaError_t gptq_gemm_small_launch<__half, 8>(const SmallArgs&);
 template int gptq_gemm_small_occupancy<__half, 8>(int, bool, bool);
+template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
+template int gptq_gemv_occupancy<__half, 8>(int, bool, bool);
 }  // namespace zephyr

@@ -78,6 +78,22 @@ def test_gemm_repacked_cpu_matches_reference(bits, gs, act, dtype):
         assert err <= (1e-3 if dtype == torch.float16 else 1e-2), err
 
 
+def test_gemv_repacked_cpu_matches_gemm_and_refuses_large_m():
+    k, n = 704, 136
+    t = random_gptq_layer(k, n, 4, 128, True, sym=False, seed=9)
+    r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float16)
+    locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
+    args = (r.qweight, r.scales, r.zeros, r.perm, locks, 4, 128, n)
+    for m in (1, 8):
+        x = torch.randn(m, k).half()
+        y = kernel_ops.gptq_gemv_repacked(x, *args)
+        assert y.shape == (m, n) and torch.equal(y, kernel_ops.gptq_gemm_repacked(x, *args))
+    with pytest.raises(ValueError, match="M <= 8"):
+        kernel_ops.gptq_gemv_repacked(torch.randn(9, k).half(), *args)
+    with pytest.raises(RuntimeError, match="M <= 8"):  # the op itself, past the wrapper
+        torch.ops.zephyr.gptq_gemv_repacked(torch.randn(9, k).half(), *args)
+
+
 def test_dequantize_cpu_matches_reference():
     t = random_gptq_layer(576, 200, 4, 128, True, False, seed=3)
     w = kernel_ops.gptq_dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
@@ -97,6 +113,8 @@ def test_fake_impls_give_shapes():
         fr = [mode.from_tensor(v) for v in (r.qweight, r.scales, r.zeros, r.perm, locks)]
         y = kernel_ops.gptq_gemm_repacked(fx, *fr, 4, 128, 200)
         assert y.shape == (5, 200) and y.dtype == torch.float16
+        y = kernel_ops.gptq_gemv_repacked(fx, *fr, 4, 128, 200)
+        assert y.shape == (5, 200) and y.dtype == torch.float16
         ft = [mode.from_tensor(t[k]) for k in ("qweight", "qzeros", "scales", "g_idx")]
         w = kernel_ops.gptq_dequantize(*ft, 4, 1)
         assert w.shape == (576, 200) and w.dtype == torch.float16
@@ -109,6 +127,9 @@ def test_opcheck_cpu():
     x = torch.randn(3, 256).half()
     torch.library.opcheck(
         torch.ops.zephyr.gptq_gemm_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64)
+    )
+    torch.library.opcheck(
+        torch.ops.zephyr.gptq_gemv_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64)
     )
     torch.library.opcheck(
         torch.ops.zephyr.gptq_dequantize.default, (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 8, 1)

@@ -28,6 +28,13 @@ Ops:
 
     Returns ``x.dtype [M, N]`` (fp32 accumulation).
 
+``zephyr::gptq_gemv_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0) -> Tensor``
+    The same product on the same arguments for decode batches, ``M <= 8``: a
+    GEMV-style kernel (swapped-operand ``mma``, register double-buffered
+    weight stream, no shared-memory pipeline). ``block_warps`` (4 or 8) and
+    ``splits`` (blocks per 64 columns along K) force the launch plan, for
+    benchmarks; 0 lets the launcher plan it. Same result contract as above.
+
 ``zephyr::gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset) -> Tensor``
     The checkpoint layout dequantized to ``scales.dtype [K, N]`` (for large M,
     followed by ``x @ w`` in cuBLAS).
@@ -53,11 +60,20 @@ _LIB.define(
     "Tensor(a!) locks, int bits, int group_size, int size_n) -> Tensor"
 )
 _LIB.define(
+    "gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, "
+    "Tensor(a!) locks, int bits, int group_size, int size_n, int block_warps=0, int splits=0) -> Tensor"
+)
+_LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
 )
 
 
 def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n):
+    return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
+
+
+def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
+    torch._check(x.shape[0] <= 8, lambda: f"gptq_gemv_repacked serves M <= 8, got M={x.shape[0]}")
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
@@ -67,12 +83,21 @@ def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
 
 # The CUDA implementations come from kernels/bindings.cpp once built.
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
+_LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
 
 
 @torch.library.register_fake("zephyr::gptq_gemm_repacked")
 def _gemm_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n):
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
+    torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
+    return x.new_empty((x.shape[0], size_n))
+
+
+@torch.library.register_fake("zephyr::gptq_gemv_repacked")
+def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
+    torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
+    torch._check(x.shape[0] <= 8, lambda: f"gptq_gemv_repacked serves M <= 8, got M={x.shape[0]}")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
     return x.new_empty((x.shape[0], size_n))
 
@@ -85,6 +110,18 @@ def _dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
 def gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int):
     """``x [M, K] @ W`` on the zk layout; see the module docstring for every argument."""
     return torch.ops.zephyr.gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n)
+
+
+def gptq_gemv_repacked(
+    x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, block_warps: int = 0, splits: int = 0
+):
+    """``x [M <= 8, K] @ W`` on the zk layout with the GEMV kernel; see the module docstring."""
+    if x.dim() != 2 or x.shape[0] > 8:
+        # Checked here too: on the H100 image a failing TORCH_CHECK inside the extension crashed the process.
+        raise ValueError(f"gptq_gemv_repacked serves x of shape [M <= 8, K], got {tuple(x.shape)}")
+    return torch.ops.zephyr.gptq_gemv_repacked(
+        x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
+    )
 
 
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int):

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 MISTRAL = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 AWKWARD = [(576, 1536), (704, 200)]  # g128: partial last group; N not a multiple of 64
-ALL_M = [1, 2, 3, 7, 16, 17, 33, 64, 128, 257, 1024]
+ALL_M = [1, 2, 3, 5, 7, 8, 16, 17, 33, 64, 128, 257, 1024]
 # (bits, group_size, act_order): the six seed layouts, then their in-order twins.
 SEED = [(4, 128, True), (4, 32, True), (4, 64, True), (8, -1, True), (8, 128, True), (8, 32, True)]
 LAYOUTS = SEED + [(b, g, False) for b, g, _ in SEED]
@@ -123,7 +123,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.zephyr.gptq_dequantize.default, dargs)
 
 
-@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("m", [1, 8, 16, 300])
 def test_cuda_graph_replay(m):
     layer, w, _ = _layer(4096, 4096, 4, 128, True, True, torch.float16)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
@@ -148,18 +148,103 @@ def test_cuda_graph_replay(m):
     assert torch.equal(static_y, layer(x2))
 
 
+def _gemv(layer, x, block_warps=0, splits=0):
+    from zephyr_plugins.kernel_ops import gptq_gemv_repacked
+
+    spec = layer._kernel.spec
+    return gptq_gemv_repacked(
+        x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
+        spec.bits, spec.group_size, spec.out_features, block_warps, splits,
+    )  # fmt: skip
+
+
+def _check_out(y, x, w, dtype):
+    ref = x.float() @ w
+    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[1])
+    assert torch.isfinite(y).all(), "output has NaN/inf (unwritten elements?)"
+    err = ((y.float() - ref).abs().mean() / ref.abs().mean()).item()
+    assert err <= TOL[dtype], f"relative mean error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])
+def test_gemv_every_m(bits, gs, act, sym, dtype):
+    """The GEMV op itself, M = 1..8, every layout, poisoned outputs and workspaces."""
+    for k, n in [(4096, 4096)] + AWKWARD:
+        layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
+        for m in range(1, 9):
+            gen = torch.Generator(device="cuda").manual_seed(2000 + m)
+            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+            _poison()
+            _check_out(_gemv(layer, x), x, w, dtype)
+
+
+@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
+def test_gemv_forced_plans(bits, gs, act):
+    """Every launch plan (warps per block x splits, uneven last slices included) gives the same answer."""
+    for k, n in [(14336, 4096), (704, 200)]:
+        layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
+        x = torch.randn(5, k, device="cuda", dtype=torch.float16)
+        planned = _gemv(layer, x)
+        _check_out(planned, x, w, torch.float16)
+        for bw in (4, 8):
+            for sp in (1, 2, 3, 7, 64):
+                _poison()
+                y = _gemv(layer, x, bw, sp)
+                _check_out(y, x, w, torch.float16)
+                # Same column sums in a different order: equal up to fp32 rounding.
+                torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+
+
+def test_gemv_opcheck_and_rejects_large_m():
+    layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
+    x = torch.randn(3, 576, device="cuda", dtype=torch.float16)
+    args = (x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks, 4, 128, 1536)
+    torch.library.opcheck(torch.ops.zephyr.gptq_gemv_repacked.default, args)
+    with pytest.raises(ValueError, match="M <= 8"):
+        _gemv(layer, torch.randn(9, 576, device="cuda", dtype=torch.float16))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_graph_replay_split(m):
+    """Graph replay on a split plan (partials + self-resetting locks), bit for bit, twice over new inputs."""
+    layer, w, _ = _layer(14336, 4096, 8, 128, True, False, torch.float16)
+    static_x = torch.randn(m, 14336, device="cuda", dtype=torch.float16)
+    eager = _gemv(layer, static_x, 8, 7).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _gemv(layer, static_x, 8, 7)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = _gemv(layer, static_x, 8, 7)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, eager)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, _gemv(layer, static_x, 8, 7))
+        _check_out(static_y, static_x, w, torch.float16)
+
+
 def test_torch_compile():
     layer, w, _ = _layer(4096, 4096, 8, 128, True, True, torch.float16)
-    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
     compiled = torch.compile(lambda t: layer(t), fullgraph=True)
-    assert torch.equal(compiled(x), layer(x))
+    for m in (4, 12):  # the GEMV and the fused kernel
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        assert torch.equal(compiled(x), layer(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_long_8bit_layer(dtype):
     """8-bit gate_up-sized layer: the shape that takes the prefetching kernel variant."""
     layer, w, _ = _layer(4096, 28672, 8, 128, True, False, dtype)
-    for m in (1, 7, 16):
+    for m in (1, 7, 8, 16):
         _check(layer, w, m, dtype)
 
 

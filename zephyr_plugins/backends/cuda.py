@@ -1,6 +1,8 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= FUSED_MAX_M`` rows (decode): ``zephyr::gptq_gemm_repacked``, a fused
+- ``M <= GEMV_MAX_M`` rows (batch-1..8 decode): ``zephyr::gptq_gemv_repacked``,
+  a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
+- ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul that streams the repacked weight once.
 - More rows (prefill): ``zephyr::gptq_dequantize`` to the activation dtype,
   then ``x @ w`` in cuBLAS.
@@ -24,6 +26,8 @@ from .base import KernelBackend, LayerSpec
 # Largest M sent to the fused kernel (it serves up to 4 m16 tiles, M <= 64);
 # above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) lowers it.
 FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
+# Largest M sent to the GEMV kernel (it serves M <= 8); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
+GEMV_MAX_M = min(8, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "8")))
 
 
 class CudaGPTQBackend(KernelBackend):
@@ -75,7 +79,7 @@ class CudaGPTQBackend(KernelBackend):
         layer.register_buffer("_zk_g_idx", layer.g_idx.to(torch.int32).contiguous(), persistent=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from ..kernel_ops import gptq_dequantize, gptq_gemm_repacked
+        from ..kernel_ops import gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
 
         spec = self.spec
         if self._fallback:
@@ -85,7 +89,12 @@ class CudaGPTQBackend(KernelBackend):
         x2 = x.reshape(-1, spec.in_features)
         if x2.dtype != spec.dtype:
             x2 = x2.to(spec.dtype)
-        if x2.shape[0] <= FUSED_MAX_M:
+        if x2.shape[0] <= GEMV_MAX_M:
+            out = gptq_gemv_repacked(
+                x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
+                layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
+            )  # fmt: skip
+        elif x2.shape[0] <= FUSED_MAX_M:
             out = gptq_gemm_repacked(
                 x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
                 layer._zk_locks, spec.bits, spec.group_size, spec.out_features,

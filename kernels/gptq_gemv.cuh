@@ -1,0 +1,308 @@
+// GEMV-style GPTQ kernel for decode batches (M <= 8) on the zk layout (see the
+// top of gptq_kernels.cuh), and its launcher. Pure CUDA, like gptq_kernels.cuh.
+//
+// Differences from the fused small-M kernel (gptq_gemm_small_kernel):
+// - "Swapped" mma: the dequantized weight is the A operand (16 output columns
+//   x 16 k) and x^T is B (16 k x 8 rows of x), so one m16n8k16 covers 16
+//   columns for all M <= 8 rows: 4 mma per 16x64 step instead of 8, and no
+//   wasted half of A. The zk B fragments of tiles 2p and 2p+1 are exactly the
+//   A fragment of mma p (rows g and g+8), and a lane's x A fragment (row g)
+//   is exactly its B fragment: the layout is unchanged.
+// - For groups of >= 128 rows (g128, g-1) the scale is applied once per unit
+//   in fp32 to the unit's accumulators: the mma sees exact (q - z) integers
+//   (fewer ALU ops per weight, and one fewer rounding).
+// - Each warp owns a contiguous K-slice of "units" (8 16-byte loads per lane,
+//   4 KB per warp: one chunk at 4 bits, half a chunk at 8 bits) of one 64-column
+//   block and double-buffers them in registers: the next unit's loads are in
+//   flight while the current one is computed.
+// - Block = W warps (4 or 8) on consecutive K-slices of one column block; the
+//   split S over blocks and W come from a small planner (gptq_gemm.cu).
+//   Warps are summed in shared memory in a fixed order, blocks through the
+//   same deterministic partial + lock scheme as the fused kernel.
+#pragma once
+
+#include "gptq_kernels.cuh"
+
+namespace zephyr {
+
+constexpr int kGemvMaxM = 8;
+constexpr int kGemvMaxWarps = 8;
+
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER>
+__global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
+    const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
+    const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
+    const T* __restrict__ scales,       // [G, Np] shuffled
+    const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
+    float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
+    int* __restrict__ locks,            // [Np/64]
+    T* __restrict__ out,                // [M, N]
+    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S) {
+  using Tr = Traits<T>;
+  using T2 = typename Tr::T2;
+  constexpr int VPS = BITS / 4;  // 16-byte vectors per lane per 16-row step
+  constexpr int SPU = 8 / VPS;   // steps per unit
+  constexpr int UPC = VPS;       // units per 128-row chunk
+  constexpr bool kF16 = Tr::kMagicF == 1024.f;
+  constexpr int kDefaultZero = 1 << (BITS - 1);
+  __shared__ float red[kGemvMaxWarps][kGemvMaxM * kBlockN];
+  __shared__ int is_last;
+
+  const int nb = blockIdx.x;
+  const int s = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int W = blockDim.x >> 5;
+  const int g = lane >> 2;  // output column g (+8) of each 16-column mma; x row g
+  const int c = lane & 3;   // k slice [32c, 32c+32) of each chunk
+  const int U = (Kp / kChunkK) * UPC;
+  const int u_begin = min(U, (s * W + warp) * upw);
+  const int nu = min(U, u_begin + upw) - u_begin;
+  const uint4* wbase = qweight + (size_t)nb * (Kp / 16) * VPS * 32 + lane;
+  const bool has_row = g < M;
+  const T* xrow = x + (size_t)(has_row ? g : 0) * Kp + c * 32;
+
+  float acc[4][4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[p][e] = 0.f;
+
+  auto load_unit = [&](uint4 (&w)[8], int u) {
+    const uint4* src = wbase + (size_t)u * 8 * 32;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = load_stream(src + k * 32);
+  };
+
+  auto compute_unit = [&](const uint4 (&w)[8], int u) {
+    const int chunk = u / UPC;
+    const int step0 = (u % UPC) * SPU;
+    const int grp = min((chunk * kChunkK + c * 32) / group_rows, G - 1);
+    const size_t off = (size_t)grp * Np + nb * kBlockN + g * 8;
+    const uint4 sv = __ldg(reinterpret_cast<const uint4*>(scales + off));
+    uint4 zv = make_uint4(0, 0, 0, 0);
+    if (HAS_Z) zv = __ldg(reinterpret_cast<const uint4*>(zeros + off));
+    const T* sp = reinterpret_cast<const T*>(&sv);
+    const T* zp = reinterpret_cast<const T*>(&zv);
+    // x^T B fragments of this unit: row g, k = chunk*128 + 32c + [4*step0, +4*SPU).
+    uint4 xv[SPU / 2];
+#pragma unroll
+    for (int q = 0; q < SPU / 2; ++q)
+      xv[q] = has_row ? __ldg(reinterpret_cast<const uint4*>(xrow + chunk * kChunkK) + step0 / 2 + q)
+                      : make_uint4(0, 0, 0, 0);
+    // Per-tile constants: tile t is block column t*8 + g.
+    T2 zlo2[8], zhi2[8], sc2[8];
+    float zf[8], sf[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
+      sc2[t] = Tr::bcast(sp[t]);
+      sf[t] = Tr::to_float(sp[t]);
+      if (BITS == 4) {
+        // (magic + q) - (magic + z) and (magic + 16q)/16 - (magic/16 + z) are exact integers.
+        zlo2[t] = Tr::bcast(Tr::from_float(Tr::kMagicF + z));
+        zhi2[t] = Tr::bcast(Tr::from_float(-(Tr::kMagicF / 16.f + z)));
+      } else if (kF16) {
+        zlo2[t] = Tr::bcast(Tr::from_float(1024.f + z));  // byte q in the fp16 mantissa: 1024 + q
+      } else {
+        zf[t] = 8388608.f + z;  // 2^23 + z: byte q in the fp32 mantissa is 2^23 + q
+      }
+    }
+    const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
+    float cacc[4][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) cacc[p][e] = 0.f;
+
+#pragma unroll
+    for (int i = 0; i < SPU; ++i) {
+      const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[i / 2]);
+      const uint32_t b0 = xw[2 * (i % 2)];
+      const uint32_t b1 = xw[2 * (i % 2) + 1];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        // a[0], a[2]: tile 2p (b0, b1 halves); a[1], a[3]: tile 2p + 1.
+        uint32_t a[4];
+#pragma unroll
+        for (int ab = 0; ab < 2; ++ab) {
+          const int t = 2 * p + ab;
+          T2 lo, hi;
+          if constexpr (BITS == 4) {
+            const uint32_t w4 = reinterpret_cast<const uint32_t*>(&w[i])[p];
+            const uint32_t wv = ab ? (w4 >> 8) : w4;
+            lo = __hsub2(bit_cast_to<T2>((wv & 0x000f000fu) | Tr::kMagic), zlo2[t]);
+            if constexpr (kF16) {
+              hi = __hfma2(bit_cast_to<T2>((wv & 0x00f000f0u) | Tr::kMagic), inv16, zhi2[t]);
+            } else {
+              hi = __hsub2(bit_cast_to<T2>(((wv >> 4) & 0x000f000fu) | Tr::kMagic), zlo2[t]);
+            }
+            if constexpr (!SCALE_AFTER) {
+              lo = __hmul2(lo, sc2[t]);
+              hi = __hmul2(hi, sc2[t]);
+            }
+          } else {
+            // 8-bit: vector t/4 of the step, word t%4; byte h*2 + e is element (h, e).
+            const uint32_t w8 = reinterpret_cast<const uint32_t*>(&w[i * 2 + t / 4])[t % 4];
+            if constexpr (kF16) {
+              lo = __hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4140)), zlo2[t]);
+              hi = __hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4342)), zlo2[t]);
+              if constexpr (!SCALE_AFTER) {
+                lo = __hmul2(lo, sc2[t]);
+                hi = __hmul2(hi, sc2[t]);
+              }
+            } else {
+              float q0 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7440)) - zf[t];
+              float q1 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7441)) - zf[t];
+              float q2 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7442)) - zf[t];
+              float q3 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7443)) - zf[t];
+              if constexpr (!SCALE_AFTER) {
+                q0 *= sf[t];
+                q1 *= sf[t];
+                q2 *= sf[t];
+                q3 *= sf[t];
+              }
+              lo = Tr::pack(q0, q1);  // |q - z| <= 255: exact in bf16 when unscaled
+              hi = Tr::pack(q2, q3);
+            }
+          }
+          a[ab] = bit_cast_to<uint32_t>(lo);
+          a[2 + ab] = bit_cast_to<uint32_t>(hi);
+        }
+        Tr::mma(SCALE_AFTER ? cacc[p] : acc[p], a, b0, b1);
+      }
+    }
+    if constexpr (SCALE_AFTER) {
+      // acc[p][0..1]: column 16p + g (tile 2p); acc[p][2..3]: column 16p + 8 + g (tile 2p + 1).
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[p][e] = fmaf(sf[2 * p + (e >> 1)], cacc[p][e], acc[p][e]);
+    }
+  };
+
+  // Double-buffered stream over this warp's units. Weights do not depend on
+  // x: the first unit is requested before waiting for the gather kernel.
+  uint4 wa[8], wb[8];
+  if (nu > 0) load_unit(wa, u_begin);
+  pdl_wait();
+  for (int it = 0; it < nu; it += 2) {
+    if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
+    compute_unit(wa, u_begin + it);
+    if (it + 1 >= nu) break;
+    if (it + 2 < nu) load_unit(wa, u_begin + it + 2);
+    compute_unit(wb, u_begin + it + 1);
+  }
+
+  // ---- sum the W warps in a fixed order through shared memory.
+  // C fragment: acc[p][e] is row m = 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][(2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g] = acc[p][e];
+  __syncthreads();
+
+  const int n0 = nb * kBlockN;
+  if (S == 1) {
+    for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+      float v = 0.f;
+      for (int w = 0; w < W; ++w) v += red[w][i];
+      const int m = i / kBlockN, j = i % kBlockN;
+      if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+    float v = 0.f;
+    for (int w = 0; w < W; ++w) v += red[w][i];
+    const int m = i / kBlockN, j = i % kBlockN;
+    __stcg(partial + ((size_t)s * M + m) * Np + n0 + j, v);
+  }
+  __threadfence();  // this block's partial is visible before it counts itself in
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = (atomicAdd(locks + nb, 1) == S - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+    const int m = i / kBlockN, j = i % kBlockN;
+    float v = 0.f;
+    for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
+    if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
+  }
+  if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)
+}
+
+struct GemvArgs {
+  const void* x;  // [M, Kp]
+  const void* qweight;
+  const void* scales;
+  const void* zeros;  // null: every zero point is 2^(bits-1)
+  float* partial;     // null when S == 1
+  int* locks;
+  void* out;
+  int M, N, Kp, Np, G, group_rows, upw, S, warps;
+  bool scale_after;  // group_rows is a multiple of 128 (or one group)
+  bool pdl;
+  cudaStream_t stream;
+};
+
+template <typename T, int BITS, bool HAS_Z, bool SA>
+cudaError_t launch_gemv(const GemvArgs& a) {
+  auto kernel = gptq_gemv_kernel<T, BITS, HAS_Z, SA>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(a.Np / kBlockN, a.S);
+  cfg.blockDim = dim3(a.warps * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x),
+                                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out),
+                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// Resident blocks per SM of `warps`-warp blocks (cached per instantiation and block size).
+template <typename T, int BITS, bool HAS_Z, bool SA>
+int occupancy_gemv(int warps) {
+  static int occ[kGemvMaxWarps + 1] = {0};
+  if (warps < 1 || warps > kGemvMaxWarps) return 1;
+  if (occ[warps] == 0) {
+    int v = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemv_kernel<T, BITS, HAS_Z, SA>, warps * 32, 0) !=
+        cudaSuccess)
+      v = 1;
+    occ[warps] = v < 1 ? 1 : v;
+  }
+  return occ[warps];
+}
+
+// Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
+template <typename T, int BITS>
+cudaError_t gptq_gemv_launch(const GemvArgs& a) {
+  if (a.zeros) return a.scale_after ? launch_gemv<T, BITS, true, true>(a) : launch_gemv<T, BITS, true, false>(a);
+  return a.scale_after ? launch_gemv<T, BITS, false, true>(a) : launch_gemv<T, BITS, false, false>(a);
+}
+
+template <typename T, int BITS>
+int gptq_gemv_occupancy(int warps, bool has_z, bool scale_after) {
+  if (has_z) return scale_after ? occupancy_gemv<T, BITS, true, true>(warps) : occupancy_gemv<T, BITS, true, false>(warps);
+  return scale_after ? occupancy_gemv<T, BITS, false, true>(warps) : occupancy_gemv<T, BITS, false, false>(warps);
+}
+
+extern template int gptq_gemv_occupancy<__half, 4>(int, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 8>(int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, bool, bool);
+extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
+extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
+extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);
+extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 8>(const GemvArgs&);
+
+}  // namespace zephyr
