@@ -49,7 +49,9 @@ from zephyr_plugins.reference import dequantize
 
 from .vllm import METHOD_NAME, claims
 
-logger = init_logger(__name__)
+# A child of the "vllm" logger, which vLLM configures in every process: a logger
+# outside that tree stays at WARNING and our INFO line would be dropped.
+logger = init_logger("vllm.zephyr_gptq")
 
 #: On the CPU the ``dense`` backend's arithmetic serves layers (dequantize once
 #: at load; the float weight then goes to vLLM's own CPU GEMM, oneDNN where
