@@ -123,6 +123,12 @@ def test_vllm_logprobs_match_reference(vllm_results, seed_checkpoints, seed_prom
             assert abs(got - float(lps_r[step][ref[step]])) < 1e-3, (step, got, float(lps_r[step][ref[step]]))
 
 
+def test_engine_logs_the_kernel_backend(vllm_results):
+    # How a user (and the GPU test) can tell which kernels serve the layers.
+    assert "zephyr_gptq: kernel backend 'dense+vllm_cpu_gemm' serves" in vllm_results["_stderr"]
+    assert "kernel backend 'reference'" not in vllm_results["_stderr"]
+
+
 def test_unservable_bits_fail_at_load_naming_the_layer(vllm_results):
     err = vllm_results["bits5"].get("error", "")
     assert "zephyr_gptq cannot serve layer" in err, err or "a 5-bit checkpoint loaded"

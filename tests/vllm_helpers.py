@@ -23,6 +23,7 @@ def vllm_env(**extra: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # engine in the runner process: one process to stop, no orphans
+        VLLM_LOGGING_STREAM="ext://sys.stderr",  # vLLM logs to stdout by default; the checks read stderr
     )
     env.pop("VLLM_PLUGINS", None)
     env.update(extra)
