@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GPTQConfig
+from .reference import min_max_grid
 
 BLOCK_SIZE = 128
 # Cholesky retries: each multiplies the dampening by 10 (0.01 -> 0.1 -> 1 x mean diag ...).
@@ -82,23 +83,13 @@ class GPTQResult:
 def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype=torch.float16):
     """Scale and zero point for each row of ``w [N, m]`` (one group of m inputs per output row).
 
-    The same min/max grid as :func:`zephyr_plugins.reference.quantize_rtn`,
-    and the scale is rounded to ``scale_dtype`` before use, so that the stored
-    checkpoint dequantizes to exactly the values the error feedback assumed.
+    The same min/max grid as :func:`zephyr_plugins.reference.quantize_rtn`
+    (:func:`~zephyr_plugins.reference.min_max_grid`), so the stored checkpoint
+    dequantizes to exactly the values the error feedback assumed.
     """
-    maxq = (1 << bits) - 1
     wmin = torch.clamp(w.min(dim=1).values, max=0)
     wmax = torch.clamp(w.max(dim=1).values, min=0)
-    if sym:
-        amax = torch.maximum(wmin.abs(), wmax)
-        scale = 2 * amax / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        scale = (wmax - wmin) / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.round(-wmin / scale)
-    scale = scale.to(scale_dtype).to(torch.float32)
+    scale, zero = min_max_grid(wmin, wmax, bits, sym, scale_dtype)
     # A tiny range could round to 0 in fp16; the smallest fp16 value keeps codes finite.
     scale = torch.clamp(scale, min=_FP16_TINY)
     return scale, zero

@@ -73,6 +73,26 @@ def trivial_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
     return (torch.arange(in_features, device=device, dtype=torch.int32) // gs).to(torch.int32)
 
 
+def min_max_grid(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16):
+    """Scale and zero point (fp32) of the min/max grid for ranges ``[wmin, wmax]``, which include 0.
+
+    Symmetric grids centre on ``2**(bits-1)``. The scale is rounded to its
+    storage dtype first, so that dequantizing the stored checkpoint reproduces
+    exactly the grid the weights were rounded to.
+    """
+    maxq = (1 << bits) - 1
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        scale = 2 * amax / maxq
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        scale = (wmax - wmin) / maxq
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-wmin / scale)
+    return scale.to(scale_dtype).to(torch.float32), zero
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     bits: int,
@@ -101,17 +121,6 @@ def quantize_rtn(
     wmax = torch.full((groups, n), -big).scatter_reduce(0, g.view(-1, 1).expand(k, n), w, "amax")
     wmin = torch.minimum(wmin, torch.zeros_like(wmin))
     wmax = torch.maximum(wmax, torch.zeros_like(wmax))
-    if sym:
-        amax = torch.maximum(wmin.abs(), wmax)
-        scale = 2 * amax / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        scale = (wmax - wmin) / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.round(-wmin / scale)
-    # Round the scales to their storage dtype first, so that dequantizing the
-    # stored checkpoint reproduces exactly the grid the weights were rounded to.
-    scale = scale.to(scale_dtype).to(torch.float32)
+    scale, zero = min_max_grid(wmin, wmax, bits, sym, scale_dtype)
     q = torch.clamp(torch.round(w / scale[g]) + zero[g], 0, maxq)
     return q.to(torch.int32), zero.to(torch.int32), scale, g_idx.to(torch.int32)
