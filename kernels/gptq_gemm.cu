@@ -192,22 +192,25 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    int64_t splits) {
   const ZkShape z = check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, kGemvMaxM, "use gptq_gemm_repacked above");
-  TORCH_CHECK(block_warps == 0 || block_warps == 4 || block_warps == 8,
-              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or 8, got ", block_warps);
+  const int max_warps = gemv_max_warps(gemv_tiles(z.M));
+  TORCH_CHECK(block_warps == 0 || block_warps == 4 || block_warps == max_warps,
+              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or ", max_warps, " for M=", z.M, ", got ",
+              block_warps);
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemv_repacked: splits must be in [0, 256], got ", splits);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());
   if (z.M == 0 || z.N == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // With >= 128-row groups a chunk has one scale per column: applied after the mma.
-  const bool scale_after = z.group_rows % kChunkK == 0 || z.G == 1;
+  // With >= 128-row groups a chunk has one scale per column: applied after the
+  // mma (one x tile, M <= 8, only: it needs a second set of accumulators).
+  const bool scale_after = (z.group_rows % kChunkK == 0 || z.G == 1) && gemv_tiles(z.M) == 1;
   const bool half = x.scalar_type() == at::kHalf;
   auto occupancy = [&](int w) {
     if (half)
-      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(w, z.has_z, scale_after)
-                       : gptq_gemv_occupancy<__half, 8>(w, z.has_z, scale_after);
-    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(w, z.has_z, scale_after)
-                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(w, z.has_z, scale_after);
+      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(z.M, w, z.has_z, scale_after)
+                       : gptq_gemv_occupancy<__half, 8>(z.M, w, z.has_z, scale_after);
+    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(z.M, w, z.has_z, scale_after)
+                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(z.M, w, z.has_z, scale_after);
   };
   // Plan: W warps per block, `upw` 4 KB units per warp, S blocks per column
   // block. Cost = waves of resident blocks x (units per warp + ~2 units of
@@ -221,9 +224,9 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = z.Np / kBlockN;
   const int sms = sm_count(x.get_device());
   long best = -1;
-  int W = 8, upw = units, S = 1;
+  int W = max_warps, upw = units, S = 1;
   for (int w : {8, 4}) {
-    if (block_warps && w != block_warps) continue;
+    if (w > max_warps || (block_warps && w != block_warps)) continue;
     const int slots = sms * occupancy(w);
     const int most = ceil_div(units, w);
     for (int s_try = splits ? std::min<int>(splits, most) : 1; s_try <= most; ++s_try) {

@@ -1,5 +1,9 @@
-// GEMV-style GPTQ kernel for decode batches (M <= 8) on the zk layout (see the
+// GEMV-style GPTQ kernel for decode batches (M <= 32) on the zk layout (see the
 // top of gptq_kernels.cuh), and its launcher. Pure CUDA, like gptq_kernels.cuh.
+//
+// NT = 1, 2 or 4 "x tiles" of 8 rows each (M <= 8, 16, 32): every dequantized
+// weight fragment feeds NT mma, so the dequantization cost per weight is paid
+// once for up to 32 rows of x and the weight stream stays the bottleneck.
 //
 // Differences from the fused small-M kernel (gptq_gemm_small_kernel):
 // - "Swapped" mma: the dequantized weight is the A operand (16 output columns
@@ -25,11 +29,16 @@
 
 namespace zephyr {
 
-constexpr int kGemvMaxM = 8;
+constexpr int kGemvMaxM = 32;
 constexpr int kGemvMaxWarps = 8;
 
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER>
-__global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
+// x tiles of 8 rows for M rows; warps a block may have for NT tiles (the
+// shared-memory reduction buffer is W x 8*NT x 64 floats, at most 32 KB).
+__host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
+__host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 4 ? 4 : 8; }
+
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
+__global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
     const T* __restrict__ scales,       // [G, Np] shuffled
@@ -45,7 +54,9 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
   constexpr int UPC = VPS;       // units per 128-row chunk
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
-  __shared__ float red[kGemvMaxWarps][kGemvMaxM * kBlockN];
+  static_assert(!SCALE_AFTER || NT == 1, "scale-after keeps a second accumulator set: NT == 1 only");
+  constexpr int kMaxW = gemv_max_warps(NT);
+  __shared__ float red[kMaxW][8 * NT * kBlockN];
   __shared__ int is_last;
 
   const int nb = blockIdx.x;
@@ -59,14 +70,22 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
   const int u_begin = min(U, (s * W + warp) * upw);
   const int nu = min(U, u_begin + upw) - u_begin;
   const uint4* wbase = qweight + (size_t)nb * (Kp / 16) * VPS * 32 + lane;
-  const bool has_row = g < M;
-  const T* xrow = x + (size_t)(has_row ? g : 0) * Kp + c * 32;
+  // x tile j covers rows 8j..8j+7; this lane feeds row 8j + g of it.
+  bool has_row[NT];
+  const T* xrow[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    has_row[j] = 8 * j + g < M;
+    xrow[j] = x + (size_t)(has_row[j] ? 8 * j + g : 0) * Kp + c * 32;
+  }
 
-  float acc[4][4];
+  float acc[NT][4][4];
 #pragma unroll
-  for (int p = 0; p < 4; ++p)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[p][e] = 0.f;
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
 
   auto load_unit = [&](uint4 (&w)[8], int u) {
     const uint4* src = wbase + (size_t)u * 8 * 32;
@@ -84,12 +103,17 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
     if (HAS_Z) zv = __ldg(reinterpret_cast<const uint4*>(zeros + off));
     const T* sp = reinterpret_cast<const T*>(&sv);
     const T* zp = reinterpret_cast<const T*>(&zv);
-    // x^T B fragments of this unit: row g, k = chunk*128 + 32c + [4*step0, +4*SPU).
-    uint4 xv[SPU / 2];
+    // x^T B fragments of this unit, tile j: row 8j + g, k = chunk*128 + 32c + [4*step0, +4*SPU).
+    // With NT > 1 they are loaded two steps at a time (registers), from L1/L2.
+    auto load_x = [&](int j, int q) {
+      return has_row[j] ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + chunk * kChunkK) + step0 / 2 + q)
+                        : make_uint4(0, 0, 0, 0);
+    };
+    uint4 xv[NT == 1 ? SPU / 2 : 1];
+    if constexpr (NT == 1) {
 #pragma unroll
-    for (int q = 0; q < SPU / 2; ++q)
-      xv[q] = has_row ? __ldg(reinterpret_cast<const uint4*>(xrow + chunk * kChunkK) + step0 / 2 + q)
-                      : make_uint4(0, 0, 0, 0);
+      for (int q = 0; q < SPU / 2; ++q) xv[q] = load_x(0, q);
+    }
     // Per-tile constants: tile t is block column t*8 + g.
     T2 zlo2[8], zhi2[8], sc2[8];
     float zf[8], sf[8];
@@ -109,17 +133,30 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
       }
     }
     const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
-    float cacc[4][4];
+    float cacc[SCALE_AFTER ? 4 : 1][4];
+    if constexpr (SCALE_AFTER) {
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
+      for (int p = 0; p < 4; ++p)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) cacc[p][e] = 0.f;
+        for (int e = 0; e < 4; ++e) cacc[p][e] = 0.f;
+    }
 
 #pragma unroll
     for (int i = 0; i < SPU; ++i) {
-      const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[i / 2]);
-      const uint32_t b0 = xw[2 * (i % 2)];
-      const uint32_t b1 = xw[2 * (i % 2) + 1];
+      uint32_t b0[NT], b1[NT];
+      if constexpr (NT == 1) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[i / 2]);
+        b0[0] = xw[2 * (i % 2)];
+        b1[0] = xw[2 * (i % 2) + 1];
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4 v = load_x(j, i / 2);
+          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&v);
+          b0[j] = xw[2 * (i % 2)];
+          b1[j] = xw[2 * (i % 2) + 1];
+        }
+      }
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
         // a[0], a[2]: tile 2p (b0, b1 halves); a[1], a[3]: tile 2p + 1.
@@ -169,7 +206,12 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
           a[ab] = bit_cast_to<uint32_t>(lo);
           a[2 + ab] = bit_cast_to<uint32_t>(hi);
         }
-        Tr::mma(SCALE_AFTER ? cacc[p] : acc[p], a, b0, b1);
+        if constexpr (SCALE_AFTER) {
+          Tr::mma(cacc[p], a, b0[0], b1[0]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) Tr::mma(acc[j][p], a, b0[j], b1[j]);
+        }
       }
     }
     if constexpr (SCALE_AFTER) {
@@ -177,7 +219,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
 #pragma unroll
       for (int p = 0; p < 4; ++p)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[p][e] = fmaf(sf[2 * p + (e >> 1)], cacc[p][e], acc[p][e]);
+        for (int e = 0; e < 4; ++e) acc[0][p][e] = fmaf(sf[2 * p + (e >> 1)], cacc[p][e], acc[0][p][e]);
     }
   };
 
@@ -195,11 +237,14 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, 2) gptq_gemv_kernel(
   }
 
   // ---- sum the W warps in a fixed order through shared memory.
-  // C fragment: acc[p][e] is row m = 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
+  // C fragment: acc[j][p][e] is row m = 8j + 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
 #pragma unroll
-  for (int p = 0; p < 4; ++p)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][(2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g] = acc[p][e];
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        red[warp][(8 * j + 2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g] = acc[j][p][e];
   __syncthreads();
 
   const int n0 = nb * kBlockN;
@@ -247,9 +292,9 @@ struct GemvArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int BITS, bool HAS_Z, bool SA>
+template <typename T, int BITS, bool HAS_Z, bool SA, int NT>
 cudaError_t launch_gemv(const GemvArgs& a) {
-  auto kernel = gptq_gemv_kernel<T, BITS, HAS_Z, SA>;
+  auto kernel = gptq_gemv_kernel<T, BITS, HAS_Z, SA, NT>;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.Np / kBlockN, a.S);
   cfg.blockDim = dim3(a.warps * 32);
@@ -269,13 +314,13 @@ cudaError_t launch_gemv(const GemvArgs& a) {
 }
 
 // Resident blocks per SM of `warps`-warp blocks (cached per instantiation and block size).
-template <typename T, int BITS, bool HAS_Z, bool SA>
+template <typename T, int BITS, bool HAS_Z, bool SA, int NT>
 int occupancy_gemv(int warps) {
   static int occ[kGemvMaxWarps + 1] = {0};
-  if (warps < 1 || warps > kGemvMaxWarps) return 1;
+  if (warps < 1 || warps > gemv_max_warps(NT)) return 1;
   if (occ[warps] == 0) {
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemv_kernel<T, BITS, HAS_Z, SA>, warps * 32, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemv_kernel<T, BITS, HAS_Z, SA, NT>, warps * 32, 0) !=
         cudaSuccess)
       v = 1;
     occ[warps] = v < 1 ? 1 : v;
@@ -284,22 +329,32 @@ int occupancy_gemv(int warps) {
 }
 
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
+// scale_after is honoured for M <= 8 only (one x tile); larger M scale in the dequantization.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
-  if (a.zeros) return a.scale_after ? launch_gemv<T, BITS, true, true>(a) : launch_gemv<T, BITS, true, false>(a);
-  return a.scale_after ? launch_gemv<T, BITS, false, true>(a) : launch_gemv<T, BITS, false, false>(a);
+  const int nt = gemv_tiles(a.M);
+  if (a.warps > gemv_max_warps(nt)) return cudaErrorInvalidValue;
+  if (nt == 4) return a.zeros ? launch_gemv<T, BITS, true, false, 4>(a) : launch_gemv<T, BITS, false, false, 4>(a);
+  if (nt == 2) return a.zeros ? launch_gemv<T, BITS, true, false, 2>(a) : launch_gemv<T, BITS, false, false, 2>(a);
+  if (a.zeros)
+    return a.scale_after ? launch_gemv<T, BITS, true, true, 1>(a) : launch_gemv<T, BITS, true, false, 1>(a);
+  return a.scale_after ? launch_gemv<T, BITS, false, true, 1>(a) : launch_gemv<T, BITS, false, false, 1>(a);
 }
 
 template <typename T, int BITS>
-int gptq_gemv_occupancy(int warps, bool has_z, bool scale_after) {
-  if (has_z) return scale_after ? occupancy_gemv<T, BITS, true, true>(warps) : occupancy_gemv<T, BITS, true, false>(warps);
-  return scale_after ? occupancy_gemv<T, BITS, false, true>(warps) : occupancy_gemv<T, BITS, false, false>(warps);
+int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
+  const int nt = gemv_tiles(m);
+  if (nt == 4) return has_z ? occupancy_gemv<T, BITS, true, false, 4>(warps) : occupancy_gemv<T, BITS, false, false, 4>(warps);
+  if (nt == 2) return has_z ? occupancy_gemv<T, BITS, true, false, 2>(warps) : occupancy_gemv<T, BITS, false, false, 2>(warps);
+  if (has_z)
+    return scale_after ? occupancy_gemv<T, BITS, true, true, 1>(warps) : occupancy_gemv<T, BITS, true, false, 1>(warps);
+  return scale_after ? occupancy_gemv<T, BITS, false, true, 1>(warps) : occupancy_gemv<T, BITS, false, false, 1>(warps);
 }
 
-extern template int gptq_gemv_occupancy<__half, 4>(int, bool, bool);
-extern template int gptq_gemv_occupancy<__half, 8>(int, bool, bool);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, bool, bool);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool);
 extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);

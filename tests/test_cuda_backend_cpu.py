@@ -84,14 +84,14 @@ def test_gemv_repacked_cpu_matches_gemm_and_refuses_large_m():
     r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float16)
     locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
     args = (r.qweight, r.scales, r.zeros, r.perm, locks, 4, 128, n)
-    for m in (1, 8):
+    for m in (1, 8, 9, 32):
         x = torch.randn(m, k).half()
         y = kernel_ops.gptq_gemv_repacked(x, *args)
         assert y.shape == (m, n) and torch.equal(y, kernel_ops.gptq_gemm_repacked(x, *args))
-    with pytest.raises(ValueError, match="M <= 8"):
-        kernel_ops.gptq_gemv_repacked(torch.randn(9, k).half(), *args)
-    with pytest.raises(RuntimeError, match="M <= 8"):  # the op itself, past the wrapper
-        torch.ops.zephyr.gptq_gemv_repacked(torch.randn(9, k).half(), *args)
+    with pytest.raises(ValueError, match="M <= 32"):
+        kernel_ops.gptq_gemv_repacked(torch.randn(33, k).half(), *args)
+    with pytest.raises(RuntimeError, match="M <= 32"):  # the op itself, past the wrapper
+        torch.ops.zephyr.gptq_gemv_repacked(torch.randn(33, k).half(), *args)
 
 
 def test_dequantize_cpu_matches_reference():

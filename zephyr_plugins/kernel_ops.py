@@ -29,9 +29,11 @@ Ops:
     Returns ``x.dtype [M, N]`` (fp32 accumulation).
 
 ``zephyr::gptq_gemv_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0) -> Tensor``
-    The same product on the same arguments for decode batches, ``M <= 8``: a
-    GEMV-style kernel (swapped-operand ``mma``, register double-buffered
-    weight stream, no shared-memory pipeline). ``block_warps`` (4 or 8) and
+    The same product on the same arguments for decode batches, ``M <= 32``
+    (``GEMV_MAX_ROWS``): a GEMV-style kernel (swapped-operand ``mma``, one
+    dequantized weight fragment feeding the ``mma`` of up to four 8-row tiles
+    of x, register double-buffered weight stream, no shared-memory pipeline).
+    ``block_warps`` (4, or 8 for M <= 16) and
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
@@ -53,6 +55,8 @@ import torch
 from .reference import dequantize
 from .repack import gemm_repacked_reference
 
+GEMV_MAX_ROWS = 32  # kGemvMaxM in kernels/gptq_gemv.cuh
+
 _LIB = torch.library.Library("zephyr", "FRAGMENT")  # noqa: TOR901 - our own namespace
 
 _LIB.define(
@@ -73,7 +77,7 @@ def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
 
 
 def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
-    torch._check(x.shape[0] <= 8, lambda: f"gptq_gemv_repacked serves M <= 8, got M={x.shape[0]}")
+    torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
@@ -97,7 +101,7 @@ def _gemm_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
 @torch.library.register_fake("zephyr::gptq_gemv_repacked")
 def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
-    torch._check(x.shape[0] <= 8, lambda: f"gptq_gemv_repacked serves M <= 8, got M={x.shape[0]}")
+    torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
     return x.new_empty((x.shape[0], size_n))
 
@@ -115,10 +119,10 @@ def gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits: int, group_
 def gptq_gemv_repacked(
     x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, block_warps: int = 0, splits: int = 0
 ):
-    """``x [M <= 8, K] @ W`` on the zk layout with the GEMV kernel; see the module docstring."""
-    if x.dim() != 2 or x.shape[0] > 8:
+    """``x [M <= 32, K] @ W`` on the zk layout with the GEMV kernel; see the module docstring."""
+    if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS:
         # Checked here too: on the H100 image a failing TORCH_CHECK inside the extension crashed the process.
-        raise ValueError(f"gptq_gemv_repacked serves x of shape [M <= 8, K], got {tuple(x.shape)}")
+        raise ValueError(f"gptq_gemv_repacked serves x of shape [M <= {GEMV_MAX_ROWS}, K], got {tuple(x.shape)}")
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
     )

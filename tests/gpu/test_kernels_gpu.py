@@ -170,10 +170,10 @@ def _check_out(y, x, w, dtype):
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])
 def test_gemv_every_m(bits, gs, act, sym, dtype):
-    """The GEMV op itself, M = 1..8, every layout, poisoned outputs and workspaces."""
+    """The GEMV op itself, M = 1..8 and 9..32 (2 and 4 x tiles), every layout, poisoned outputs and workspaces."""
     for k, n in [(4096, 4096)] + AWKWARD:
         layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
-        for m in range(1, 9):
+        for m in list(range(1, 9)) + [9, 13, 16, 17, 24, 31, 32]:
             gen = torch.Generator(device="cuda").manual_seed(2000 + m)
             x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
             _poison()
@@ -185,16 +185,17 @@ def test_gemv_forced_plans(bits, gs, act):
     """Every launch plan (warps per block x splits, uneven last slices included) gives the same answer."""
     for k, n in [(14336, 4096), (704, 200)]:
         layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
-        x = torch.randn(5, k, device="cuda", dtype=torch.float16)
-        planned = _gemv(layer, x)
-        _check_out(planned, x, w, torch.float16)
-        for bw in (4, 8):
-            for sp in (1, 2, 3, 7, 64):
-                _poison()
-                y = _gemv(layer, x, bw, sp)
-                _check_out(y, x, w, torch.float16)
-                # Same column sums in a different order: equal up to fp32 rounding.
-                torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+        for m in (5, 12, 29):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            planned = _gemv(layer, x)
+            _check_out(planned, x, w, torch.float16)
+            for bw in (4, 8) if m <= 16 else (4,):
+                for sp in (1, 2, 3, 7, 64):
+                    _poison()
+                    y = _gemv(layer, x, bw, sp)
+                    _check_out(y, x, w, torch.float16)
+                    # Same column sums in a different order: equal up to fp32 rounding.
+                    torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
 
 
 def test_gemv_opcheck_and_rejects_large_m():
@@ -202,24 +203,27 @@ def test_gemv_opcheck_and_rejects_large_m():
     x = torch.randn(3, 576, device="cuda", dtype=torch.float16)
     args = (x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks, 4, 128, 1536)
     torch.library.opcheck(torch.ops.zephyr.gptq_gemv_repacked.default, args)
-    with pytest.raises(ValueError, match="M <= 8"):
-        _gemv(layer, torch.randn(9, 576, device="cuda", dtype=torch.float16))
+    x = torch.randn(20, 576, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.zephyr.gptq_gemv_repacked.default, (x,) + args[1:])
+    with pytest.raises(ValueError, match="M <= 32"):
+        _gemv(layer, torch.randn(33, 576, device="cuda", dtype=torch.float16))
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 32])
 def test_gemv_graph_replay_split(m):
     """Graph replay on a split plan (partials + self-resetting locks), bit for bit, twice over new inputs."""
     layer, w, _ = _layer(14336, 4096, 8, 128, True, False, torch.float16)
     static_x = torch.randn(m, 14336, device="cuda", dtype=torch.float16)
-    eager = _gemv(layer, static_x, 8, 7).clone()
+    bw = 8 if m <= 16 else 4
+    eager = _gemv(layer, static_x, bw, 7).clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        _gemv(layer, static_x, 8, 7)
+        _gemv(layer, static_x, bw, 7)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_y = _gemv(layer, static_x, 8, 7)
+        static_y = _gemv(layer, static_x, bw, 7)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
@@ -228,14 +232,14 @@ def test_gemv_graph_replay_split(m):
         static_x.copy_(torch.randn_like(static_x))
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_y, _gemv(layer, static_x, 8, 7))
+        assert torch.equal(static_y, _gemv(layer, static_x, bw, 7))
         _check_out(static_y, static_x, w, torch.float16)
 
 
 def test_torch_compile():
     layer, w, _ = _layer(4096, 4096, 8, 128, True, True, torch.float16)
     compiled = torch.compile(lambda t: layer(t), fullgraph=True)
-    for m in (4, 12):  # the GEMV and the fused kernel
+    for m in (4, 12, 48):  # the GEMV kernel (1 and 2 x tiles) and the fused kernel
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         assert torch.equal(compiled(x), layer(x))
 

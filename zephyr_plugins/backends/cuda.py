@@ -1,6 +1,6 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (batch-1..8 decode): ``zephyr::gptq_gemv_repacked``,
+- ``M <= GEMV_MAX_M`` rows (decode batches up to 32): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul that streams the repacked weight once.
@@ -26,8 +26,8 @@ from .base import KernelBackend, LayerSpec
 # Largest M sent to the fused kernel (it serves up to 4 m16 tiles, M <= 64);
 # above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) lowers it.
 FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
-# Largest M sent to the GEMV kernel (it serves M <= 8); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
-GEMV_MAX_M = min(8, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "8")))
+# Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
+GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
 
 
 class CudaGPTQBackend(KernelBackend):
