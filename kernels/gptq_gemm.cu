@@ -239,14 +239,6 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   }
   bool pdl = false;
   const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
-  // On sm_90 the GEMV kernel is always a programmatic dependent launch: it
-  // requests its first weights before griddepcontrol.wait, overlapping the
-  // tail of whatever kernel ran before it (ZEPHYR_CUDA_PDL=0 turns this off).
-  static const bool pdl_env = [] {
-    const char* e = std::getenv("ZEPHYR_CUDA_PDL");
-    return !(e && e[0] == '0');
-  }();
-  pdl = pdl || (pdl_env && cc_major(x.get_device()) >= 9);
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,

@@ -235,10 +235,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     if (it + 2 < nu) load_unit(wa, u_begin + it + 2);
     compute_unit(wb, u_begin + it + 1);
   }
-  // The weights are streamed: the next kernel on the stream, if launched as
-  // a programmatic dependent (sm_90), may start its own weight loads now; it
-  // reads what this one writes only after its griddepcontrol.wait.
-  pdl_launch_dependents();
 
   // ---- sum the W warps in a fixed order through shared memory.
   // C fragment: acc[j][p][e] is row m = 8j + 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
