@@ -146,9 +146,7 @@ def main(argv=None) -> int:
         print("no CUDA device; nothing to benchmark")
         return 0
     from zephyr_plugins.kernel_build import ensure_built
-    from zephyr_plugins.kernel_ops import (
-        GEMV_MAX_ROWS, gptq_dequantize, gptq_gemm_repacked, gptq_gemm_tc_repacked, gptq_gemv_repacked,
-    )
+    from zephyr_plugins.kernel_ops import GEMV_MAX_ROWS, gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
 
     ok, why = ensure_built()
     if not ok:
@@ -203,11 +201,7 @@ def main(argv=None) -> int:
                             sweep.append({"shape": sname, "layout": lname, "M": m, "block_warps": bw,
                                           "splits": sp, "us": us})  # fmt: skip
                             print(f"    sweep {lname} M={m} warps={bw} splits={sp}: {us:.1f} us", flush=True)
-                if m >= 16:  # the tensor-core kernel on its own
-                    row["tc_us"] = time_graph(
-                        [lambda L=L: gptq_gemm_tc_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
-                                                           L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                if m >= 16:  # dequantize + cuBLAS, to place the last threshold
+                if 16 <= m <= 128:  # dequantize + cuBLAS, to place the last threshold
                     row["dequant_cublas_us"] = time_graph(
                         [lambda L=L: x @ gptq_dequantize(L.qweight, L.qzeros, L._zk_scales_ckpt, L._zk_g_idx, bits, 1)
                          for L in layers])  # fmt: skip
@@ -218,7 +212,6 @@ def main(argv=None) -> int:
                     + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
-                    + (f"  tc {row['tc_us']:7.1f}" if "tc_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else ""),
                     flush=True,
                 )

@@ -10,9 +10,6 @@
 //   zephyr::gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
 //                              Tensor perm, Tensor(a!) locks, int bits, int group_size,
 //                              int size_n, int block_warps=0, int splits=0) -> Tensor
-//   zephyr::gptq_gemm_tc_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
-//                                 Tensor perm, Tensor(a!) locks, int bits, int group_size,
-//                                 int size_n, int splits=0) -> Tensor
 //   zephyr::gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx,
 //                           int bits, int zero_offset) -> Tensor
 #include <ATen/ATen.h>
@@ -26,9 +23,6 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,
                                    int64_t splits);
-at::Tensor gptq_gemm_tc_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                      const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                                      int64_t bits, int64_t group_size, int64_t size_n, int64_t splits);
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                                 const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
 }  // namespace zephyr
@@ -36,6 +30,5 @@ at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qze
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
   m.impl("gptq_gemm_repacked", &zephyr::gptq_gemm_repacked_cuda);
   m.impl("gptq_gemv_repacked", &zephyr::gptq_gemv_repacked_cuda);
-  m.impl("gptq_gemm_tc_repacked", &zephyr::gptq_gemm_tc_repacked_cuda);
   m.impl("gptq_dequantize", &zephyr::gptq_dequantize_cuda);
 }

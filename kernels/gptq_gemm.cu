@@ -9,7 +9,6 @@
 #include <array>
 #include <cstdlib>
 
-#include "gptq_gemm_tc.cuh"
 #include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
 
@@ -250,65 +249,6 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);
   else
     err = bits == 4 ? gptq_gemv_launch<__nv_bfloat16, 4>(args) : gptq_gemv_launch<__nv_bfloat16, 8>(args);
-  C10_CUDA_CHECK(err);
-  return out;
-}
-
-// See zephyr_plugins/kernel_ops.py. splits: 0 = planned here, else forced (tests, benchmarks).
-at::Tensor gptq_gemm_tc_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                      const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                                      int64_t bits, int64_t group_size, int64_t size_n, int64_t splits) {
-  const ZkShape z = check_zk_args("gptq_gemm_tc_repacked", x, qweight, scales, zeros, perm, locks, bits,
-                                  group_size, size_n, 1 << 30, "");
-  TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemm_tc_repacked: splits must be in [0, 256], got ", splits);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  auto out = at::empty({z.M, z.N}, x.options());
-  if (z.M == 0 || z.N == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool half = x.scalar_type() == at::kHalf;
-  // 64-row block tiles up to M = 64, 128-row ones above (fewer re-reads of the weights).
-  const int wm = z.M <= 64 ? 2 : 4;
-  const int bm = 32 * wm;
-  const int ncb = z.Np / kBlockN, gx = (ncb + 1) / 2, gy = ceil_div(z.M, bm);
-  const int chunks = z.Kp / kChunkK;
-  int occ;
-  if (half)
-    occ = bits == 4 ? gptq_gemm_tc_occupancy<__half, 4>(wm, z.has_z) : gptq_gemm_tc_occupancy<__half, 8>(wm, z.has_z);
-  else
-    occ = bits == 4 ? gptq_gemm_tc_occupancy<__nv_bfloat16, 4>(wm, z.has_z)
-                    : gptq_gemm_tc_occupancy<__nv_bfloat16, 8>(wm, z.has_z);
-  // Split K only while the output tiles do not fill the GPU, and only where
-  // each tile has its own lock (locks holds Np/64 counters).
-  const bool may_split = long(gx) * gy <= ncb;
-  const int slots = sm_count(x.get_device()) * occ;
-  int S = 1, cpb = chunks;
-  if (splits) {
-    TORCH_CHECK(splits == 1 || may_split, "gptq_gemm_tc_repacked: cannot split K with ", gy, " row blocks of ",
-                bm, " and ", ncb, " column blocks");
-    cpb = ceil_div(chunks, std::min<int>(splits, chunks));
-    S = ceil_div(chunks, cpb);
-  } else if (may_split) {
-    long best = -1;
-    for (int s_try = 1; s_try <= std::min(chunks, 32); ++s_try) {
-      const int c_try = ceil_div(chunks, s_try);
-      const int s_real = ceil_div(chunks, c_try);
-      // waves x (chunks per block + ~2 of pipeline fill and epilogue) + the partials' round trip
-      const long cost = long(ceil_div(gx * gy * s_real, slots)) * (c_try + 2) + (s_real > 1 ? 1 : 0);
-      if (best < 0 || cost < best) best = cost, S = s_real, cpb = c_try;
-    }
-  }
-  bool pdl = false;
-  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
-  at::Tensor partial;
-  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
-  TcArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
-              S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-              z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, wm, pdl, stream};
-  cudaError_t err;
-  if (half)
-    err = bits == 4 ? gptq_gemm_tc_launch<__half, 4>(args) : gptq_gemm_tc_launch<__half, 8>(args);
-  else
-    err = bits == 4 ? gptq_gemm_tc_launch<__nv_bfloat16, 4>(args) : gptq_gemm_tc_launch<__nv_bfloat16, 8>(args);
   C10_CUDA_CHECK(err);
   return out;
 }

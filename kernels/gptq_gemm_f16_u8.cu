@@ -1,5 +1,4 @@
-// Fused small-M, GEMV and tensor-core GPTQ kernels for __half activations and 8-bit weights.
-#include "gptq_gemm_tc.cuh"
+// Fused small-M and GEMV GPTQ kernels for __half activations and 8-bit weights.
 #include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
 
@@ -8,6 +7,4 @@ template cudaError_t gptq_gemm_small_launch<__half, 8>(const SmallArgs&);
 template int gptq_gemm_small_occupancy<__half, 8>(int, bool, bool);
 template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool);
-template cudaError_t gptq_gemm_tc_launch<__half, 8>(const TcArgs&);
-template int gptq_gemm_tc_occupancy<__half, 8>(int, bool);
 }  // namespace zephyr

@@ -88,7 +88,6 @@ def test_gemv_repacked_cpu_matches_gemm_and_refuses_large_m():
         x = torch.randn(m, k).half()
         y = kernel_ops.gptq_gemv_repacked(x, *args)
         assert y.shape == (m, n) and torch.equal(y, kernel_ops.gptq_gemm_repacked(x, *args))
-        assert torch.equal(y, kernel_ops.gptq_gemm_tc_repacked(x, *args))
     with pytest.raises(ValueError, match="M <= 32"):
         kernel_ops.gptq_gemv_repacked(torch.randn(33, k).half(), *args)
     with pytest.raises(RuntimeError, match="M <= 32"):  # the op itself, past the wrapper
@@ -116,8 +115,6 @@ def test_fake_impls_give_shapes():
         assert y.shape == (5, 200) and y.dtype == torch.float16
         y = kernel_ops.gptq_gemv_repacked(fx, *fr, 4, 128, 200)
         assert y.shape == (5, 200) and y.dtype == torch.float16
-        y = kernel_ops.gptq_gemm_tc_repacked(mode.from_tensor(torch.randn(300, 576).half()), *fr, 4, 128, 200)
-        assert y.shape == (300, 200) and y.dtype == torch.float16
         ft = [mode.from_tensor(t[k]) for k in ("qweight", "qzeros", "scales", "g_idx")]
         w = kernel_ops.gptq_dequantize(*ft, 4, 1)
         assert w.shape == (576, 200) and w.dtype == torch.float16
@@ -133,9 +130,6 @@ def test_opcheck_cpu():
     )
     torch.library.opcheck(
         torch.ops.zephyr.gptq_gemv_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64)
-    )
-    torch.library.opcheck(
-        torch.ops.zephyr.gptq_gemm_tc_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64)
     )
     torch.library.opcheck(
         torch.ops.zephyr.gptq_dequantize.default, (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 8, 1)

@@ -37,13 +37,6 @@ Ops:
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
-``zephyr::gptq_gemm_tc_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, splits=0) -> Tensor``
-    The same product for any ``M`` (prefill, large batches): a tensor-core
-    kernel with 64- or 128-row x 128-column block tiles, a 3-stage
-    ``cp.async`` pipeline staging the x tile and the packed weights in shared
-    memory, each warp dequantizing its weights once for 32 rows. ``splits``
-    forces the split along K (0: planned). Same result contract as above.
-
 ``zephyr::gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset) -> Tensor``
     The checkpoint layout dequantized to ``scales.dtype [K, N]`` (for large M,
     followed by ``x @ w`` in cuBLAS).
@@ -75,10 +68,6 @@ _LIB.define(
     "Tensor(a!) locks, int bits, int group_size, int size_n, int block_warps=0, int splits=0) -> Tensor"
 )
 _LIB.define(
-    "gptq_gemm_tc_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, "
-    "Tensor(a!) locks, int bits, int group_size, int size_n, int splits=0) -> Tensor"
-)
-_LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
 )
 
@@ -92,10 +81,6 @@ def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
-def _gemm_tc_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, splits=0):
-    return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
-
-
 def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
     return dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype=scales.dtype)
 
@@ -103,7 +88,6 @@ def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
 # The CUDA implementations come from kernels/bindings.cpp once built.
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
-_LIB.impl("gptq_gemm_tc_repacked", _gemm_tc_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
 
 
@@ -118,13 +102,6 @@ def _gemm_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
 def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
-    torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
-    return x.new_empty((x.shape[0], size_n))
-
-
-@torch.library.register_fake("zephyr::gptq_gemm_tc_repacked")
-def _gemm_tc_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, splits=0):
-    torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
     return x.new_empty((x.shape[0], size_n))
 
@@ -148,15 +125,6 @@ def gptq_gemv_repacked(
         raise ValueError(f"gptq_gemv_repacked serves x of shape [M <= {GEMV_MAX_ROWS}, K], got {tuple(x.shape)}")
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
-    )
-
-
-def gptq_gemm_tc_repacked(
-    x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, splits: int = 0
-):
-    """``x [M, K] @ W`` on the zk layout with the tensor-core kernel (any M); see the module docstring."""
-    return torch.ops.zephyr.gptq_gemm_tc_repacked(
-        x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, splits
     )
 
 

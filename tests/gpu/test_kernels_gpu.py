@@ -236,83 +236,10 @@ def test_gemv_graph_replay_split(m):
         _check_out(static_y, static_x, w, torch.float16)
 
 
-def _tc(layer, x, splits=0):
-    from zephyr_plugins.kernel_ops import gptq_gemm_tc_repacked
-
-    spec = layer._kernel.spec
-    return gptq_gemm_tc_repacked(
-        x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-        spec.bits, spec.group_size, spec.out_features, splits,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])
-def test_tc_every_layout(bits, gs, act, sym, dtype):
-    """The tensor-core op itself (64- and 128-row tiles, partial tiles), every layout, poisoned outputs."""
-    for k, n in [(4096, 4096)] + AWKWARD:
-        layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
-        for m in (1, 17, 33, 64, 65, 130, 257):
-            gen = torch.Generator(device="cuda").manual_seed(3000 + m)
-            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-            _poison()
-            _check_out(_tc(layer, x), x, w, dtype)
-
-
-@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
-def test_tc_forced_splits(bits, gs, act):
-    """Every split along K (uneven last slices included) gives the same answer as the planned launch."""
-    for k, n in [(14336, 4096), (704, 200)]:
-        layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
-        for m in (40, 100):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            planned = _tc(layer, x)
-            _check_out(planned, x, w, torch.float16)
-            for sp in (1, 2, 3, 7, 64):
-                _poison()
-                y = _tc(layer, x, sp)
-                _check_out(y, x, w, torch.float16)
-                torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.parametrize("m", [40, 128])
-def test_tc_graph_replay_split(m):
-    """Graph replay of a split-K launch (partials + self-resetting locks), bit for bit, over new inputs."""
-    layer, w, _ = _layer(14336, 4096, 4, 128, True, False, torch.float16)
-    static_x = torch.randn(m, 14336, device="cuda", dtype=torch.float16)
-    eager = _tc(layer, static_x, 5).clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        _tc(layer, static_x, 5)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = _tc(layer, static_x, 5)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, eager)
-    static_x.copy_(torch.randn_like(static_x))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, _tc(layer, static_x, 5))
-    _check_out(static_y, static_x, w, torch.float16)
-
-
-def test_tc_opcheck():
-    layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
-    for m in (5, 70):
-        x = torch.randn(m, 576, device="cuda", dtype=torch.float16)
-        args = (x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks, 4, 128, 1536)
-        torch.library.opcheck(torch.ops.zephyr.gptq_gemm_tc_repacked.default, args)
-
-
 def test_torch_compile():
     layer, w, _ = _layer(4096, 4096, 8, 128, True, True, torch.float16)
     compiled = torch.compile(lambda t: layer(t), fullgraph=True)
-    for m in (4, 12, 48):  # the GEMV kernel (1 and 2 x tiles) and the tensor-core kernel
+    for m in (4, 12, 48):  # the GEMV kernel (1 and 2 x tiles) and the fused kernel
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         assert torch.equal(compiled(x), layer(x))
 

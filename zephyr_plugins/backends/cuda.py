@@ -2,14 +2,10 @@
 
 - ``M <= GEMV_MAX_M`` rows (decode batches up to 32): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
-- ``M <= TC_MAX_M`` rows: ``zephyr::gptq_gemm_tc_repacked``, a tensor-core
-  GEMM that stages x tiles and packed weights in shared memory (cp.async
-  pipeline) and dequantizes each weight once per 32 rows.
-- More rows: ``zephyr::gptq_dequantize`` to the activation dtype, then
-  ``x @ w`` in cuBLAS.
-
-(``zephyr::gptq_gemm_repacked``, the older fused small-M kernel, is no longer
-dispatched: the two above beat it at every M measured on the H100.)
+- ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
+  dequantize + tensor-core matmul that streams the repacked weight once.
+- More rows (prefill): ``zephyr::gptq_dequantize`` to the activation dtype,
+  then ``x @ w`` in cuBLAS.
 
 Importing this module is cheap: the kernels are built the first time a CUDA
 layer is selected (:func:`zephyr_plugins.kernel_build.ensure_built`). Without
@@ -27,9 +23,9 @@ import torch
 from ..hookspecs import hookimpl
 from .base import KernelBackend, LayerSpec
 
-# Largest M sent to the tensor-core kernel; above it, dequantize + cuBLAS.
-# ``ZEPHYR_CUDA_TC_MAX_M`` (read at import) moves the threshold.
-TC_MAX_M = int(os.environ.get("ZEPHYR_CUDA_TC_MAX_M", "4096"))
+# Largest M sent to the fused kernel (it serves up to 4 m16 tiles, M <= 64);
+# above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) lowers it.
+FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
 # Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
 
@@ -83,7 +79,7 @@ class CudaGPTQBackend(KernelBackend):
         layer.register_buffer("_zk_g_idx", layer.g_idx.to(torch.int32).contiguous(), persistent=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from ..kernel_ops import gptq_dequantize, gptq_gemm_tc_repacked, gptq_gemv_repacked
+        from ..kernel_ops import gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
 
         spec = self.spec
         if self._fallback:
@@ -98,8 +94,8 @@ class CudaGPTQBackend(KernelBackend):
                 x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
                 layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
             )  # fmt: skip
-        elif x2.shape[0] <= TC_MAX_M:
-            out = gptq_gemm_tc_repacked(
+        elif x2.shape[0] <= FUSED_MAX_M:
+            out = gptq_gemm_repacked(
                 x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
                 layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
             )  # fmt: skip
