@@ -223,15 +223,6 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // 4- and 8-bit, M = 1 and 8. Ties keep the larger block.
   const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = z.Np / kBlockN;
   const int sms = sm_count(x.get_device());
-  // On sm_90 a split over up to kMaxCluster blocks is summed inside a thread
-  // block cluster (distributed shared memory) instead of through fp32
-  // partials in global memory and a lock. ZEPHYR_CUDA_CLUSTER=0 turns it off.
-  static const bool cluster_env = [] {
-    const char* e = std::getenv("ZEPHYR_CUDA_CLUSTER");
-    return !(e && e[0] == '0');
-  }();
-  constexpr int kMaxCluster = 8;
-  const bool cluster_ok = cluster_env && cc_major(x.get_device()) >= 9;
   long best = -1;
   int W = max_warps, upw = units, S = 1;
   for (int w : {8, 4}) {
@@ -241,9 +232,7 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     for (int s_try = splits ? std::min<int>(splits, most) : 1; s_try <= most; ++s_try) {
       const int u = ceil_div(units, w * s_try);
       const int s_real = ceil_div(units, w * u);
-      // The split's cost: ~5 units' time for the partial + lock round trip, ~1 in a cluster.
-      const int split_cost = s_real == 1 ? 0 : (cluster_ok && s_real <= kMaxCluster ? 1 : 5);
-      const long cost = long(ceil_div(nblk * s_real, slots)) * (u + 2) + split_cost;
+      const long cost = long(ceil_div(nblk * s_real, slots)) * (u + 2) + (s_real > 1 ? 5 : 0);
       if (best < 0 || cost < best) best = cost, W = w, upw = u, S = s_real;
       if (splits) break;
     }
@@ -251,11 +240,10 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   bool pdl = false;
   const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
   at::Tensor partial;
-  const bool cluster = cluster_ok && S > 1 && S <= kMaxCluster;
-  if (S > 1 && !cluster) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
+  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
-                partial.defined() ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, cluster, stream};
+                S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
+                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);

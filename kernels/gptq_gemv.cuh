@@ -25,8 +25,6 @@
 //   same deterministic partial + lock scheme as the fused kernel.
 #pragma once
 
-#include <cooperative_groups.h>
-
 #include "gptq_kernels.cuh"
 
 namespace zephyr {
@@ -48,7 +46,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
     int* __restrict__ locks,            // [Np/64]
     T* __restrict__ out,                // [M, N]
-    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S, bool cluster) {
+    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
   constexpr int VPS = BITS / 4;  // 16-byte vectors per lane per 16-row step
@@ -250,31 +248,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   __syncthreads();
 
   const int n0 = nb * kBlockN;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (S > 1 && cluster) {
-    // The S blocks of this column block form one thread block cluster (sm_90):
-    // each sums its warps into red[0], then block 0 of the cluster adds the S
-    // block sums through distributed shared memory, in rank order.
-    namespace cg = cooperative_groups;
-    cg::cluster_group cl = cg::this_cluster();
-    for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
-      float v = 0.f;
-      for (int w = 0; w < W; ++w) v += red[w][i];
-      red[0][i] = v;  // element i is read and written by this thread only
-    }
-    cl.sync();
-    if (cl.block_rank() == 0) {
-      for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
-        float v = 0.f;
-        for (int r = 0; r < S; ++r) v += cl.map_shared_rank(&red[0][0], r)[i];
-        const int m = i / kBlockN, j = i % kBlockN;
-        if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
-      }
-    }
-    cl.sync();  // keep every block's shared memory alive until block 0 has read it
-    return;
-  }
-#endif
   if (S == 1) {
     for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
       float v = 0.f;
@@ -316,7 +289,6 @@ struct GemvArgs {
   int M, N, Kp, Np, G, group_rows, upw, S, warps;
   bool scale_after;  // group_rows is a multiple of 128 (or one group)
   bool pdl;
-  bool cluster;  // S > 1 blocks of a column block form a cluster (sm_90, S <= 8): no partials, no locks
   cudaStream_t stream;
 };
 
@@ -328,27 +300,15 @@ cudaError_t launch_gemv(const GemvArgs& a) {
   cfg.blockDim = dim3(a.warps * 32);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = a.stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (a.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  const bool cluster = a.cluster && a.S > 1;
-  if (cluster) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = a.S;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = a.pdl ? 1 : 0;
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x),
                                        static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
                                        static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out),
-                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S, cluster);
+                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
