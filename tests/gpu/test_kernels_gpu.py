@@ -14,7 +14,9 @@ fp16 <= 1e-3, bf16 <= 1e-2.
 from __future__ import annotations
 
 import functools
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -234,6 +236,40 @@ def test_gemv_graph_replay_split(m):
         torch.cuda.synchronize()
         assert torch.equal(static_y, _gemv(layer, static_x, bw, 7))
         _check_out(static_y, static_x, w, torch.float16)
+
+
+def test_bad_arguments_raise_cleanly():
+    """A failing argument check inside the extension is a RuntimeError naming the problem, not a crash.
+
+    Run in a subprocess: an earlier build on the H100 image ended the whole process instead.
+    """
+    _cuda()
+    code = textwrap.dedent(
+        """
+        import torch
+        from zephyr_plugins.kernel_build import ensure_built
+        ok, why = ensure_built()
+        assert ok, why
+        import zephyr_plugins.kernel_ops  # noqa: F401 - schemas
+        dev = "cuda"
+        x = torch.randn(3, 256, device=dev, dtype=torch.float16)
+        qweight = torch.zeros(4, 16, 128, dtype=torch.int32, device=dev)  # Np = 256, Kp = 256, 4-bit
+        scales = torch.ones(2, 256, dtype=torch.float32, device=dev)  # wrong dtype: must be float16
+        empty = torch.empty(0, device=dev, dtype=torch.float16)
+        perm = torch.empty(0, dtype=torch.int32, device=dev)
+        locks = torch.zeros(4, dtype=torch.int32, device=dev)
+        for op in (torch.ops.zephyr.gptq_gemv_repacked, torch.ops.zephyr.gptq_gemm_repacked):
+            try:
+                op(x, qweight, scales, empty, perm, locks, 4, 128, 256)
+                print("NO ERROR")
+            except RuntimeError as exc:
+                print("RAISED:", str(exc).splitlines()[0])
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("RAISED", "NO ERROR"))]
+    assert len(lines) == 2 and all("scales must be" in ln for ln in lines), r.stdout[-2000:]
 
 
 def test_torch_compile():
