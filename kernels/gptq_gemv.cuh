@@ -271,8 +271,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   __threadfence();
   for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
     const int m = i / kBlockN, j = i % kBlockN;
-    float v = 0.f;
-    for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
+    const float v = sum_partials(partial + (size_t)m * Np + n0 + j, (size_t)M * Np, S);
     if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
   }
   if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)

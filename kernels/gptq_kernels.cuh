@@ -125,6 +125,31 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Sum of the S fp32 partials p[0], p[stride], ... in order (so the result is
+// the same as a plain loop), with up to 8 loads in flight: a loop of dependent
+// v += load(...) pays one L2 round trip per split.
+__device__ __forceinline__ float sum_partials(const float* p, size_t stride, int S) {
+  float v = 0.f;
+  int ss = 0;
+  for (; ss + 8 <= S; ss += 8) {
+    float t[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[u] = __ldcg(p + (ss + u) * stride);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v += t[u];
+  }
+  if (ss + 4 <= S) {
+    float t[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) t[u] = __ldcg(p + (ss + u) * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v += t[u];
+    ss += 4;
+  }
+  for (; ss < S; ++ss) v += __ldcg(p + ss * stride);
+  return v;
+}
+
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
 // copied, zero-padded to Kp, so the fused kernel reads x with aligned 16-byte
 // loads and never past the end. One launch per call, M*Kp elements.
@@ -364,8 +389,7 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
   __threadfence();
   for (int i = threadIdx.x; i < M * kBlockN; i += kThreads) {
     const int m = i / kBlockN, j = i % kBlockN;
-    float v = 0.f;
-    for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
+    const float v = sum_partials(partial + (size_t)m * Np + n0 + j, (size_t)M * Np, S);
     if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
   }
   if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)
