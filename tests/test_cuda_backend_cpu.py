@@ -207,3 +207,33 @@ def test_nvcc_compiles_every_source_with_torch_headers(tmp_path):
                "-o", str(tmp_path / (src.stem + ".o"))]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"{src.name}: {res.stderr[-3000:]}"
+
+
+def test_wrappers_check_every_argument_first():
+    """kernel_ops' wrappers refuse bad arguments with ValueError naming the argument (the extension is never reached)."""
+    t = random_gptq_layer(256, 64, 4, 128, True, False, seed=7)
+    r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float16)
+    locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
+    x = torch.randn(3, 256).half()
+    good = dict(x=x, qweight=r.qweight, scales=r.scales, zeros=r.zeros, perm=r.perm, locks=locks)
+    cases = {
+        "scales must be": dict(scales=r.scales.float()),
+        "x must be float16 or bfloat16": dict(x=x.float()),
+        "x must be a contiguous 2-D": dict(x=x.t()),
+        "qweight covers Kp=256 rows but x has K=100": dict(x=torch.randn(3, 100).half()),
+        "perm must be empty or int32": dict(perm=torch.zeros(5, dtype=torch.int32)),
+        "locks must be int32": dict(locks=torch.zeros(0, dtype=torch.int32)),
+        "zeros must be empty or like scales": dict(zeros=torch.zeros(1, 64).half()),
+    }
+    for fn in (kernel_ops.gptq_gemm_repacked, kernel_ops.gptq_gemv_repacked):
+        assert fn(**good, bits=4, group_size=128, size_n=64).shape == (3, 64)
+        for msg, change in cases.items():
+            args = {**good, **change}
+            with pytest.raises(ValueError, match=msg):
+                fn(**args, bits=4, group_size=128, size_n=64)
+        with pytest.raises(ValueError, match="bits must be 4 or 8"):
+            fn(**good, bits=3, group_size=128, size_n=64)
+        with pytest.raises(ValueError, match="size_n=300"):
+            fn(**good, bits=4, group_size=128, size_n=300)
+    with pytest.raises(ValueError, match="qweight must be int32"):
+        kernel_ops.gptq_dequantize(t["qweight"][:-1], t["qzeros"], t["scales"], t["g_idx"], 4, 1)

@@ -111,8 +111,56 @@ def _dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
     return scales.new_empty((g_idx.shape[0], scales.shape[1]))
 
 
+def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int,
+                  max_m: int) -> None:
+    """The CUDA launchers' argument checks, in Python, raising ``ValueError`` before any work.
+
+    The extension checks the same (``check_zk_args`` in ``kernels/gptq_gemm.cu``), but on
+    the H100 image a failing check inside the extension ended the process (SIGSEGV) instead
+    of raising, so the wrappers below never let bad arguments reach it.
+    """
+    def bad(msg: str):
+        raise ValueError(f"{op}: {msg}")
+
+    if bits not in (4, 8):
+        bad(f"bits must be 4 or 8, got {bits}")
+    if x.dim() != 2 or not x.is_contiguous():
+        bad(f"x must be a contiguous 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        bad(f"x must be float16 or bfloat16, got {x.dtype}")
+    m, k = x.shape
+    if m > max_m:
+        bad(f"x has M={m} rows; this kernel serves M <= {max_m}")
+    if qweight.dim() != 3 or qweight.dtype != torch.int32 or not qweight.is_contiguous():
+        bad(f"qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got {qweight.dtype} {tuple(qweight.shape)}")
+    np_, kp = qweight.shape[0] * 64, qweight.shape[1] * 16
+    if qweight.shape[2] != 32 * bits:
+        bad(f"qweight.shape[2]={qweight.shape[2]} but bits={bits} needs {32 * bits}")
+    if kp % 128 or not (k <= kp < k + 128):
+        bad(f"qweight covers Kp={kp} rows but x has K={k} (Kp must be K rounded up to a multiple of 128)")
+    if not (size_n <= np_ < size_n + 64):
+        bad(f"qweight covers Np={np_} columns but size_n={size_n}")
+    if scales.dim() != 2 or scales.shape[1] != np_ or scales.dtype != x.dtype or not scales.is_contiguous():
+        bad(f"scales must be contiguous {x.dtype} [G, {np_}], got {scales.dtype} {tuple(scales.shape)}")
+    if zeros.numel() and (zeros.shape != scales.shape or zeros.dtype != x.dtype or not zeros.is_contiguous()):
+        bad(f"zeros must be empty or like scales {tuple(scales.shape)}, got {zeros.dtype} {tuple(zeros.shape)}")
+    if perm.numel() and (perm.dim() != 1 or perm.shape[0] != k or perm.dtype != torch.int32):
+        bad(f"perm must be empty or int32 [K={k}], got {perm.dtype} {tuple(perm.shape)}")
+    if locks.dim() != 1 or locks.shape[0] < np_ // 64 or locks.dtype != torch.int32:
+        bad(f"locks must be int32 [>= {np_ // 64}] zeros, got {locks.dtype} {tuple(locks.shape)}")
+    rows = k if group_size == -1 else group_size
+    if not (group_size == -1 or group_size in (32, 64) or (group_size > 0 and group_size % 128 == 0)):
+        bad(f"group_size={group_size} not served (allowed: -1, 32, 64, multiples of 128)")
+    if scales.shape[0] != -(-k // rows):
+        bad(f"scales has {scales.shape[0]} groups but K={k}, group_size={group_size} needs {-(-k // rows)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("perm", perm), ("locks", locks)):
+        if t.numel() and t.device != x.device:
+            bad(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int):
     """``x [M, K] @ W`` on the zk layout; see the module docstring for every argument."""
+    check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 64)
     return torch.ops.zephyr.gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n)
 
 
@@ -120,9 +168,11 @@ def gptq_gemv_repacked(
     x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, block_warps: int = 0, splits: int = 0
 ):
     """``x [M <= 32, K] @ W`` on the zk layout with the GEMV kernel; see the module docstring."""
-    if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS:
-        # Checked here too: on the H100 image a failing TORCH_CHECK inside the extension crashed the process.
-        raise ValueError(f"gptq_gemv_repacked serves x of shape [M <= {GEMV_MAX_ROWS}, K], got {tuple(x.shape)}")
+    check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                  GEMV_MAX_ROWS)
+    if block_warps not in (0, 4, 8) or not 0 <= splits <= 256:
+        raise ValueError(f"gptq_gemv_repacked: block_warps must be 0, 4 or 8 and splits in [0, 256], "
+                         f"got {block_warps}, {splits}")
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
     )
@@ -130,4 +180,19 @@ def gptq_gemv_repacked(
 
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int):
     """Checkpoint layout to ``scales.dtype [K, N]``; see the module docstring."""
+    if bits not in (4, 8):
+        raise ValueError(f"gptq_dequantize: bits must be 4 or 8, got {bits}")
+    allowed = (torch.float16, torch.bfloat16) + (() if scales.is_cuda else (torch.float32,))
+    if scales.dim() != 2 or scales.dtype not in allowed or not scales.is_contiguous():
+        raise ValueError(f"gptq_dequantize: scales must be contiguous {' or '.join(map(str, allowed))} [G, N], "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if g_idx.dim() != 1 or g_idx.dtype != torch.int32:
+        raise ValueError(f"gptq_dequantize: g_idx must be int32 [K], got {g_idx.dtype} {tuple(g_idx.shape)}")
+    per, (k, (groups, n)) = 32 // bits, (g_idx.shape[0], scales.shape)
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (-(-k // per), n):
+        raise ValueError(f"gptq_dequantize: qweight must be int32 [{-(-k // per)}, {n}], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (groups, -(-n // per)):
+        raise ValueError(f"gptq_dequantize: qzeros must be int32 [{groups}, {-(-n // per)}], got "
+                         f"{qzeros.dtype} {tuple(qzeros.shape)}")
     return torch.ops.zephyr.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)

@@ -239,9 +239,10 @@ def test_gemv_graph_replay_split(m):
 
 
 def test_bad_arguments_raise_cleanly():
-    """A failing argument check inside the extension is a RuntimeError naming the problem, not a crash.
+    """Bad arguments to the kernel wrappers raise ValueError naming the problem, before the extension.
 
-    Run in a subprocess: an earlier build on the H100 image ended the whole process instead.
+    In a subprocess: a failing check inside the extension itself ended the whole process
+    (SIGSEGV) on the H100 image, which is why the wrappers check everything first.
     """
     _cuda()
     code = textwrap.dedent(
@@ -250,7 +251,7 @@ def test_bad_arguments_raise_cleanly():
         from zephyr_plugins.kernel_build import ensure_built
         ok, why = ensure_built()
         assert ok, why
-        import zephyr_plugins.kernel_ops  # noqa: F401 - schemas
+        from zephyr_plugins import kernel_ops as ko
         dev = "cuda"
         x = torch.randn(3, 256, device=dev, dtype=torch.float16)
         qweight = torch.zeros(4, 16, 128, dtype=torch.int32, device=dev)  # Np = 256, Kp = 256, 4-bit
@@ -258,18 +259,25 @@ def test_bad_arguments_raise_cleanly():
         empty = torch.empty(0, device=dev, dtype=torch.float16)
         perm = torch.empty(0, dtype=torch.int32, device=dev)
         locks = torch.zeros(4, dtype=torch.int32, device=dev)
-        for op in (torch.ops.zephyr.gptq_gemv_repacked, torch.ops.zephyr.gptq_gemm_repacked):
+        for op in (ko.gptq_gemv_repacked, ko.gptq_gemm_repacked):
             try:
                 op(x, qweight, scales, empty, perm, locks, 4, 128, 256)
                 print("NO ERROR")
-            except RuntimeError as exc:
-                print("RAISED:", str(exc).splitlines()[0])
+            except ValueError as exc:
+                print("RAISED:", exc)
+        try:
+            ko.gptq_dequantize(torch.zeros(32, 256, dtype=torch.int32, device=dev),
+                               torch.zeros(2, 32, dtype=torch.int32, device=dev), scales,
+                               torch.zeros(256, dtype=torch.int32, device=dev), 4, 1)
+            print("NO ERROR")
+        except ValueError as exc:
+            print("RAISED:", exc)
         """
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("RAISED", "NO ERROR"))]
-    assert len(lines) == 2 and all("scales must be" in ln for ln in lines), r.stdout[-2000:]
+    assert len(lines) == 3 and all("scales must be" in ln for ln in lines), r.stdout[-2000:]
 
 
 def test_torch_compile():

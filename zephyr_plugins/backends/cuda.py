@@ -77,30 +77,33 @@ class CudaGPTQBackend(KernelBackend):
         # The large-M path dequantizes the checkpoint layout; it wants the scales in the activation dtype.
         layer.register_buffer("_zk_scales_ckpt", layer.scales.to(spec.dtype).contiguous(), persistent=False)
         layer.register_buffer("_zk_g_idx", layer.g_idx.to(torch.int32).contiguous(), persistent=False)
+        # Every argument the kernels will see, checked once (apply calls the ops directly).
+        from ..kernel_ops import check_zk_args
+
+        probe = torch.zeros(1, spec.in_features, dtype=spec.dtype, device=r.qweight.device)
+        check_zk_args("cuda backend", probe, r.qweight, r.scales, r.zeros, r.perm, layer._zk_locks, spec.bits,
+                      spec.group_size, spec.out_features, 1)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from ..kernel_ops import gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
-
         spec = self.spec
         if self._fallback:
             from ..ops import gptq_gemm
 
             return gptq_gemm(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, spec.bits, spec.zero_offset)
+        ops = torch.ops.zephyr
         x2 = x.reshape(-1, spec.in_features)
         if x2.dtype != spec.dtype:
             x2 = x2.to(spec.dtype)
+        # The ops are called directly: their tensors were checked once in process_weights, and
+        # x2 is 2-D, contiguous, of the layer's dtype and width by construction (kernel_ops'
+        # wrappers check every argument on every call, for other callers).
+        zk = (layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks)
         if x2.shape[0] <= GEMV_MAX_M:
-            out = gptq_gemv_repacked(
-                x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
-                layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
-            )  # fmt: skip
+            out = ops.gptq_gemv_repacked(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
         elif x2.shape[0] <= FUSED_MAX_M:
-            out = gptq_gemm_repacked(
-                x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm,
-                layer._zk_locks, spec.bits, spec.group_size, spec.out_features,
-            )  # fmt: skip
+            out = ops.gptq_gemm_repacked(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
         else:
-            w = gptq_dequantize(
+            w = ops.gptq_dequantize(
                 layer.qweight, layer.qzeros, layer._zk_scales_ckpt, layer._zk_g_idx, spec.bits, spec.zero_offset
             )
             out = x2 @ w
