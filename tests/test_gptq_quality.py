@@ -1,5 +1,14 @@
-"""Real-model quality: SmolLM2-135M, float vs RTN vs GPTQ perplexity on held-out Wikipedia text (slow)."""
+"""Real-model quality: SmolLM2-135M, float vs RTN vs GPTQ perplexity on held-out Wikipedia text (slow).
 
+Every model is scored on the same 24 windows of 512 tokens (12k tokens), spread
+evenly over the whole held-out text; with 4 windows (2k tokens) the GPTQ/RTN
+comparison flipped sign from one slice of text to the next. Ratios of two
+models are compared window by window (paired), and a bootstrap interval over
+the windows is printed with the table.
+"""
+
+import math
+import random
 import time
 
 import pytest
@@ -8,10 +17,12 @@ import torch
 from zephyr_plugins.assets import load_float, read_text
 from zephyr_plugins.config import GPTQConfig
 
-# Small enough for a few minutes on 2 CPU cores. SmolLM2's weights sit on a 4-bit
-# grid in blocks of 32 (it ships as Q4_1), so quality is judged at group size 128.
+# Calibration a 2-core CI machine affords (about a minute per GPTQ run). SmolLM2's
+# weights sit on a 4-bit grid in blocks of 32 (it ships as Q4_1), so quality is
+# judged at group size 128.
 NSAMPLES, SEQLEN = 16, 256
-EVAL_SEQLEN, EVAL_WINDOWS = 512, 4
+EVAL_SEQLEN, EVAL_WINDOWS = 512, 24
+GPTQ4, GPTQ8, RTN4 = "GPTQ 4-bit g128 act-order", "GPTQ 8-bit g128 act-order", "RTN 4-bit g128"
 
 
 def _rtn_(model, cfg):
@@ -25,20 +36,38 @@ def _rtn_(model, cfg):
         lin.weight.data = (s[g] * (q - z[g])).t().contiguous()
 
 
+def rise_ratio(nlls: dict, model: str, idx=None) -> float:
+    """(ppl(model) - ppl(float)) / (ppl(RTN) - ppl(float)) over the windows ``idx`` (default: all)."""
+    from zephyr_plugins.evaluate import ppl_from_nlls
+
+    idx = range(len(nlls["float"])) if idx is None else idx
+    ppl = {k: ppl_from_nlls([nlls[k][i] for i in idx], EVAL_SEQLEN) for k in ("float", RTN4, model)}
+    return (ppl[model] - ppl["float"]) / (ppl[RTN4] - ppl["float"])
+
+
+def bootstrap_interval(nlls: dict, model: str, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """90% paired bootstrap interval of :func:`rise_ratio` (windows resampled, same draw for every model)."""
+    rng = random.Random(seed)
+    n = len(nlls["float"])
+    ratios = sorted(rise_ratio(nlls, model, [rng.randrange(n) for _ in range(n)]) for _ in range(draws))
+    return ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]
+
+
 @pytest.fixture(scope="module")
-def perplexities(smollm2_dir, tmp_path_factory):
+def nlls(smollm2_dir, tmp_path_factory):
+    """Per-window NLL sums of every model on the same evaluation windows."""
     from transformers import AutoTokenizer
 
     import zephyr_plugins as zp
-    from zephyr_plugins.evaluate import perplexity
+    from zephyr_plugins.evaluate import ppl_from_nlls, window_nlls
     from zephyr_plugins.quantize import quantize_model, quantize_to_folder
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     calib = [read_text("calib", max_chars=300_000)]
-    text = read_text("eval", max_chars=60_000)
+    text = read_text("eval")
 
-    def ppl(model):
-        return perplexity(model, tok, text, seqlen=EVAL_SEQLEN, max_windows=EVAL_WINDOWS)
+    def score(model):
+        return window_nlls(model, tok, text, seqlen=EVAL_SEQLEN, max_windows=EVAL_WINDOWS, spread=True)
 
     # Thousands of small ops: on a shared 2-core CI machine one thread was 4x faster than two.
     threads = torch.get_num_threads()
@@ -46,48 +75,82 @@ def perplexities(smollm2_dir, tmp_path_factory):
     try:
         rows = {}
         t0 = time.time()
-        rows["float"] = ppl(load_float(smollm2_dir))
+        rows["float"] = score(load_float(smollm2_dir))
         model = load_float(smollm2_dir)
         _rtn_(model, GPTQConfig(bits=4, group_size=128))
-        rows["RTN 4-bit g128"] = ppl(model)
+        rows[RTN4] = score(model)
         # GPTQ 4-bit act-order through the whole path: checkpoint folder -> zp.load -> QuantLinear.
         cfg4 = GPTQConfig(bits=4, group_size=128, desc_act=True, damp_percent=0.1)
         t = time.time()
         out = quantize_to_folder(smollm2_dir, tmp_path_factory.mktemp("q") / "q4", cfg4, dataset=calib,
                                  nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=8, progress=False)
         quant_s = time.time() - t
-        rows["GPTQ 4-bit g128 act-order"] = ppl(zp.load(out)[0])
+        model = zp.load(out)[0]
+        zp.prepare_model(model, backend="dense")  # dequantize once: the reference's numbers, faster on a CPU
+        rows[GPTQ4] = score(model)
         model = load_float(smollm2_dir)
         quantize_model(model, tok, GPTQConfig(bits=8, group_size=128, desc_act=True, damp_percent=0.1), calib,
                        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=8, progress=False)
-        rows["GPTQ 8-bit g128 act-order"] = ppl(model)
+        rows[GPTQ8] = score(model)
     finally:
         torch.set_num_threads(threads)
-    f = rows["float"]
-    print(f"\nSmolLM2-135M, perplexity on {EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of held-out Wikipedia; "
-          f"calibration {NSAMPLES} x {SEQLEN} tokens (GPTQ 4-bit took {quant_s:.0f} s, all {time.time() - t0:.0f} s)")
+    f = ppl_from_nlls(rows["float"], EVAL_SEQLEN)
+    lo, hi = bootstrap_interval(rows, GPTQ4)
+    print(f"\nSmolLM2-135M, perplexity on {EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of held-out Wikipedia (windows "
+          f"spread over the text); calibration {NSAMPLES} x {SEQLEN} tokens (GPTQ 4-bit took {quant_s:.0f} s, "
+          f"all {time.time() - t0:.0f} s)")
     print("| model | perplexity | vs float |\n|---|---|---|")
     for name, v in rows.items():
-        print(f"| {name} | {v:.3f} | {100 * (v / f - 1):+.2f}% |")
+        p = ppl_from_nlls(v, EVAL_SEQLEN)
+        print(f"| {name} | {p:.3f} | {100 * (p / f - 1):+.2f}% |")
+    print(f"GPTQ 4-bit rise / RTN rise = {rise_ratio(rows, GPTQ4):.3f} (90% bootstrap over windows: {lo:.3f} .. {hi:.3f})")
     return rows
 
 
+def test_rise_ratio_and_bootstrap_interval():
+    e = lambda nll: math.exp(nll / (EVAL_SEQLEN - 1))  # noqa: E731
+    rows = {"float": [1.0, 2.0], RTN4: [3.0, 3.0], "m": [2.0, 2.9]}
+    assert rise_ratio(rows, "m", [0]) == pytest.approx((e(2.0) - e(1.0)) / (e(3.0) - e(1.0)))
+    assert rise_ratio(rows, "m") == pytest.approx((e(2.45) - e(1.5)) / (e(3.0) - e(1.5)))
+    lo, hi = bootstrap_interval(rows, "m", draws=200)
+    assert lo < rise_ratio(rows, "m") < hi  # two different windows: the resampled ratio varies
+
+
+def test_window_starts_first_or_spread():
+    from zephyr_plugins.evaluate import window_starts
+
+    assert window_starts(10 * 512 + 100, 512) == [w * 512 for w in range(10)]  # the partial tail is dropped
+    assert window_starts(10 * 512, 512, max_windows=3) == [0, 512, 1024]
+    assert window_starts(10 * 512, 512, max_windows=4, spread=True) == [0, 2 * 512, 5 * 512, 7 * 512]
+    assert window_starts(3 * 512, 512, max_windows=8, spread=True) == [0, 512, 1024]
+    with pytest.raises(ValueError, match="max_windows"):
+        window_starts(3 * 512, 512, max_windows=0)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        window_starts(100, 512)
+
+
 @pytest.mark.slow
-def test_gptq_8bit_within_1_percent_of_float(perplexities):
-    assert abs(perplexities["GPTQ 8-bit g128 act-order"] / perplexities["float"] - 1) <= 0.01, perplexities
+def test_gptq_8bit_within_1_percent_of_float(nlls):
+    from zephyr_plugins.evaluate import ppl_from_nlls
+
+    f, q = ppl_from_nlls(nlls["float"], EVAL_SEQLEN), ppl_from_nlls(nlls[GPTQ8], EVAL_SEQLEN)
+    assert abs(q / f - 1) <= 0.01, (f, q)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="measured: with the calibration a CPU test affords (16 x 256 tokens; also 32 x 512), GPTQ 4-bit "
-    "beats RTN on every layer's held-out reconstruction but NOT on SmolLM2's end-to-end perplexity "
-    "(+34% vs RTN's +31%); suspected cause: massive activations (|x| up to ~2400 at layer 28's down_proj "
-    "input) dominate the Hessians. Open issue, see the quantization report.",
+    reason="measured, not a defect of our GPTQ (per layer it equals a textbook GPTQ; block replay, Hessian inputs and "
+    "packing verified): on SmolLM2-135M at g128 GPTQ 4-bit's perplexity rise is ~0.70 of RTN's with 16 x 256 "
+    "calibration tokens (0.68 with 128 x 256). Cause: the attention sink at position 0 of every calibration window. "
+    "It carries massive activations (84-94% of the Hessian trace of down_proj in layers 11 and 28, where damp "
+    "0.1 x mean diag is 4-130x the median diagonal), yet in the q/k/v/o/gate/up Hessians it is 1 token in 256 "
+    "although every later token attends to it (GPTQ on q/k/v alone is worse than RTN). Same 4096 tokens as "
+    "4 x 1024 windows: 0.99, as 16 x 256: 0.78; position 0 dropped from the Hessians: 1.08; weighted x16 "
+    "everywhere: 0.88; x16 everywhere but down_proj: 0.52 (not standard GPTQ, not used).",
     strict=False,
 )
-def test_gptq_4bit_rise_at_most_60_percent_of_rtn(perplexities):
-    f = perplexities["float"]
-    rtn_rise = perplexities["RTN 4-bit g128"] - f
-    gptq_rise = perplexities["GPTQ 4-bit g128 act-order"] - f
-    assert rtn_rise > 0
-    assert gptq_rise <= 0.6 * rtn_rise, perplexities
+def test_gptq_4bit_rise_at_most_60_percent_of_rtn(nlls):
+    from zephyr_plugins.evaluate import ppl_from_nlls
+
+    assert ppl_from_nlls(nlls[RTN4], EVAL_SEQLEN) > ppl_from_nlls(nlls["float"], EVAL_SEQLEN)
+    assert rise_ratio(nlls, GPTQ4) <= 0.6, nlls
