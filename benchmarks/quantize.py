@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "quantize_gptq_mistral7b.json")
+    card = result["card"].replace(" ", "_")
+    path = os.path.join(args.out, f"quantize_gptq_mistral7b_{card}.json")
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
     print(f"| card | per block (s) | 32 blocks, extrapolated (min) | peak GiB |\n|---|---|---|---|\n"
