@@ -237,3 +237,25 @@ def test_wrappers_check_every_argument_first():
             fn(**good, bits=4, group_size=128, size_n=300)
     with pytest.raises(ValueError, match="qweight must be int32"):
         kernel_ops.gptq_dequantize(t["qweight"][:-1], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+
+
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    """A built wheel carries kernels/ as zephyr_plugins/kernels, and kernel_build finds it there once installed."""
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "whl"), str(root)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "whl").glob("zephyr_plugins-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for src in sorted(p.name for p in (root / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".cpp")):
+        assert f"zephyr_plugins/kernels/{src}" in names, src
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", "from zephyr_plugins import kernel_build as k; print(k.KERNEL_DIR)"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    assert Path(out) == site / "zephyr_plugins" / "kernels"

@@ -31,7 +31,13 @@ from typing import Optional
 
 import torch
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+def _kernel_dir() -> Path:
+    """The CUDA sources: installed beside the package (a wheel), else the repository's ``kernels/``."""
+    installed = Path(__file__).resolve().parent / "kernels"
+    return installed if (installed / "bindings.cpp").is_file() else Path(__file__).resolve().parent.parent / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
 DEFAULT_ARCHS = "80;89;90a"
 
 _lock = threading.Lock()
