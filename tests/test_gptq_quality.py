@@ -154,3 +154,18 @@ def test_gptq_4bit_rise_at_most_60_percent_of_rtn(nlls):
 
     assert ppl_from_nlls(nlls[RTN4], EVAL_SEQLEN) > ppl_from_nlls(nlls["float"], EVAL_SEQLEN)
     assert rise_ratio(nlls, GPTQ4) <= 0.6, nlls
+
+
+def test_windows_clipped_to_the_model_context(tiny_model, zephyr_tokenizer):
+    """A seqlen beyond max_position_embeddings is clipped in both window_nlls and perplexity."""
+    from zephyr_plugins.evaluate import perplexity, ppl_from_nlls, window_nlls
+
+    text = read_text("eval", max_chars=4000)
+    ctx = tiny_model.config.max_position_embeddings
+    tiny_model.config.max_position_embeddings = 64
+    try:
+        nll = window_nlls(tiny_model, zephyr_tokenizer, text, seqlen=4096, max_windows=3)
+        assert nll == window_nlls(tiny_model, zephyr_tokenizer, text, seqlen=64, max_windows=3)
+        assert perplexity(tiny_model, zephyr_tokenizer, text, seqlen=4096, max_windows=3) == ppl_from_nlls(nll, 64)
+    finally:
+        tiny_model.config.max_position_embeddings = ctx

@@ -40,6 +40,12 @@ def window_starts(n_tokens: int, seqlen: int, max_windows: Optional[int] = None,
     return [w * seqlen for w in range(windows)]
 
 
+def _window_len(model, seqlen: int) -> int:
+    """``seqlen`` clipped to the model's ``max_position_embeddings`` (when its config has one)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return seqlen if max_pos is None else min(seqlen, int(max_pos))
+
+
 @torch.no_grad()
 def window_nlls(
     model,
@@ -55,9 +61,7 @@ def window_nlls(
         raise ValueError("perplexity: the text is empty")
     if not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"perplexity: seqlen={seqlen!r} must be an integer >= 2")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None:
-        seqlen = min(seqlen, int(max_pos))
+    seqlen = _window_len(model, seqlen)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     starts = window_starts(ids.numel(), seqlen, max_windows, spread)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -84,7 +88,5 @@ def perplexity(
     spread: bool = False,
 ) -> float:
     """``exp`` of the mean next-token NLL over non-overlapping ``seqlen`` windows of ``text``."""
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and isinstance(seqlen, int):
-        seqlen = min(seqlen, int(max_pos))
-    return ppl_from_nlls(window_nlls(model, tokenizer, text, seqlen, max_windows, device, spread), seqlen)
+    nlls = window_nlls(model, tokenizer, text, seqlen, max_windows, device, spread)  # checks the arguments
+    return ppl_from_nlls(nlls, _window_len(model, seqlen))
