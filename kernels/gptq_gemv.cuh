@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   __threadfence();
   for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
     const int m = i / kBlockN, j = i % kBlockN;
-    const float v = sum_partials(partial + (size_t)m * Np + n0 + j, (size_t)M * Np, S);
+    float v = 0.f;
+    for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
     if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
   }
   if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)
@@ -291,63 +292,50 @@ struct GemvArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int BITS, bool HAS_Z, bool SA, int NT>
-cudaError_t launch_gemv(const GemvArgs& a) {
-  auto kernel = gptq_gemv_kernel<T, BITS, HAS_Z, SA, NT>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(a.Np / kBlockN, a.S);
-  cfg.blockDim = dim3(a.warps * 32);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = a.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = a.pdl ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x),
-                                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-                                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out),
-                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
-}
+template <typename T>
+using GemvKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
+                            int, int, int);
 
-// Resident blocks per SM of `warps`-warp blocks (cached per instantiation and block size).
-template <typename T, int BITS, bool HAS_Z, bool SA, int NT>
-int occupancy_gemv(int warps) {
-  static int occ[kGemvMaxWarps + 1] = {0};
-  if (warps < 1 || warps > gemv_max_warps(NT)) return 1;
-  if (occ[warps] == 0) {
-    int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, gptq_gemv_kernel<T, BITS, HAS_Z, SA, NT>, warps * 32, 0) !=
-        cudaSuccess)
-      v = 1;
-    occ[warps] = v < 1 ? 1 : v;
+// The kernel instantiation for M rows: NT from M; scale_after is honoured for
+// M <= 8 only (one x tile), larger M scale in the dequantization.
+template <typename T, int BITS>
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
+  switch (gemv_tiles(m)) {
+    case 4: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4> : gptq_gemv_kernel<T, BITS, false, false, 4>;
+    case 2: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
+    default:
+      if (has_z)
+        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1> : gptq_gemv_kernel<T, BITS, true, false, 1>;
+      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1> : gptq_gemv_kernel<T, BITS, false, false, 1>;
   }
-  return occ[warps];
 }
 
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
-// scale_after is honoured for M <= 8 only (one x tile); larger M scale in the dequantization.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
-  const int nt = gemv_tiles(a.M);
-  if (a.warps > gemv_max_warps(nt)) return cudaErrorInvalidValue;
-  if (nt == 4) return a.zeros ? launch_gemv<T, BITS, true, false, 4>(a) : launch_gemv<T, BITS, false, false, 4>(a);
-  if (nt == 2) return a.zeros ? launch_gemv<T, BITS, true, false, 2>(a) : launch_gemv<T, BITS, false, false, 2>(a);
-  if (a.zeros)
-    return a.scale_after ? launch_gemv<T, BITS, true, true, 1>(a) : launch_gemv<T, BITS, true, false, 1>(a);
-  return a.scale_after ? launch_gemv<T, BITS, false, true, 1>(a) : launch_gemv<T, BITS, false, false, 1>(a);
+  if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
+  return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
+                       dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
+                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N, a.Kp,
+                       a.Np, a.G, a.group_rows, a.upw, a.S);
 }
 
+// Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached).
 template <typename T, int BITS>
 int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   const int nt = gemv_tiles(m);
-  if (nt == 4) return has_z ? occupancy_gemv<T, BITS, true, false, 4>(warps) : occupancy_gemv<T, BITS, false, false, 4>(warps);
-  if (nt == 2) return has_z ? occupancy_gemv<T, BITS, true, false, 2>(warps) : occupancy_gemv<T, BITS, false, false, 2>(warps);
-  if (has_z)
-    return scale_after ? occupancy_gemv<T, BITS, true, true, 1>(warps) : occupancy_gemv<T, BITS, true, false, 1>(warps);
-  return scale_after ? occupancy_gemv<T, BITS, false, true, 1>(warps) : occupancy_gemv<T, BITS, false, false, 1>(warps);
+  if (warps < 1 || warps > gemv_max_warps(nt)) return 1;
+  static int occ[3][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][warps]
+  int& v = occ[nt / 2][has_z][scale_after][warps];
+  if (v == 0) {
+    int r = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after), warps * 32,
+                                                      0) != cudaSuccess)
+      r = 1;
+    v = r < 1 ? 1 : r;
+  }
+  return v;
 }
 
 extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool);

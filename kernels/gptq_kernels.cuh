@@ -43,6 +43,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace zephyr {
@@ -125,29 +126,24 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Sum of the S fp32 partials p[0], p[stride], ... in order (so the result is
-// the same as a plain loop), with up to 8 loads in flight: a loop of dependent
-// v += load(...) pays one L2 round trip per split.
-__device__ __forceinline__ float sum_partials(const float* p, size_t stride, int S) {
-  float v = 0.f;
-  int ss = 0;
-  for (; ss + 8 <= S; ss += 8) {
-    float t[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) t[u] = __ldcg(p + (ss + u) * stride);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) v += t[u];
-  }
-  if (ss + 4 <= S) {
-    float t[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) t[u] = __ldcg(p + (ss + u) * stride);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v += t[u];
-    ss += 4;
-  }
-  for (; ss < S; ++ss) v += __ldcg(p + ss * stride);
-  return v;
+// Launch `kernel` on `stream`; with `pdl`, as a programmatic dependent launch
+// (sm_90): it may start before the previous kernel ends, and waits in
+// pdl_wait() before reading what that kernel wrote.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
+                          Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
@@ -389,7 +385,8 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
   __threadfence();
   for (int i = threadIdx.x; i < M * kBlockN; i += kThreads) {
     const int m = i / kBlockN, j = i % kBlockN;
-    const float v = sum_partials(partial + (size_t)m * Np + n0 + j, (size_t)M * Np, S);
+    float v = 0.f;
+    for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
     if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
   }
   if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)

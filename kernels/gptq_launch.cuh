@@ -25,23 +25,10 @@ struct SmallArgs {
 
 template <typename T, int BITS, bool HAS_Z, int MT, bool PF>
 cudaError_t launch_small(const SmallArgs& a) {
-  auto kernel = gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, PF>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(a.Np / kBlockN, a.S);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = a.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = a.pdl ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x),
-                                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-                                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out),
-                                       a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch_kernel(gptq_gemm_small_kernel<T, BITS, HAS_Z, MT, PF>, dim3(a.Np / kBlockN, a.S), dim3(kThreads),
+                       a.stream, a.pdl, static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
+                       static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
+                       static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
 // Resident blocks per SM of one instantiation (cached; the grid is sized to it).
