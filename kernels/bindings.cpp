@@ -12,6 +12,10 @@
 //                              int size_n, int block_warps=0, int splits=0) -> Tensor
 //   zephyr::gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx,
 //                           int bits, int zero_offset) -> Tensor
+//   zephyr::decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache,
+//                            Tensor(b!) v_cache, Tensor slot, Tensor pad, Tensor(c!) locks,
+//                            int n_heads, int n_kv_heads, int kv_len, int window,
+//                            int block_keys=0) -> Tensor
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,10 +29,15 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    int64_t splits);
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                                 const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
+at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                 at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot,
+                                 const at::Tensor& pad, at::Tensor& locks, int64_t n_heads, int64_t n_kv_heads,
+                                 int64_t kv_len, int64_t window, int64_t block_keys);
 }  // namespace zephyr
 
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
   m.impl("gptq_gemm_repacked", &zephyr::gptq_gemm_repacked_cuda);
   m.impl("gptq_gemv_repacked", &zephyr::gptq_gemv_repacked_cuda);
   m.impl("gptq_dequantize", &zephyr::gptq_dequantize_cuda);
+  m.impl("decode_attention", &zephyr::decode_attention_cuda);
 }

@@ -46,6 +46,27 @@ Ops:
     - ``scales``: float16/bfloat16 ``[G, N]``.
     - ``g_idx``: int32 ``[K]``.
     - ``bits``: 4 or 8. ``zero_offset``: 1 for v1 ``"gptq"`` checkpoints, 0 for ``"gptq_v2"``.
+
+``zephyr::decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window, block_keys=0) -> Tensor``
+    One decode step of attention (one new token per row) in one kernel
+    (``kernels/decode_attention.cu``): rotate q and k, write the new k and v
+    into the cache at ``slot``, attend over the cache with grouped-query heads.
+    Same arithmetic as the model's unfused path (``split_rope``,
+    ``KVCache.update``, ``attention_mask``, ``decode_attention``), which is
+    the CPU implementation.
+
+    - ``qkv``: float16/bfloat16 ``[B, (H + 2 Hkv) * hd]``, the fused projection's output.
+    - ``cos``, ``sin``: float32 ``[B, hd / 2]`` at each row's position.
+    - ``k_cache``, ``v_cache``: ``qkv.dtype [Bmax >= B, Hkv, Lmax, hd]``, written at ``slot``.
+    - ``slot``: int64 ``[1]``, the cache slot of the new token (a device tensor, so a
+      captured graph serves every step); must be ``< kv_len``.
+    - ``pad``: int64 ``[B]`` left padding; a row never sees slots below it.
+    - ``locks``: int32 ``[>= B * Hkv]`` zeros (self-resetting split semaphores).
+    - ``kv_len``: slots ``[0, kv_len)`` may be attended; ``window``: sliding window, 0 = none.
+    - ``block_keys``: cache slots per thread block (multiple of 32, at most 512); 0 plans it.
+      H / Hkv <= 8, hd 64 or 128.
+
+    Returns ``qkv.dtype [B, H * hd]`` (heads in order, ready for the output projection).
 """
 
 from __future__ import annotations
@@ -68,6 +89,10 @@ _LIB.define(
     "Tensor(a!) locks, int bits, int group_size, int size_n, int block_warps=0, int splits=0) -> Tensor"
 )
 _LIB.define(
+    "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
+    "Tensor pad, Tensor(c!) locks, int n_heads, int n_kv_heads, int kv_len, int window, int block_keys=0) -> Tensor"
+)
+_LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
 )
 
@@ -85,10 +110,26 @@ def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
     return dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype=scales.dtype)
 
 
+def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads: int, n_kv_heads: int,
+                               kv_len: int, window: int, block_keys: int = 0):
+    """The unfused path, op by op: the CPU implementation of ``zephyr::decode_attention``."""
+    from .kv_cache import attention_mask
+    from .model_ops import decode_attention, split_rope
+
+    bsz, hd = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = split_rope(qkv.view(bsz, 1, -1), cos.view(bsz, 1, -1), sin.view(bsz, 1, -1), n_heads, n_kv_heads, hd)
+    kc, vc = k_cache[:bsz], v_cache[:bsz]
+    kc.index_copy_(2, slot, k.to(kc.dtype))
+    vc.index_copy_(2, slot, v.to(vc.dtype))
+    mask = attention_mask(slot, pad, kv_len, window or None)  # [B, 1, 1, kv_len]
+    return decode_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask).view(bsz, n_heads * hd)
+
+
 # The CUDA implementations come from kernels/bindings.cpp once built.
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
+_LIB.impl("decode_attention", decode_attention_reference, "CPU")
 
 
 @torch.library.register_fake("zephyr::gptq_gemm_repacked")
@@ -109,6 +150,12 @@ def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
 @torch.library.register_fake("zephyr::gptq_dequantize")
 def _dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
     return scales.new_empty((g_idx.shape[0], scales.shape[1]))
+
+
+@torch.library.register_fake("zephyr::decode_attention")
+def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window,
+                           block_keys=0):
+    return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
 def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int,
@@ -196,3 +243,62 @@ def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int)
         raise ValueError(f"gptq_dequantize: qzeros must be int32 [{groups}, {-(-n // per)}], got "
                          f"{qzeros.dtype} {tuple(qzeros.shape)}")
     return torch.ops.zephyr.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
+
+
+DECODE_ATTENTION_MAX_GROUP = 8  # kMaxGroup in kernels/decode_attention.cu
+DECODE_ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def decode_attention_unsupported(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the CUDA ``decode_attention`` kernel cannot serve this attention shape, or None."""
+    if n_kv_heads < 1 or n_heads % n_kv_heads or n_heads // n_kv_heads > DECODE_ATTENTION_MAX_GROUP:
+        return f"{n_heads} query heads on {n_kv_heads} kv heads (at most {DECODE_ATTENTION_MAX_GROUP} per kv head)"
+    if head_dim not in DECODE_ATTENTION_HEAD_DIMS:
+        return f"head_dim={head_dim} (served: {DECODE_ATTENTION_HEAD_DIMS})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (served: float16, bfloat16)"
+    return None
+
+
+def decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads: int, n_kv_heads: int, kv_len: int,
+                     window: int = 0, block_keys: int = 0):
+    """One decode step of attention, cache write included; see the module docstring for every argument."""
+    def bad(msg: str):
+        raise ValueError(f"decode_attention: {msg}")
+
+    if qkv.dim() != 2 or not qkv.is_contiguous():
+        bad(f"qkv must be a contiguous [B, (H + 2 Hkv) hd] tensor, got shape {tuple(qkv.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        bad(f"k_cache and v_cache must be contiguous [Bmax, Hkv, Lmax, hd] of one shape, got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    bsz, hd, lmax = qkv.shape[0], k_cache.shape[3], k_cache.shape[2]
+    if qkv.is_cuda:
+        why = decode_attention_unsupported(n_heads, n_kv_heads, hd, qkv.dtype)
+        if why:
+            bad(f"the CUDA kernel does not serve {why}")
+    elif n_kv_heads < 1 or n_heads % n_kv_heads:
+        bad(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
+        bad(f"the cache ({k_cache.dtype}, {v_cache.dtype}) must have qkv's dtype {qkv.dtype}")
+    if qkv.shape[1] != (n_heads + 2 * n_kv_heads) * hd or k_cache.shape[1] != n_kv_heads or k_cache.shape[0] < bsz:
+        bad(f"qkv {tuple(qkv.shape)} does not fit {n_heads} + 2 x {n_kv_heads} heads of the cache "
+            f"{tuple(k_cache.shape)}")
+    if not 1 <= kv_len <= lmax:
+        bad(f"kv_len={kv_len} outside [1, {lmax}]")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (bsz, hd // 2):
+            bad(f"{name} must be contiguous float32 [{bsz}, {hd // 2}], got {t.dtype} {tuple(t.shape)}")
+    if slot.dtype != torch.int64 or slot.numel() != 1:
+        bad(f"slot must be int64 [1], got {slot.dtype} {tuple(slot.shape)}")
+    if pad.dtype != torch.int64 or tuple(pad.shape) != (bsz,):
+        bad(f"pad must be int64 [{bsz}], got {pad.dtype} {tuple(pad.shape)}")
+    if locks.dtype != torch.int32 or locks.numel() < bsz * n_kv_heads:
+        bad(f"locks must be int32 [>= {bsz * n_kv_heads}] zeros, got {locks.dtype} {tuple(locks.shape)}")
+    if window < 0 or block_keys < 0 or block_keys % 32 or block_keys > 512:
+        bad(f"window must be >= 0 and block_keys 0 or a multiple of 32 up to 512, got {window}, {block_keys}")
+    for name, t in (("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("slot", slot),
+                    ("pad", pad), ("locks", locks)):
+        if t.device != qkv.device:
+            bad(f"{name} is on {t.device} but qkv is on {qkv.device}")
+    return torch.ops.zephyr.decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads,
+                                             kv_len, window, block_keys)

@@ -25,12 +25,16 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Keys and values of one layer: ``[max_batch_size, n_kv_heads, max_seq_len, head_dim]`` each."""
+    """Keys and values of one layer: ``[max_batch_size, n_kv_heads, max_seq_len, head_dim]`` each.
+
+    ``locks`` are the fused decode-attention kernel's split semaphores (zeros between calls).
+    """
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.locks = torch.zeros(max_batch_size * n_kv_heads, dtype=torch.int32, device=device)
 
     def update(self, cache_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write ``k, v: [B, Hkv, S, hd]`` at slots ``cache_index: int64 [S]``; return the first ``kv_len`` slots.

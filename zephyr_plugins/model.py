@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .kernel_ops import decode_attention
 from .kv_cache import KVCache, prefill_attention
 from .model_ops import ModelOps
 
@@ -113,12 +114,19 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wqkv = wqkv  # [B, S, D] -> [B, S, (H + 2 * Hkv) * hd]
         self.wo = wo  # [B, S, H * hd] -> [B, S, D]
+        self.window = args.sliding_window or 0
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps):
-        # x: [B, S, D]; cos/sin: [B, S, hd/2]; cache_index: int64 [S]; mask: bool [B, 1, S, kv_len] or None
+    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps, pad):
+        # x: [B, S, D]; cos/sin: [B, S, hd/2]; cache_index: int64 [S]; mask: bool [B, 1, S, kv_len] or None;
+        # pad: int64 [B]
         bsz, seqlen, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if seqlen == 1 and ops.fused_decode:  # rope + cache write + attention in one kernel (no mask needed)
+            c = self.kv_cache
+            y = decode_attention(self.wqkv(x).view(bsz, -1), cos.reshape(bsz, -1), sin.reshape(bsz, -1), c.k, c.v,
+                                 cache_index, pad, c.locks, h, hkv, kv_len, self.window)  # fmt: skip
+            return self.wo(y.view(bsz, 1, h * hd))
         q, k, v = ops.split_rope(self.wqkv(x), cos, sin, h, hkv, hd)  # [B, H, S, hd], [B, Hkv, S, hd] x 2
         k_all, v_all = self.kv_cache.update(cache_index, k, v, kv_len)  # [B, Hkv, kv_len, hd]
         if mask is None:  # fresh causal prefill from slot 0: attend over this chunk only
@@ -149,11 +157,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, h, cos, sin, cache_index, mask, kv_len, ops: ModelOps, next_norm: RMSNorm):
+    def forward(self, x, h, cos, sin, cache_index, mask, kv_len, ops: ModelOps, next_norm: RMSNorm, pad):
         # x: [B, S, D] residual stream; h = attention_norm(x), computed by the previous block.
         # Each residual add is fused with the norm that follows it, the last one with the
         # next block's attention_norm (or the final norm): one kernel instead of two.
-        x, h = ops.add_rms_norm(x, self.attention(h, cos, sin, cache_index, mask, kv_len, ops), self.ffn_norm.weight,
+        x, h = ops.add_rms_norm(x, self.attention(h, cos, sin, cache_index, mask, kv_len, ops, pad), self.ffn_norm.weight,
                                 self.ffn_norm.eps)  # fmt: skip
         return ops.add_rms_norm(x, self.feed_forward(h, ops), next_norm.weight, next_norm.eps)
 
@@ -204,15 +212,16 @@ class Transformer(nn.Module):
         device = tokens.device
         kv_len = kv_len or self.max_seq_len
         ops = self.ops
+        fused = seqlen == 1 and ops.fused_decode  # the decode attention kernel applies the mask's rule itself
         slots = torch.arange(seqlen, device=device) + start  # [S] cache slots of this chunk
         cos, sin, mask = ops.rope_and_mask(slots, pad, self.rope_cos, self.rope_sin, kv_len, self.args.sliding_window,
-                                           not causal_fresh)  # [B, S, hd/2] x 2, [B, 1, S, kv_len] or None
+                                           not (causal_fresh or fused))  # [B, S, hd/2] x 2, [B, 1, S, kv_len] or None
         x = self.tok_embeddings(tokens)  # [B, S, D]
         first = self.layers[0].attention_norm
         h = ops.rms_norm(x, first.weight, first.eps)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, h = layer(x, h, cos, sin, slots, mask, kv_len, ops, next_norm)
+            x, h = layer(x, h, cos, sin, slots, mask, kv_len, ops, next_norm, pad)
         if last_only:
             h = h[:, -1:]  # h = norm(x): the norm is per position
         logits = self.output(h).float()  # [B, S', V]

@@ -134,10 +134,16 @@ class _Guarded:
 
 
 class ModelOps:
-    """The elementwise functions the model calls: compiled (``compile=True``) or plain."""
+    """The elementwise functions the model calls: compiled (``compile=True``) or plain.
 
-    def __init__(self, compile: bool = False):
+    ``fused_decode``: decode steps (one token per row) run rope, the cache write
+    and attention as one ``zephyr::decode_attention`` op (a CUDA kernel; on the
+    CPU its reference, the same arithmetic as the functions below).
+    """
+
+    def __init__(self, compile: bool = False, fused_decode: bool = False):
         self.compile = compile
+        self.fused_decode = fused_decode
         for name, fn in _FUNCTIONS.items():
             if compile:
                 with _lock:  # one compiled version per process, shared by every model

@@ -38,6 +38,18 @@ from .templates import ZEPHYR, PromptTemplate
 
 Messages = Sequence[dict]
 
+
+def _fused_attention_ok(args, dtype: torch.dtype, device: torch.device) -> bool:
+    """Can ``zephyr::decode_attention`` serve this model here? On the CPU its reference always can."""
+    if device.type == "cpu":
+        return True
+    from .kernel_build import ensure_built
+    from .kernel_ops import decode_attention_unsupported
+
+    if decode_attention_unsupported(args.n_heads, args.n_kv_heads, args.head_dim, dtype) is not None:
+        return False
+    return device.type == "cuda" and ensure_built()[0]
+
 # Tokens per prefill chunk: bounds activation memory (a 4096-token chunk of a
 # 7B model needs ~0.5 GB of activations) while keeping the GEMMs large.
 PREFILL_TOKENS = 4096
@@ -51,7 +63,8 @@ class Zephyr:
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                  dtype: Optional[torch.dtype] = None, cuda_graphs: Optional[bool] = None,
-                 template: PromptTemplate = ZEPHYR, backend: Optional[str] = None, compile: Optional[bool] = None):
+                 template: PromptTemplate = ZEPHYR, backend: Optional[str] = None, compile: Optional[bool] = None,
+                 fused_attention: Optional[bool] = None):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_seq_len={max_seq_len} >= 2")
         self.model = model
@@ -67,7 +80,11 @@ class Zephyr:
                 self.kernels[name] = m.prepare(self.dtype, backend=backend).name  # repack once, before capture
         if compile is None:
             compile = self.device.type == "cuda" and os.environ.get("ZEPHYR_COMPILE", "1") != "0"
-        model.ops = ModelOps(compile=compile)  # fused elementwise kernels (see model_ops.py)
+        if fused_attention is None:
+            fused_attention = self.device.type == "cuda" and os.environ.get("ZEPHYR_FUSED_ATTENTION", "1") != "0"
+        self.fused_attention = bool(fused_attention) and _fused_attention_ok(model.args, self.dtype, self.device)
+        # fused elementwise kernels (see model_ops.py); decode attention as one kernel (kernel_ops.decode_attention)
+        model.ops = ModelOps(compile=compile, fused_decode=self.fused_attention)
         model.setup_cache(max_batch_size, max_seq_len, self.dtype)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.steps = DecodeGraphs(model, enabled=cuda_graphs)
@@ -81,6 +98,7 @@ class Zephyr:
     def from_pretrained(cls, ref, device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8,
                         max_seq_len: int = 4096, backend: Optional[str] = None, revision: Optional[str] = None,
                         cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
+                        fused_attention: Optional[bool] = None,
                         tokenizer=None) -> "Zephyr":
         """Load a GPTQ or float checkpoint: a folder, ``repo`` or ``repo:branch``.
 
@@ -93,7 +111,8 @@ class Zephyr:
         model, _ = load_transformer(folder, device=device, dtype=dtype)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   dtype=dtype, cuda_graphs=cuda_graphs, backend=backend, compile=compile)
+                   dtype=dtype, cuda_graphs=cuda_graphs, backend=backend, compile=compile,
+                   fused_attention=fused_attention)
 
     # ----------------------------------------------------------------- user API
     def chat(self, messages: Messages, cancel=None, **sampling) -> str:
