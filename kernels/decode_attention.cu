@@ -17,13 +17,16 @@
 // of one (row, kv head) and all G = H / Hkv query heads that share it:
 //   1. q of the G heads, rotated in fp32 and rounded to the activation type
 //      (as the unfused path does), scaled by 1/sqrt(hd), into shared memory.
-//      The block whose slots hold `slot` also rotates k and writes k, v there.
-//   2. Scores: lanes split a key's hd elements (16 bytes each); the G dot
-//      products are reduced with shuffles. Masked keys are never read: a row
-//      sees slots [lo, slot] with lo = max(pad, slot - window + 1), and always
-//      itself (kv_cache.attention_mask's rule).
-//   3. Softmax over the block's keys (max, exp, sum), then P @ V.
-//   4. With S > 1, every block writes (unnormalized output, max, sum) to an
+//      The block whose slots hold `slot` also rotates k and writes k, v there
+//      (and keeps them in shared memory for its own use).
+//   2. Steps of 64 keys (32 with G > 4): each thread loads its 16-byte slices
+//      of K and V for the whole step at once (one memory round trip per
+//      step), the G dot products of a key are reduced with shuffles, and an
+//      online softmax (block-wide running max) accumulates P @ V. Masked keys
+//      are never read: a row sees slots [lo, slot] with
+//      lo = max(pad, slot - window + 1), and always itself
+//      (kv_cache.attention_mask's rule).
+//   3. With S > 1, every block writes (unnormalized output, max, sum) to an
 //      fp32 scratch buffer; the last block of the (row, kv head), counted in
 //      `locks` (self-resetting), merges them in key order: deterministic.
 #include <ATen/ATen.h>
@@ -43,7 +46,7 @@ namespace {
 constexpr int kAttnThreads = 128;  // 4 warps
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kMaxGroup = 8;       // query heads per kv head served
-constexpr int kMaxBlockKeys = 512;
+constexpr int kMaxBlockKeys = 1024;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -79,146 +82,187 @@ struct AttnArgs {
   float scale;
 };
 
-template <typename T, int HD>
+// Keys per step of a block: every thread loads its K and V slices of the
+// whole step at once (one memory round trip per step, not one per key).
+template <int GMAX>
+constexpr int step_keys() { return GMAX <= 4 ? 64 : 32; }
+
+template <typename T, int HD, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
-  constexpr int kLanesPerKey = HD / 8;             // 16-byte slices of one key
-  constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys per warp and step
-  constexpr int kCols = HD / 8, kRows = kAttnThreads / kCols;  // P @ V thread layout
+  constexpr int kLanesPerKey = HD / 8;                       // 16-byte slices of one key
+  constexpr int kKeysPerPass = kAttnThreads / kLanesPerKey;  // keys the block covers per pass
+  constexpr int kStep = step_keys<GMAX>();
+  constexpr int kPasses = kStep / kKeysPerPass;
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.G, BK = a.block_keys;
+  const int dl = tid % kLanesPerKey, kk = tid / kLanesPerKey;  // slice, key within a pass
 
   const int slot = int(*a.slot);
   int lo = int(a.pad[b]);
   if (a.window > 0) lo = max(lo, slot - a.window + 1);
   lo = min(lo, slot);
   const int c0 = s * BK, c1 = min(c0 + BK, a.kv_len);
-  const int j0 = max(c0, lo), nk = min(c1, slot + 1) - j0;  // this block's keys: [j0, j0 + nk)
+  const int j0 = max(c0, lo), j1 = min(c1, slot + 1);  // this block's keys: [j0, j1)
 
-  extern __shared__ float smem[];
-  float* q_s = smem;                      // [G][HD]
-  float* p_s = q_s + G * HD;              // [G][BK] scores, then probabilities
-  float* red = p_s + G * BK;              // [kAttnWarps][G][HD] P @ V partial sums
-  float* ml = red + kAttnWarps * G * HD;  // [G][2] max, sum
+  __shared__ float q_s[GMAX * HD];
+  __shared__ float kv_new[2 * HD];  // the new token's k (rotated) and v
+  __shared__ float wmax[kAttnWarps][GMAX];
+  __shared__ float red[kAttnWarps][GMAX * HD];
   __shared__ int last_block;
 
   const size_t head_off = size_t(b * a.Hkv + hk) * a.Lmax * HD;
   T* kc = reinterpret_cast<T*>(a.k_cache) + head_off;
   T* vc = reinterpret_cast<T*>(a.v_cache) + head_off;
 
-  if (nk > 0) {
+  float o[GMAX][8], m_run[GMAX], l_run[GMAX];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    m_run[g] = -INFINITY, l_run[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
+  }
+
+  if (j0 < j1) {
     const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
     const float* cs = a.cos + size_t(b) * (HD / 2);
     const float* sn = a.sin + size_t(b) * (HD / 2);
+    const bool writer = slot >= c0 && slot < c1;
     for (int i = tid; i < G * HD; i += kAttnThreads) {
       const int g = i / HD, d = i % HD;
       q_s[i] = to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale;
     }
-    if (slot >= c0 && slot < c1) {  // this block writes the new token's k and v
+    if (writer) {  // this block writes the new token's k and v (and reads them from shared memory)
       const T* kh = row + (a.H + hk) * HD;
       const T* vh = row + (a.H + a.Hkv + hk) * HD;
       for (int d = tid; d < HD; d += kAttnThreads) {
-        kc[size_t(slot) * HD + d] = from_float<T>(rotate<T, HD>(kh, d, cs, sn));
-        vc[size_t(slot) * HD + d] = vh[d];
+        const T k = from_float<T>(rotate<T, HD>(kh, d, cs, sn)), v = vh[d];
+        kc[size_t(slot) * HD + d] = k;
+        vc[size_t(slot) * HD + d] = v;
+        kv_new[d] = to_float(k), kv_new[HD + d] = to_float(v);
       }
     }
-    __syncthreads();  // q in shared memory; the cache write visible to the block
-
-    // Scores. Lane: key kk of the step, elements [dl * 8, dl * 8 + 8).
-    const int dl = lane % kLanesPerKey, kk = lane / kLanesPerKey;
-    float qr[kMaxGroup][8];
+    __syncthreads();
+    float qr[GMAX][8];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
+    for (int g = 0; g < GMAX; ++g)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         qr[g][e] = 0.f;
         if (g < G) qr[g][e] = q_s[g * HD + dl * 8 + e];
       }
-    for (int base = warp * kKeysPerStep; base < nk; base += kAttnWarps * kKeysPerStep) {
-      const int jj = base + kk;
-      float acc[kMaxGroup];
+
+    for (int base = j0; base < j1; base += kStep) {
+      // All of the step's K and V slices in flight at once.
+      uint4 kr[kPasses], vr[kPasses];
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
-      if (jj < nk) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(kc + size_t(j0 + jj) * HD + dl * 8);
-        const T* kv = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float kf = to_float(kv[e]);
-#pragma unroll
-          for (int g = 0; g < kMaxGroup; ++g) acc[g] = fmaf(qr[g][e], kf, acc[g]);
+      for (int p = 0; p < kPasses; ++p) {
+        kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
+        const int j = base + p * kKeysPerPass + kk;
+        if (j < j1 && j != slot) {
+          kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
+          vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
         }
       }
+      float sc[kPasses][GMAX];
+      float mx[GMAX];
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= G) break;
+      for (int g = 0; g < GMAX; ++g) mx[g] = -INFINITY;
 #pragma unroll
-        for (int o = kLanesPerKey / 2; o > 0; o >>= 1) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
-        if (jj < nk && dl == 0) p_s[g * BK + jj] = acc[g];
+      for (int p = 0; p < kPasses; ++p) {
+        const int j = base + p * kKeysPerPass + kk;
+        float kf[8];
+        if (j == slot) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kf[e] = kv_new[dl * 8 + e];
+        } else {
+          const T* kv = reinterpret_cast<const T*>(&kr[p]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kf[e] = to_float(kv[e]);
+        }
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+          float acc = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc = fmaf(qr[g][e], kf[e], acc);
+#pragma unroll
+          for (int off = kLanesPerKey / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+          sc[p][g] = j < j1 ? acc : -INFINITY;
+          mx[g] = fmaxf(mx[g], sc[p][g]);
+        }
+      }
+      // Block-wide max of the step's scores, per head: warps by shuffles, then shared memory.
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+        for (int off = kLanesPerKey; off < 32; off <<= 1) mx[g] = fmaxf(mx[g], __shfl_xor_sync(0xffffffffu, mx[g], off));
+        if (lane == 0) wmax[warp][g] = mx[g];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        float m_new = m_run[g];
+#pragma unroll
+        for (int w = 0; w < kAttnWarps; ++w) m_new = fmaxf(m_new, wmax[w][g]);
+        const float alpha = m_run[g] == -INFINITY ? 0.f : expf(m_run[g] - m_new);
+        m_run[g] = m_new;
+        l_run[g] *= alpha;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[g][e] *= alpha;
+      }
+      __syncthreads();  // wmax is rewritten by the next step
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        const int j = base + p * kKeysPerPass + kk;
+        if (j >= j1) continue;
+        float vf[8];
+        if (j == slot) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] = kv_new[HD + dl * 8 + e];
+        } else {
+          const T* vv = reinterpret_cast<const T*>(&vr[p]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] = to_float(vv[e]);
+        }
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+          if (g >= G) break;
+          const float pr = expf(sc[p][g] - m_run[g]);
+          l_run[g] += pr;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[g][e] = fmaf(pr, vf[e], o[g][e]);
+        }
       }
     }
-    __syncthreads();
-
-    // Softmax over the block's keys: warp w takes heads w, w + 4, ...
-    for (int g = warp; g < G; g += kAttnWarps) {
-      float m = -INFINITY;
-      for (int j = lane; j < nk; j += 32) m = fmaxf(m, p_s[g * BK + j]);
+    // Sum over the threads holding the same slice (keys differ), then over the warps. Every
+    // lane of a key's slice group carries the same l, so l is summed over key groups only.
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      float l = 0.f;
-      for (int j = lane; j < nk; j += 32) {
-        const float e = expf(p_s[g * BK + j] - m);
-        p_s[g * BK + j] = e;
-        l += e;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) ml[2 * g] = m, ml[2 * g + 1] = l;
-    }
-    __syncthreads();
-
-    // P @ V: thread (row r, column c) sums keys r, r + kRows, ... over elements [c * 8, c * 8 + 8).
-    const int c = tid % kCols, r = tid / kCols;
-    float o[kMaxGroup][8];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
-#pragma unroll 2
-    for (int jj = r; jj < nk; jj += kRows) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(vc + size_t(j0 + jj) * HD + c * 8);
-      const T* vv = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= G) break;
-        const float p = p_s[g * BK + jj];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[g][e] = fmaf(p, to_float(vv[e]), o[g][e]);
-      }
-    }
-    // Rows within a warp (lanes c, c + kCols, ...) by shuffles, then the warps in shared memory.
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < GMAX; ++g) {
       if (g >= G) break;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
+      for (int off = kLanesPerKey; off < 32; off <<= 1) {
+        l_run[g] += __shfl_xor_sync(0xffffffffu, l_run[g], off);
 #pragma unroll
-        for (int off = kCols; off < 32; off <<= 1) o[g][e] += __shfl_xor_sync(0xffffffffu, o[g][e], off);
-        if (lane < kCols) red[(warp * G + g) * HD + c * 8 + e] = o[g][e];
+        for (int e = 0; e < 8; ++e) o[g][e] += __shfl_xor_sync(0xffffffffu, o[g][e], off);
       }
+      if (lane < kLanesPerKey) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) red[warp][g * HD + dl * 8 + e] = o[g][e];
+      }
+      if (lane == 0) wmax[warp][g] = l_run[g];
     }
     __syncthreads();
     for (int i = tid; i < G * HD; i += kAttnThreads) {
       const int g = i / HD, d = i % HD;
-      float v = 0.f;
+      float v = 0.f, l = 0.f;
 #pragma unroll
-      for (int w = 0; w < kAttnWarps; ++w) v += red[(w * G + g) * HD + d];
+      for (int w = 0; w < kAttnWarps; ++w) v += red[w][i], l += wmax[w][g];
       if (S == 1) {
-        reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(v / ml[2 * g + 1]);
+        reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(v / l);
       } else {
         float* part = a.partial + ((size_t(b * a.Hkv + hk) * S + s) * G + g) * (HD + 2);
         part[d] = v;
-        if (d == 0) part[HD] = ml[2 * g], part[HD + 1] = ml[2 * g + 1];
+        if (d == 0) part[HD] = m_run[g], part[HD + 1] = l;
       }
     }
   }
@@ -235,32 +279,46 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  const int s_lo = lo / BK, s_hi = min(slot, a.kv_len - 1) / BK;
+  const int s_lo = lo / BK, s_hi = min(slot, a.kv_len - 1) / BK, n = s_hi - s_lo + 1;
+  const size_t stride = size_t(G) * (HD + 2);
+  const float* base = a.partial + (size_t(b * a.Hkv + hk) * S + s_lo) * stride;
+  // Weights w[t][g] = exp(m_t - M_g) / sum_t exp(m_t - M_g) l_t, in shared memory (reusing `red`;
+  // the launcher bounds S so that 2 S G floats fit).
+  float* w = &red[0][0];
+  float* l_all = w + n * G;
+  for (int i = tid; i < n * G; i += kAttnThreads) {
+    const float* part = base + (i / G) * stride + (i % G) * (HD + 2);
+    w[i] = __ldcg(part + HD);
+    l_all[i] = __ldcg(part + HD + 1);
+  }
+  __syncthreads();
+  if (tid < G) {
+    float m = -INFINITY, l = 0.f;
+    for (int t = 0; t < n; ++t) m = fmaxf(m, w[t * G + tid]);
+    for (int t = 0; t < n; ++t) {
+      const float e = expf(w[t * G + tid] - m);
+      w[t * G + tid] = e;
+      l += e * l_all[t * G + tid];
+    }
+    for (int t = 0; t < n; ++t) w[t * G + tid] /= l;
+  }
+  __syncthreads();
   for (int i = tid; i < G * HD; i += kAttnThreads) {
     const int g = i / HD, d = i % HD;
-    const float* part = a.partial + (size_t(b * a.Hkv + hk) * S * G + g) * (HD + 2);
-    const size_t stride = size_t(G) * (HD + 2);
-    float m = -INFINITY;
-    for (int t = s_lo; t <= s_hi; ++t) m = fmaxf(m, __ldcg(part + t * stride + HD));
-    float num = 0.f, den = 0.f;
-    for (int t = s_lo; t <= s_hi; ++t) {
-      const float w = expf(__ldcg(part + t * stride + HD) - m);
-      num += w * __ldcg(part + t * stride + d);
-      den += w * __ldcg(part + t * stride + HD + 1);
-    }
-    reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(num / den);
+    float v = 0.f;
+#pragma unroll 4
+    for (int t = 0; t < n; ++t) v = fmaf(w[t * G + g], __ldcg(base + t * stride + g * (HD + 2) + d), v);
+    reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(v);
   }
 }
 
-size_t attn_smem_bytes(int G, int HD, int BK) {
-  return sizeof(float) * (size_t(G) * HD + size_t(G) * BK + size_t(kAttnWarps) * G * HD + 2 * G);
-}
-
-// Keys per block: the largest power of two in [32, 512] that still gives
-// every SM two blocks (fewer, longer blocks waste less on the merge).
+// Keys per block: a multiple of the step (64 keys) up to 1024, doubled
+// while the grid holds more than four blocks per SM (long contexts, big
+// batches), so that the merge stays short; at batch 1 the keys spread over
+// many SMs.
 int plan_block_keys(int B, int Hkv, int kv_len, int sms) {
-  int bk = kMaxBlockKeys;
-  while (bk > 32 && long(B) * Hkv * ((kv_len + bk - 1) / bk) < 2L * sms) bk /= 2;
+  int bk = 64;
+  while (bk < kMaxBlockKeys && long(B) * Hkv * ((kv_len + bk - 1) / bk) > 4L * sms) bk *= 2;
   return bk;
 }
 
@@ -300,9 +358,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, qkv.get_device()));
   const int BK = block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sms);
-  TORCH_CHECK(BK % 32 == 0 && BK >= 32 && BK <= kMaxBlockKeys, "decode_attention: block_keys must be a multiple of 32 in [32, ",
-              kMaxBlockKeys, "], got ", BK);
+  TORCH_CHECK(BK % 64 == 0 && BK >= 64 && BK <= kMaxBlockKeys,
+              "decode_attention: block_keys must be a multiple of 64 in [64, ", kMaxBlockKeys, "], got ", BK);
   const int S = (int(kv_len) + BK - 1) / BK;
+  const int gmax = G <= 4 ? 4 : 8;
+  TORCH_CHECK(2 * S * G <= kAttnWarps * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
+              " slots are too many to merge; use larger block_keys");
   at::Tensor partial;
   if (S > 1) partial = at::empty({B, Hkv, S, G, HD + 2}, qkv.options().dtype(at::kFloat));
   AttnArgs args{qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr(),
@@ -310,9 +371,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                 S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
                 H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
   const dim3 grid(S, Hkv, B);
-  const size_t smem = attn_smem_bytes(G, HD, BK);
   auto stream = c10::cuda::getCurrentCUDAStream();
-#define ZK_ATTN(T, D) decode_attention_kernel<T, D><<<grid, kAttnThreads, smem, stream>>>(args)
+#define ZK_ATTN(T, D)                                                                          \
+  if (gmax == 4) decode_attention_kernel<T, D, 4><<<grid, kAttnThreads, 0, stream>>>(args); \
+  else decode_attention_kernel<T, D, 8><<<grid, kAttnThreads, 0, stream>>>(args)
   const bool half = qkv.scalar_type() == at::kHalf;
   if (half && HD == 128) { ZK_ATTN(__half, 128); }
   else if (half) { ZK_ATTN(__half, 64); }

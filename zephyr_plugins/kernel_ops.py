@@ -63,7 +63,7 @@ Ops:
     - ``pad``: int64 ``[B]`` left padding; a row never sees slots below it.
     - ``locks``: int32 ``[>= B * Hkv]`` zeros (self-resetting split semaphores).
     - ``kv_len``: slots ``[0, kv_len)`` may be attended; ``window``: sliding window, 0 = none.
-    - ``block_keys``: cache slots per thread block (multiple of 32, at most 512); 0 plans it.
+    - ``block_keys``: cache slots per thread block (multiple of 64, at most 1024); 0 plans it.
       H / Hkv <= 8, hd 64 or 128.
 
     Returns ``qkv.dtype [B, H * hd]`` (heads in order, ready for the output projection).
@@ -294,8 +294,8 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads:
         bad(f"pad must be int64 [{bsz}], got {pad.dtype} {tuple(pad.shape)}")
     if locks.dtype != torch.int32 or locks.numel() < bsz * n_kv_heads:
         bad(f"locks must be int32 [>= {bsz * n_kv_heads}] zeros, got {locks.dtype} {tuple(locks.shape)}")
-    if window < 0 or block_keys < 0 or block_keys % 32 or block_keys > 512:
-        bad(f"window must be >= 0 and block_keys 0 or a multiple of 32 up to 512, got {window}, {block_keys}")
+    if window < 0 or block_keys < 0 or block_keys % 64 or block_keys > 1024:
+        bad(f"window must be >= 0 and block_keys 0 or a multiple of 64 up to 1024, got {window}, {block_keys}")
     for name, t in (("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("slot", slot),
                     ("pad", pad), ("locks", locks)):
         if t.device != qkv.device:
