@@ -201,6 +201,7 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         print(f"  batch {b:>2}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step  prefill {t_one * 1e3:7.1f} ms", flush=True)
     out["batches"] = runs
     out["fused_attention"] = llm.fused_attention
+    out["permuted_layers"] = llm.permuted_layers
     if ablate:  # what the fused (compiled) elementwise ops, the CUDA graphs and the attention kernel each buy
         from zephyr_plugins.decode_graphs import DecodeGraphs
         from zephyr_plugins.model_ops import ModelOps
@@ -208,7 +209,7 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         prompts = torch.randint(3, 32000, (1, prompt_len), generator=g).tolist()
         short = SamplingParams(max_new_tokens=65, temperature=0, repetition_penalty=1.0)
         compiled_ops = llm.model.ops
-        for label, ops, graphs in (("plain_ops_graphs", ModelOps(False, compiled_ops.fused_decode), True), ("compiled_ops_no_graphs", compiled_ops, False)):
+        for label, ops, graphs in (("plain_ops_graphs", ModelOps(False, compiled_ops.fused_decode, compiled_ops.permuted_inputs), True), ("compiled_ops_no_graphs", compiled_ops, False)):
             llm.model.ops, llm.steps = ops, DecodeGraphs(llm.model, enabled=graphs)
             llm.generate_tokens(prompts, short)
             t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
@@ -216,18 +217,23 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
             out[f"batch1_{label}"] = {"decode_tok_s": 1 / step, "ms_per_step": step * 1e3}
             print(f"  batch  1 {label}: {1 / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
         # The fused decode-attention kernel against the unfused ops (rope, cache writes, matmuls, softmax),
-        # both timed here the same way (64 steps after a 512-token prompt).
+        # and act-order inputs written permuted by their producers against each layer gathering its own;
+        # all timed here the same way (64 steps after a 512-token prompt).
+        variants = [("default", compiled_ops.fused_decode, compiled_ops.permuted_inputs)]
         if compiled_ops.fused_decode:
-            for b in sorted({1, max(batches)}):
-                prompts = torch.randint(3, 32000, (b, prompt_len), generator=g).tolist()
-                for label, fused in (("fused_attention", True), ("unfused_attention", False)):
-                    llm.model.ops = ModelOps(compiled_ops.compile, fused_decode=fused)
-                    llm.steps = DecodeGraphs(llm.model)
-                    llm.generate_tokens(prompts, short)
-                    t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
-                    step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=3) - t_one) / 64
-                    out[f"batch{b}_{label}"] = {"decode_tok_s": b / step, "ms_per_step": step * 1e3}
-                    print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
+            variants.append(("unfused_attention", False, compiled_ops.permuted_inputs))
+        if compiled_ops.permuted_inputs:
+            variants.append(("gathered_inputs", compiled_ops.fused_decode, False))
+        for b in sorted({1, max(batches)}) if len(variants) > 1 else []:
+            prompts = torch.randint(3, 32000, (b, prompt_len), generator=g).tolist()
+            for label, fused, permuted in variants:
+                llm.model.ops = ModelOps(compiled_ops.compile, fused_decode=fused, permuted_inputs=permuted)
+                llm.steps = DecodeGraphs(llm.model)
+                llm.generate_tokens(prompts, short)
+                t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
+                step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=3) - t_one) / 64
+                out[f"batch{b}_{label}"] = {"decode_tok_s": b / step, "ms_per_step": step * 1e3}
+                print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
         llm.model.ops, llm.steps = compiled_ops, DecodeGraphs(llm.model)
     long_prompt = torch.randint(3, 32000, (1, prefill_len), generator=g).tolist()
     llm.generate_tokens(long_prompt, one)
@@ -343,7 +349,7 @@ def main(argv=None) -> int:
         if "batches" in r:
             r["batches"] = {str(k): v for k, v in r["batches"].items()}
             print(f"{name}: prefill {args.prefill} tokens {r['prefill_4096_ms']:.0f} ms, peak {r['peak_gib']:.1f} GiB, "
-                  f"kernels {r['kernels']}, load {r['load_s']:.0f} s", flush=True)  # fmt: skip
+                  f"kernels {r['kernels']}, fused attention {r['fused_attention']}, permuted inputs {r['permuted_layers']} layers, load {r['load_s']:.0f} s", flush=True)  # fmt: skip
         save()
     save()
     try:

@@ -99,32 +99,39 @@ def test_cuda_kernel_limits_are_stated():
     assert "float32" in kernel_ops.decode_attention_unsupported(32, 8, 64, torch.float32)
 
 
-def test_runtime_fused_decode_equals_unfused(seed_checkpoints_window):
-    """The runtime's fused decode step (through the op's CPU reference) gives the unfused step's logits.
+@pytest.mark.parametrize("fused,permuted", [(True, False), (False, True), (True, True)])
+def test_runtime_fused_decode_equals_unfused(gptq_act_order_ckpt, fused, permuted):
+    """The runtime's decode step with the fused attention op (its CPU reference) and/or permuted inputs
+    (norms and SwiGLU writing act-order layers' inputs in their row order; the dense backend keeps
+    the weight rows in that order) gives the plain step's logits and cache.
 
     Left-padded rows and a sliding window shorter than the prompt: the op applies the mask's rule itself.
     """
     from zephyr_plugins.runtime import Zephyr
 
     runs = {}
-    for fused in (False, True):
-        llm = Zephyr.from_pretrained(seed_checkpoints_window, device="cpu", max_batch_size=2, max_seq_len=64,
-                                     fused_attention=fused)  # fmt: skip
-        assert llm.fused_attention is fused and llm.model.ops.fused_decode is fused
+    for flags in ((False, False), (fused, permuted)):
+        llm = Zephyr.from_pretrained(gptq_act_order_ckpt, device="cpu", max_batch_size=2, max_seq_len=64,
+                                     fused_attention=flags[0], permuted_inputs=flags[1])  # fmt: skip
+        assert llm.fused_attention is flags[0] and llm.model.ops.fused_decode is flags[0]
+        # GPTQ gives q/k/v (and gate/up) one g_idx: fused layers, so all three inputs per block are folded.
+        assert llm.permuted_layers == (3 * len(llm.model.layers) if flags[1] else 0)
         g = torch.Generator().manual_seed(0)
         tokens, pad = torch.randint(3, 32000, (2, 20), generator=g), torch.tensor([0, 6])
         llm.model(tokens, 0, pad, kv_len=64)
-        runs[fused] = [llm.steps(torch.randint(3, 32000, (2,), generator=g), 20 + i, pad).clone() for i in range(6)]
-        runs[fused].append(torch.stack([llm.model.layers[0].attention.kv_cache.k[:2, :, :26]]))
-    for a, b in zip(runs[False], runs[True]):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        runs[flags] = [llm.steps(torch.randint(3, 32000, (2,), generator=g), 20 + i, pad).clone() for i in range(6)]
+        runs[flags].append(llm.model.layers[0].attention.kv_cache.k[:2, :, :26].clone())
+    for a, b in zip(runs[(False, False)], runs[(fused, permuted)]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def seed_checkpoints_window(tmp_path_factory):
-    from zephyr_plugins.assets import tiny_mistral, write_rtn_checkpoint
+def gptq_act_order_ckpt(tmp_path_factory, zephyr_tokenizer):
+    from zephyr_plugins.assets import read_text, tiny_mistral
     from zephyr_plugins.config import GPTQConfig
+    from zephyr_plugins.quantize import quantize_to_folder
 
-    folder = tmp_path_factory.mktemp("fused") / "w"
-    return write_rtn_checkpoint(tiny_mistral(seed=5, sliding_window=8), str(folder),
-                                GPTQConfig(bits=4, group_size=64, desc_act=True))  # fmt: skip
+    folder = tmp_path_factory.mktemp("fused") / "gptq"
+    return quantize_to_folder(tiny_mistral(seed=5, sliding_window=8), folder,
+                              GPTQConfig(bits=4, group_size=64, desc_act=True), [read_text("calib", max_chars=20_000)],
+                              nsamples=4, seqlen=64, tokenizer=zephyr_tokenizer, progress=False)  # fmt: skip

@@ -92,6 +92,24 @@ class Concat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+def input_permutation(module: nn.Module) -> Optional[torch.Tensor]:
+    """The row order a (prepared) quantized layer wants its input in, or None (see ``ModelOps.permuted_inputs``)."""
+    if isinstance(module, Concat):
+        if len(module.parts) != 1:
+            return None
+        module = module.parts[0]
+    fn = getattr(module, "input_permutation", None)
+    return fn() if fn is not None else None
+
+
+def project(module: nn.Module, x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """``module(x)``; with ``perm``, x is already ``x[..., perm]`` (the layer's own row order)."""
+    if perm is None:
+        return module(x)
+    layer = module.parts[0] if isinstance(module, Concat) else module
+    return layer.forward_permuted(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -116,18 +134,20 @@ class Attention(nn.Module):
         self.wo = wo  # [B, S, H * hd] -> [B, S, D]
         self.window = args.sliding_window or 0
         self.kv_cache: Optional[KVCache] = None
+        self.qkv_perm: Optional[torch.Tensor] = None  # wqkv's input_permutation (set by Transformer.fold_permutations)
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps, pad):
-        # x: [B, S, D]; cos/sin: [B, S, hd/2]; cache_index: int64 [S]; mask: bool [B, 1, S, kv_len] or None;
-        # pad: int64 [B]
+    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps, pad, x_perm=None):
+        # x: [B, S, D] (x[..., x_perm] if given); cos/sin: [B, S, hd/2]; cache_index: int64 [S];
+        # mask: bool [B, 1, S, kv_len] or None; pad: int64 [B]
         bsz, seqlen, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = project(self.wqkv, x, x_perm)
         if seqlen == 1 and ops.fused_decode:  # rope + cache write + attention in one kernel (no mask needed)
             c = self.kv_cache
-            y = decode_attention(self.wqkv(x).view(bsz, -1), cos.reshape(bsz, -1), sin.reshape(bsz, -1), c.k, c.v,
+            y = decode_attention(qkv.view(bsz, -1), cos.reshape(bsz, -1), sin.reshape(bsz, -1), c.k, c.v,
                                  cache_index, pad, c.locks, h, hkv, kv_len, self.window)  # fmt: skip
             return self.wo(y.view(bsz, 1, h * hd))
-        q, k, v = ops.split_rope(self.wqkv(x), cos, sin, h, hkv, hd)  # [B, H, S, hd], [B, Hkv, S, hd] x 2
+        q, k, v = ops.split_rope(qkv, cos, sin, h, hkv, hd)  # [B, H, S, hd], [B, Hkv, S, hd] x 2
         k_all, v_all = self.kv_cache.update(cache_index, k, v, kv_len)  # [B, Hkv, kv_len, hd]
         if mask is None:  # fresh causal prefill from slot 0: attend over this chunk only
             k_all, v_all = k, v
@@ -144,9 +164,14 @@ class FeedForward(nn.Module):
         self.w_gate_up = w_gate_up  # [B, S, D] -> [B, S, 2 * F]
         self.w_down = w_down  # [B, S, F] -> [B, S, D]
         self.intermediate_size = intermediate_size
+        self.gate_up_perm: Optional[torch.Tensor] = None  # input_permutation of each (Transformer.fold_permutations)
+        self.down_perm: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
-        return self.w_down(ops.silu_mul(self.w_gate_up(x), self.intermediate_size))
+    def forward(self, x: torch.Tensor, ops: ModelOps, fold: bool = False) -> torch.Tensor:
+        # fold: x is x[..., gate_up_perm] and the SwiGLU writes down's input in down's order (decode steps).
+        down_perm = self.down_perm if fold else None
+        gate_up = project(self.w_gate_up, x, self.gate_up_perm if fold else None)
+        return project(self.w_down, ops.silu_mul(gate_up, self.intermediate_size, down_perm), down_perm)
 
 
 class Block(nn.Module):
@@ -157,13 +182,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, h, cos, sin, cache_index, mask, kv_len, ops: ModelOps, next_norm: RMSNorm, pad):
+    def forward(self, x, h, cos, sin, cache_index, mask, kv_len, ops: ModelOps, next_norm: RMSNorm, pad,
+                fold: bool = False, next_perm: Optional[torch.Tensor] = None):  # fmt: skip
         # x: [B, S, D] residual stream; h = attention_norm(x), computed by the previous block.
         # Each residual add is fused with the norm that follows it, the last one with the
         # next block's attention_norm (or the final norm): one kernel instead of two.
-        x, h = ops.add_rms_norm(x, self.attention(h, cos, sin, cache_index, mask, kv_len, ops, pad), self.ffn_norm.weight,
-                                self.ffn_norm.eps)  # fmt: skip
-        return ops.add_rms_norm(x, self.feed_forward(h, ops), next_norm.weight, next_norm.eps)
+        # fold: every norm writes its output in the order its act-order reader wants (h already is);
+        # next_perm is the next block's qkv order.
+        a = self.attention(h, cos, sin, cache_index, mask, kv_len, ops, pad, self.attention.qkv_perm if fold else None)
+        ff = self.feed_forward
+        x, h = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps, ff.gate_up_perm if fold else None)
+        return ops.add_rms_norm(x, ff(h, ops, fold), next_norm.weight, next_norm.eps, next_perm)
 
 
 class Transformer(nn.Module):
@@ -179,6 +208,21 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.ops = ModelOps(compile=False)  # the runtime switches to compiled ops on CUDA
+
+    def fold_permutations(self) -> int:
+        """Record each act-order layer's input order (after its kernel is prepared); returns how many.
+
+        With ``ops.permuted_inputs``, decode steps then feed those layers inputs written
+        in that order by the norms and the SwiGLU, so the layers skip their own gather.
+        """
+        n = 0
+        for layer in self.layers:
+            att, ff = layer.attention, layer.feed_forward
+            att.qkv_perm = input_permutation(att.wqkv)
+            ff.gate_up_perm = input_permutation(ff.w_gate_up)
+            ff.down_perm = input_permutation(ff.w_down)
+            n += sum(p is not None for p in (att.qkv_perm, ff.gate_up_perm, ff.down_perm))
+        return n
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
         """Allocate the static KV cache and the rotary tables (once; reallocates if sizes change)."""
@@ -217,11 +261,15 @@ class Transformer(nn.Module):
         cos, sin, mask = ops.rope_and_mask(slots, pad, self.rope_cos, self.rope_sin, kv_len, self.args.sliding_window,
                                            not (causal_fresh or fused))  # [B, S, hd/2] x 2, [B, 1, S, kv_len] or None
         x = self.tok_embeddings(tokens)  # [B, S, D]
-        first = self.layers[0].attention_norm
-        h = ops.rms_norm(x, first.weight, first.eps)
+        fold = seqlen == 1 and ops.permuted_inputs  # decode: norms write act-order layers' inputs permuted
+        first = self.layers[0]
+        h = ops.rms_norm(x, first.attention_norm.weight, first.attention_norm.eps,
+                         first.attention.qkv_perm if fold else None)  # fmt: skip
         for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, h = layer(x, h, cos, sin, slots, mask, kv_len, ops, next_norm, pad)
+            last = i + 1 == len(self.layers)
+            next_norm = self.norm if last else self.layers[i + 1].attention_norm
+            next_perm = None if last or not fold else self.layers[i + 1].attention.qkv_perm
+            x, h = layer(x, h, cos, sin, slots, mask, kv_len, ops, next_norm, pad, fold, next_perm)
         if last_only:
             h = h[:, -1:]  # h = norm(x): the norm is per position
         logits = self.output(h).float()  # [B, S', V]

@@ -27,17 +27,22 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x: [..., D]``; normalised in fp32 (as the reference model does), then scaled in ``x.dtype``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x: [..., D]``; normalised in fp32 (as the reference model does), then scaled in ``x.dtype``.
+
+    ``perm``: int64 ``[D]``: return ``out[..., perm]``, the order an act-order layer reads its input in.
+    """
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    out = weight * xf.to(x.dtype)
+    return out if perm is None else out[..., perm]
 
 
-def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``(x + h, rms_norm(x + h))``: the residual add fused with the next norm."""
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                 perm: Optional[torch.Tensor] = None):  # fmt: skip
+    """``(x + h, rms_norm(x + h, ..., perm))``: the residual add fused with the next norm."""
     s = x + h
-    return s, rms_norm(s, weight, eps)
+    return s, rms_norm(s, weight, eps, perm)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,10 +81,11 @@ def rope_and_mask(slots: torch.Tensor, pad: torch.Tensor, rope_cos: torch.Tensor
     return rope_cos[pos], rope_sin[pos], mask
 
 
-def silu_mul(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
-    """SwiGLU: ``silu(gate) * up`` for ``gate_up: [..., 2F]`` -> ``[..., F]``."""
+def silu_mul(gate_up: torch.Tensor, intermediate_size: int, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU: ``silu(gate) * up`` for ``gate_up: [..., 2F]`` -> ``[..., F]`` (``[..., perm]`` if given)."""
     gate, up = gate_up.split(intermediate_size, dim=-1)
-    return F.silu(gate) * up
+    out = F.silu(gate) * up
+    return out if perm is None else out[..., perm]
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -139,11 +145,15 @@ class ModelOps:
     ``fused_decode``: decode steps (one token per row) run rope, the cache write
     and attention as one ``zephyr::decode_attention`` op (a CUDA kernel; on the
     CPU its reference, the same arithmetic as the functions below).
+    ``permuted_inputs``: in decode steps, the norms and the SwiGLU write their
+    output in the row order of the act-order layer that reads it
+    (``QuantLinear.input_permutation``), which then skips its own gather.
     """
 
-    def __init__(self, compile: bool = False, fused_decode: bool = False):
+    def __init__(self, compile: bool = False, fused_decode: bool = False, permuted_inputs: bool = False):
         self.compile = compile
         self.fused_decode = fused_decode
+        self.permuted_inputs = permuted_inputs
         for name, fn in _FUNCTIONS.items():
             if compile:
                 with _lock:  # one compiled version per process, shared by every model

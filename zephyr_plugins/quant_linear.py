@@ -145,6 +145,20 @@ class QuantLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out
 
+    def input_permutation(self) -> Optional[torch.Tensor]:
+        """int64 ``[K]`` indices the prepared kernel wants x permuted by (act-order), or None.
+
+        See :meth:`KernelBackend.input_permutation`; call after :meth:`prepare`.
+        """
+        return None if self._kernel is None else self._kernel.input_permutation(self)
+
+    def forward_permuted(self, x_perm: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` given ``x_perm = x[..., self.input_permutation()]``."""
+        out = self._kernel.apply_permuted(self, x_perm)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in ``nn.Linear`` layout ``[N, K]``."""
         w = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.config.bits, self.config.zero_offset)

@@ -64,7 +64,7 @@ class Zephyr:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                  dtype: Optional[torch.dtype] = None, cuda_graphs: Optional[bool] = None,
                  template: PromptTemplate = ZEPHYR, backend: Optional[str] = None, compile: Optional[bool] = None,
-                 fused_attention: Optional[bool] = None):
+                 fused_attention: Optional[bool] = None, permuted_inputs: Optional[bool] = None):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_seq_len={max_seq_len} >= 2")
         self.model = model
@@ -84,7 +84,12 @@ class Zephyr:
             fused_attention = self.device.type == "cuda" and os.environ.get("ZEPHYR_FUSED_ATTENTION", "1") != "0"
         self.fused_attention = bool(fused_attention) and _fused_attention_ok(model.args, self.dtype, self.device)
         # fused elementwise kernels (see model_ops.py); decode attention as one kernel (kernel_ops.decode_attention)
-        model.ops = ModelOps(compile=compile, fused_decode=self.fused_attention)
+        if permuted_inputs is None:
+            permuted_inputs = self.device.type == "cuda" and os.environ.get("ZEPHYR_PERMUTED_INPUTS", "1") != "0"
+        # act-order layers' inputs written in their row order by the norms / SwiGLU in decode steps
+        self.permuted_layers = model.fold_permutations() if permuted_inputs else 0
+        model.ops = ModelOps(compile=compile, fused_decode=self.fused_attention,
+                             permuted_inputs=self.permuted_layers > 0)  # fmt: skip
         model.setup_cache(max_batch_size, max_seq_len, self.dtype)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.steps = DecodeGraphs(model, enabled=cuda_graphs)
@@ -98,13 +103,16 @@ class Zephyr:
     def from_pretrained(cls, ref, device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8,
                         max_seq_len: int = 4096, backend: Optional[str] = None, revision: Optional[str] = None,
                         cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
-                        fused_attention: Optional[bool] = None,
+                        fused_attention: Optional[bool] = None, permuted_inputs: Optional[bool] = None,
                         tokenizer=None) -> "Zephyr":
         """Load a GPTQ or float checkpoint: a folder, ``repo`` or ``repo:branch``.
 
         ``device`` defaults to CUDA when present; ``dtype`` to fp16 on CUDA and fp32
         on the CPU; ``backend`` forces a kernel backend by name. The cache is
         allocated for ``max_batch_size`` rows of ``max_seq_len`` tokens.
+        ``fused_attention`` (decode attention as one kernel) and ``permuted_inputs``
+        (act-order layers fed inputs in their own row order) default to on with CUDA;
+        ``ZEPHYR_FUSED_ATTENTION=0`` / ``ZEPHYR_PERMUTED_INPUTS=0`` turn them off.
         """
         folder = resolve_checkpoint(ref, revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,7 +120,7 @@ class Zephyr:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    dtype=dtype, cuda_graphs=cuda_graphs, backend=backend, compile=compile,
-                   fused_attention=fused_attention)
+                   fused_attention=fused_attention, permuted_inputs=permuted_inputs)
 
     # ----------------------------------------------------------------- user API
     def chat(self, messages: Messages, cancel=None, **sampling) -> str:

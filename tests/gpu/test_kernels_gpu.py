@@ -104,6 +104,21 @@ def test_layouts(bits, gs, act, sym, dtype):
             _check(layer, w, m, dtype)
 
 
+@pytest.mark.parametrize("k,n", [(4096, 6144), AWKWARD[0]])
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
+def test_forward_permuted_equals_forward(k, n, bits, gs):
+    """An act-order layer fed x already in its row order (input_permutation) gives forward(x) bit for bit."""
+    layer, _, _ = _layer(k, n, bits, gs, True, True, torch.float16)
+    perm = layer.input_permutation()
+    assert perm is not None and perm.dtype == torch.int64 and sorted(perm.tolist()) == list(range(k))
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for m in (1, 16, 40, 100):  # GEMV, fused kernel, dequantize + cuBLAS
+        x = torch.randn(m, k, generator=gen, device="cuda").half()
+        assert torch.equal(layer.forward_permuted(x[:, perm].contiguous()), layer(x)), m
+    in_order, _, _ = _layer(k, n, bits, gs, False, True, torch.float16)
+    assert in_order.input_permutation() is None  # nothing to fold without act-order
+
+
 @pytest.mark.parametrize("bits,gs,act", SEED[:1] + SEED[3:4] + [(4, 128, False)])
 def test_unrepack_on_gpu(bits, gs, act):
     from zephyr_plugins.backends.cuda import unrepack_layer

@@ -87,6 +87,19 @@ class KernelBackend:
         """``x [..., K] -> [..., N]`` without bias."""
         raise NotImplementedError
 
+    def input_permutation(self, layer: torch.nn.Module) -> Optional[torch.Tensor]:
+        """int64 ``[K]`` indices ``perm`` if :meth:`apply_permuted` takes ``x[..., perm]``, else None.
+
+        Act-order kernels read x in their own row order and gather it first; a
+        caller that produces x itself (a norm, an activation) can write it in
+        that order and save the gather.
+        """
+        return None
+
+    def apply_permuted(self, layer: torch.nn.Module, x_perm: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` of ``x`` given ``x_perm = x[..., perm]`` (see :meth:`input_permutation`)."""
+        raise NotImplementedError(f"backend {self.name!r} has no input permutation")
+
 
 def select_backend(spec: LayerSpec, backends=None, *, prefer: Optional[str] = None) -> type[KernelBackend]:
     """The first registered backend that can serve ``spec``.

@@ -71,6 +71,9 @@ class CudaGPTQBackend(KernelBackend):
         layer.register_buffer("_zk_scales", r.scales, persistent=False)
         layer.register_buffer("_zk_zeros", r.zeros, persistent=False)
         layer.register_buffer("_zk_perm", r.perm, persistent=False)
+        # For callers that write x already permuted (input_permutation): int64 indices, and no perm for the op.
+        layer.register_buffer("_zk_perm_index", r.perm.long(), persistent=False)
+        layer.register_buffer("_zk_no_perm", r.perm.new_empty(0), persistent=False)
         layer.register_buffer(
             "_zk_locks", torch.zeros(r.qweight.shape[0], dtype=torch.int32, device=r.qweight.device), persistent=False
         )
@@ -108,6 +111,26 @@ class CudaGPTQBackend(KernelBackend):
             )
             out = x2 @ w
         return out.reshape(*x.shape[:-1], spec.out_features)
+
+
+    def input_permutation(self, layer):
+        if self._fallback or layer._zk_perm.numel() == 0:
+            return None
+        return layer._zk_perm_index
+
+    def apply_permuted(self, layer: torch.nn.Module, x_perm: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        x2 = x_perm.reshape(-1, spec.in_features)
+        if x2.shape[0] > FUSED_MAX_M:  # the dequantize + cuBLAS path reads the checkpoint's row order
+            x = torch.empty_like(x_perm)
+            x[..., layer._zk_perm_index] = x_perm
+            return self.apply(layer, x)
+        if x2.dtype != spec.dtype:
+            x2 = x2.to(spec.dtype)
+        zk = (layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks)
+        op = torch.ops.zephyr.gptq_gemv_repacked if x2.shape[0] <= GEMV_MAX_M else torch.ops.zephyr.gptq_gemm_repacked
+        out = op(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
+        return out.reshape(*x_perm.shape[:-1], spec.out_features)
 
 
 def unrepack_layer(layer: torch.nn.Module, spec: LayerSpec) -> dict[str, torch.Tensor]:

@@ -30,9 +30,20 @@ class DenseBackend(KernelBackend):
     def process_weights(self, layer) -> None:
         w = dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, self.spec.bits, self.spec.zero_offset)
         self.weight = w.to(self.spec.dtype)  # [K, N], not a buffer: the checkpoint tensors stay as they are
+        # Act-order: rows grouped by g_idx (the CUDA kernels' order), so the runtime's permuted inputs
+        # take the same path on the CPU as on the GPU.
+        self.perm = torch.argsort(layer.g_idx.long(), stable=True) if self.spec.desc_act else None
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.weight)
+
+    def input_permutation(self, layer):
+        return self.perm
+
+    def apply_permuted(self, layer, x_perm: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "weight_perm", None) is None:
+            self.weight_perm = self.weight[self.perm]  # made on first use only (runtimes that fold permutations)
+        return torch.matmul(x_perm, self.weight_perm)
 
 
 @hookimpl
