@@ -15,7 +15,7 @@
 //   zephyr::decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache,
 //                            Tensor(b!) v_cache, Tensor slot, Tensor pad, Tensor(c!) locks,
 //                            int n_heads, int n_kv_heads, int kv_len, int window,
-//                            int block_keys=0) -> Tensor
+//                            int block_keys=0, Tensor? out_index=None) -> Tensor
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,7 +32,8 @@ at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qze
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot,
                                  const at::Tensor& pad, at::Tensor& locks, int64_t n_heads, int64_t n_kv_heads,
-                                 int64_t kv_len, int64_t window, int64_t block_keys);
+                                 int64_t kv_len, int64_t window, int64_t block_keys,
+                                 const c10::optional<at::Tensor>& out_index);
 }  // namespace zephyr
 
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {

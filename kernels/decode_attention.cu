@@ -7,7 +7,7 @@
 //   zephyr::decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache,
 //                            Tensor(b!) v_cache, Tensor slot, Tensor pad, Tensor(c!) locks,
 //                            int n_heads, int n_kv_heads, int kv_len, int window,
-//                            int block_keys=0) -> Tensor
+//                            int block_keys=0, Tensor? out_index=None) -> Tensor
 //
 // Unfused, this is ~7 kernels per layer (rope, two cache writes, two batched
 // matmuls, the masked softmax, a copy); inside a CUDA graph each costs a
@@ -26,7 +26,9 @@
 //      are never read: a row sees slots [lo, slot] with
 //      lo = max(pad, slot - window + 1), and always itself
 //      (kv_cache.attention_mask's rule).
-//   3. With S > 1, every block writes (unnormalized output, max, sum) to an
+//   3. The output goes to [B, H * hd], element i of a row at out_index[i] when
+//      given (the act-order row order of the output projection that reads it).
+//   4. With S > 1, every block writes (unnormalized output, max, sum) to an
 //      fp32 scratch buffer; the last block of the (row, kv head), counted in
 //      `locks` (self-resetting), merges them in key order: deterministic.
 #include <ATen/ATen.h>
@@ -78,6 +80,7 @@ struct AttnArgs {
   int* locks;           // [>= B * Hkv], zeros
   float* partial;       // [B, Hkv, S, G, HD + 2] when S > 1
   void* out;            // [B, H * HD]
+  const int64_t* out_index;  // [H * HD] or null: element i of a row is written at out_index[i]
   int H, Hkv, G, Lmax, kv_len, window, block_keys;
   float scale;
 };
@@ -123,7 +126,22 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
   }
 
+  // K and V slices of one step (the new token's row is taken from shared memory instead).
+  uint4 kr[kPasses], vr[kPasses];
+  auto load_step = [&](int base) {
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
+      const int j = base + p * kKeysPerPass + kk;
+      if (j < j1 && j != slot) {
+        kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
+        vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+      }
+    }
+  };
+
   if (j0 < j1) {
+    load_step(j0);  // in flight while q and k are rotated
     const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
     const float* cs = a.cos + size_t(b) * (HD / 2);
     const float* sn = a.sin + size_t(b) * (HD / 2);
@@ -153,17 +171,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       }
 
     for (int base = j0; base < j1; base += kStep) {
-      // All of the step's K and V slices in flight at once.
-      uint4 kr[kPasses], vr[kPasses];
-#pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
-        kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
-        const int j = base + p * kKeysPerPass + kk;
-        if (j < j1 && j != slot) {
-          kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
-          vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
-        }
-      }
+      if (base != j0) load_step(base);  // all of the step's K and V slices in flight at once
       float sc[kPasses][GMAX];
       float mx[GMAX];
 #pragma unroll
@@ -258,7 +266,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #pragma unroll
       for (int w = 0; w < kAttnWarps; ++w) v += red[w][i], l += wmax[w][g];
       if (S == 1) {
-        reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(v / l);
+        const int o_i = (hk * G + g) * HD + d;
+        reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (a.out_index ? int(a.out_index[o_i]) : o_i)] =
+            from_float<T>(v / l);
       } else {
         float* part = a.partial + ((size_t(b * a.Hkv + hk) * S + s) * G + g) * (HD + 2);
         part[d] = v;
@@ -308,7 +318,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     float v = 0.f;
 #pragma unroll 4
     for (int t = 0; t < n; ++t) v = fmaf(w[t * G + g], __ldcg(base + t * stride + g * (HD + 2) + d), v);
-    reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (hk * G + g) * HD + d] = from_float<T>(v);
+    const int o_i = (hk * G + g) * HD + d;
+    reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (a.out_index ? int(a.out_index[o_i]) : o_i)] = from_float<T>(v);
   }
 }
 
@@ -328,7 +339,8 @@ int plan_block_keys(int B, int Hkv, int kv_len, int sms) {
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot,
                                  const at::Tensor& pad, at::Tensor& locks, int64_t n_heads, int64_t n_kv_heads,
-                                 int64_t kv_len, int64_t window, int64_t block_keys) {
+                                 int64_t kv_len, int64_t window, int64_t block_keys,
+                                 const c10::optional<at::Tensor>& out_index) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() &&
                   (qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16),
               "decode_attention: qkv must be contiguous float16/bfloat16 [B, (H + 2 Hkv) hd]");
@@ -352,6 +364,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   TORCH_CHECK(locks.scalar_type() == at::kInt && locks.numel() >= B * Hkv,
               "decode_attention: locks must be int32 [>= B * Hkv] zeros");
   const int G = H / Hkv;
+  const bool scatter = out_index.has_value() && out_index->defined();
+  TORCH_CHECK(!scatter || (out_index->scalar_type() == at::kLong && out_index->numel() == H * HD &&
+                           out_index->is_contiguous() && out_index->device() == qkv.device()),
+              "decode_attention: out_index must be contiguous int64 [H * hd] on qkv's device");
   const c10::cuda::OptionalCUDAGuard guard(qkv.device());
   auto out = at::empty({B, H * HD}, qkv.options());
   if (B == 0) return out;
@@ -369,7 +385,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   AttnArgs args{qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr(),
                 v_cache.data_ptr(), slot.data_ptr<int64_t>(), pad.data_ptr<int64_t>(), locks.data_ptr<int>(),
                 S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
-                H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
+                scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
 #define ZK_ATTN(T, D)                                                                          \

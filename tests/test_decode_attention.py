@@ -59,6 +59,16 @@ def test_reference_equals_loop_attention(window, slot, kv_len):
     assert torch.equal(c["k_cache"][3], k_before[3])  # rows beyond the batch: untouched
 
 
+def test_out_index_scatters_the_output():
+    c = make_case()
+    plain = decode_attention(**{k: v.clone() for k, v in c.items()}, n_heads=6, n_kv_heads=2, kv_len=40)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3))
+    got = decode_attention(**c, n_heads=6, n_kv_heads=2, kv_len=40, out_index=torch.argsort(perm))
+    assert torch.equal(got, plain[:, perm])  # what a layer with input_permutation perm reads
+    with pytest.raises(ValueError, match="out_index must be contiguous int64"):
+        decode_attention(**c, n_heads=6, n_kv_heads=2, kv_len=40, out_index=perm[:10])
+
+
 def test_fake_and_opcheck():
     c = make_case()
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
@@ -114,8 +124,8 @@ def test_runtime_fused_decode_equals_unfused(gptq_act_order_ckpt, fused, permute
         llm = Zephyr.from_pretrained(gptq_act_order_ckpt, device="cpu", max_batch_size=2, max_seq_len=64,
                                      fused_attention=flags[0], permuted_inputs=flags[1])  # fmt: skip
         assert llm.fused_attention is flags[0] and llm.model.ops.fused_decode is flags[0]
-        # GPTQ gives q/k/v (and gate/up) one g_idx: fused layers, so all three inputs per block are folded.
-        assert llm.permuted_layers == (3 * len(llm.model.layers) if flags[1] else 0)
+        # GPTQ gives q/k/v (and gate/up) one g_idx: fused layers, so all four inputs per block are folded.
+        assert llm.permuted_layers == (4 * len(llm.model.layers) if flags[1] else 0)
         g = torch.Generator().manual_seed(0)
         tokens, pad = torch.randint(3, 32000, (2, 20), generator=g), torch.tensor([0, 6])
         llm.model(tokens, 0, pad, kv_len=64)

@@ -47,7 +47,7 @@ Ops:
     - ``g_idx``: int32 ``[K]``.
     - ``bits``: 4 or 8. ``zero_offset``: 1 for v1 ``"gptq"`` checkpoints, 0 for ``"gptq_v2"``.
 
-``zephyr::decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window, block_keys=0) -> Tensor``
+``zephyr::decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window, block_keys=0, out_index=None) -> Tensor``
     One decode step of attention (one new token per row) in one kernel
     (``kernels/decode_attention.cu``): rotate q and k, write the new k and v
     into the cache at ``slot``, attend over the cache with grouped-query heads.
@@ -65,8 +65,10 @@ Ops:
     - ``kv_len``: slots ``[0, kv_len)`` may be attended; ``window``: sliding window, 0 = none.
     - ``block_keys``: cache slots per thread block (multiple of 64, at most 1024); 0 plans it.
       H / Hkv <= 8, hd 64 or 128.
+    - ``out_index``: int64 ``[H * hd]`` or None: element ``i`` of a row is written at
+      ``out_index[i]`` (the inverse of the output projection's ``input_permutation``).
 
-    Returns ``qkv.dtype [B, H * hd]`` (heads in order, ready for the output projection).
+    Returns ``qkv.dtype [B, H * hd]`` (heads in order, or scattered by ``out_index``).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ _LIB.define(
 )
 _LIB.define(
     "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
-    "Tensor pad, Tensor(c!) locks, int n_heads, int n_kv_heads, int kv_len, int window, int block_keys=0) -> Tensor"
+    "Tensor pad, Tensor(c!) locks, int n_heads, int n_kv_heads, int kv_len, int window, int block_keys=0, "
+    "Tensor? out_index=None) -> Tensor"
 )
 _LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
@@ -111,7 +114,7 @@ def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
 
 
 def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads: int, n_kv_heads: int,
-                               kv_len: int, window: int, block_keys: int = 0):
+                               kv_len: int, window: int, block_keys: int = 0, out_index=None):
     """The unfused path, op by op: the CPU implementation of ``zephyr::decode_attention``."""
     from .kv_cache import attention_mask
     from .model_ops import decode_attention, split_rope
@@ -122,7 +125,12 @@ def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, slot, pad, locks
     kc.index_copy_(2, slot, k.to(kc.dtype))
     vc.index_copy_(2, slot, v.to(vc.dtype))
     mask = attention_mask(slot, pad, kv_len, window or None)  # [B, 1, 1, kv_len]
-    return decode_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask).view(bsz, n_heads * hd)
+    y = decode_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask).view(bsz, n_heads * hd)
+    if out_index is None:
+        return y
+    out = torch.empty_like(y)
+    out[:, out_index] = y
+    return out
 
 
 # The CUDA implementations come from kernels/bindings.cpp once built.
@@ -154,7 +162,7 @@ def _dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
 
 @torch.library.register_fake("zephyr::decode_attention")
 def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window,
-                           block_keys=0):
+                           block_keys=0, out_index=None):
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
@@ -261,7 +269,7 @@ def decode_attention_unsupported(n_heads: int, n_kv_heads: int, head_dim: int, d
 
 
 def decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads: int, n_kv_heads: int, kv_len: int,
-                     window: int = 0, block_keys: int = 0):
+                     window: int = 0, block_keys: int = 0, out_index=None):
     """One decode step of attention, cache write included; see the module docstring for every argument."""
     def bad(msg: str):
         raise ValueError(f"decode_attention: {msg}")
@@ -296,9 +304,12 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads:
         bad(f"locks must be int32 [>= {bsz * n_kv_heads}] zeros, got {locks.dtype} {tuple(locks.shape)}")
     if window < 0 or block_keys < 0 or block_keys % 64 or block_keys > 1024:
         bad(f"window must be >= 0 and block_keys 0 or a multiple of 64 up to 1024, got {window}, {block_keys}")
+    if out_index is not None and (out_index.dtype != torch.int64 or tuple(out_index.shape) != (n_heads * hd,)
+                                  or not out_index.is_contiguous()):  # fmt: skip
+        bad(f"out_index must be contiguous int64 [{n_heads * hd}], got {out_index.dtype} {tuple(out_index.shape)}")
     for name, t in (("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("slot", slot),
-                    ("pad", pad), ("locks", locks)):
-        if t.device != qkv.device:
+                    ("pad", pad), ("locks", locks), ("out_index", out_index)):
+        if t is not None and t.device != qkv.device:
             bad(f"{name} is on {t.device} but qkv is on {qkv.device}")
     return torch.ops.zephyr.decode_attention(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads,
-                                             kv_len, window, block_keys)
+                                             kv_len, window, block_keys, out_index)

@@ -135,18 +135,23 @@ class Attention(nn.Module):
         self.window = args.sliding_window or 0
         self.kv_cache: Optional[KVCache] = None
         self.qkv_perm: Optional[torch.Tensor] = None  # wqkv's input_permutation (set by Transformer.fold_permutations)
+        self.o_perm: Optional[torch.Tensor] = None  # wo's, and its inverse (where the attention kernel writes)
+        self.o_index: Optional[torch.Tensor] = None
 
-    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps, pad, x_perm=None):
-        # x: [B, S, D] (x[..., x_perm] if given); cos/sin: [B, S, hd/2]; cache_index: int64 [S];
+    def forward(self, x, cos, sin, cache_index, mask, kv_len, ops: ModelOps, pad, fold: bool = False):
+        # x: [B, S, D] (x[..., qkv_perm] with fold: decode steps; the fused kernel then also writes
+        # wo's input in wo's order); cos/sin: [B, S, hd/2]; cache_index: int64 [S];
         # mask: bool [B, 1, S, kv_len] or None; pad: int64 [B]
         bsz, seqlen, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = project(self.wqkv, x, x_perm)
+        qkv = project(self.wqkv, x, self.qkv_perm if fold else None)
         if seqlen == 1 and ops.fused_decode:  # rope + cache write + attention in one kernel (no mask needed)
             c = self.kv_cache
+            o_perm = self.o_perm if fold else None
             y = decode_attention(qkv.view(bsz, -1), cos.reshape(bsz, -1), sin.reshape(bsz, -1), c.k, c.v,
-                                 cache_index, pad, c.locks, h, hkv, kv_len, self.window)  # fmt: skip
-            return self.wo(y.view(bsz, 1, h * hd))
+                                 cache_index, pad, c.locks, h, hkv, kv_len, self.window, 0,
+                                 None if o_perm is None else self.o_index)  # fmt: skip
+            return project(self.wo, y.view(bsz, 1, h * hd), o_perm)
         q, k, v = ops.split_rope(qkv, cos, sin, h, hkv, hd)  # [B, H, S, hd], [B, Hkv, S, hd] x 2
         k_all, v_all = self.kv_cache.update(cache_index, k, v, kv_len)  # [B, Hkv, kv_len, hd]
         if mask is None:  # fresh causal prefill from slot 0: attend over this chunk only
@@ -189,7 +194,7 @@ class Block(nn.Module):
         # next block's attention_norm (or the final norm): one kernel instead of two.
         # fold: every norm writes its output in the order its act-order reader wants (h already is);
         # next_perm is the next block's qkv order.
-        a = self.attention(h, cos, sin, cache_index, mask, kv_len, ops, pad, self.attention.qkv_perm if fold else None)
+        a = self.attention(h, cos, sin, cache_index, mask, kv_len, ops, pad, fold)
         ff = self.feed_forward
         x, h = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps, ff.gate_up_perm if fold else None)
         return ops.add_rms_norm(x, ff(h, ops, fold), next_norm.weight, next_norm.eps, next_perm)
@@ -219,9 +224,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             att, ff = layer.attention, layer.feed_forward
             att.qkv_perm = input_permutation(att.wqkv)
+            att.o_perm = input_permutation(att.wo)
+            att.o_index = None if att.o_perm is None else torch.argsort(att.o_perm)
             ff.gate_up_perm = input_permutation(ff.w_gate_up)
             ff.down_perm = input_permutation(ff.w_down)
-            n += sum(p is not None for p in (att.qkv_perm, ff.gate_up_perm, ff.down_perm))
+            n += sum(p is not None for p in (att.qkv_perm, att.o_perm, ff.gate_up_perm, ff.down_perm))
         return n
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:

@@ -58,7 +58,7 @@ def _case(heads, bsz, lmax, slot, window_pads, dtype, seed):
                      seed=seed, device="cuda")  # fmt: skip
 
 
-def _check(c, heads, kv_len, window, block_keys, dtype):
+def _check(c, heads, kv_len, window, block_keys, dtype, out_index=None):
     h, hkv, hd = HEADS[heads]
     bsz = c["qkv"].shape[0]
     ref_in = {k: (v.float().clone() if v.is_floating_point() else v.clone()) for k, v in c.items()}
@@ -67,8 +67,11 @@ def _check(c, heads, kv_len, window, block_keys, dtype):
     same_dtype = {**c, **exact}
     decode_attention_reference(**same_dtype, n_heads=h, n_kv_heads=hkv, kv_len=kv_len, window=window)
     _poison()
-    got = decode_attention(**c, n_heads=h, n_kv_heads=hkv, kv_len=kv_len, window=window, block_keys=block_keys)
+    got = decode_attention(**c, n_heads=h, n_kv_heads=hkv, kv_len=kv_len, window=window, block_keys=block_keys,
+                           out_index=out_index)  # fmt: skip
     torch.cuda.synchronize()
+    if out_index is not None:
+        want = want[:, torch.argsort(out_index)]  # out[:, out_index[i]] = y[:, i]
     assert torch.isfinite(got).all()
     err = float((got.float() - want).abs().mean() / want.abs().mean())
     assert err <= TOL[dtype], (err, heads, bsz, kv_len, window, block_keys)
@@ -95,6 +98,16 @@ def test_forced_key_blocks(block_keys, slot):
     _cuda()
     c = _case("mistral", 4, 768, slot, 100, torch.float16, seed=slot)
     _check(c, "mistral", 768, 100, block_keys, torch.float16)
+
+
+@pytest.mark.parametrize("heads", ["mistral", "smollm2"])
+def test_out_index_scatters_in_the_kernel(heads):
+    _cuda()
+    h, _, hd = HEADS[heads]
+    perm = torch.randperm(h * hd, generator=torch.Generator().manual_seed(1)).cuda()
+    for bsz, slot, lmax in ((1, 700, 768), (4, 40, 64)):  # split over key blocks, and one block
+        c = _case(heads, bsz, lmax, slot, 0, torch.float16, seed=slot)
+        _check(c, heads, lmax, 0, 0, torch.float16, out_index=perm)
 
 
 def test_graph_replay_with_a_moving_slot():

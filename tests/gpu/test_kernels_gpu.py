@@ -105,7 +105,7 @@ def test_layouts(bits, gs, act, sym, dtype):
 
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), AWKWARD[0]])
-@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1), (4, 32)])
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, 128), (4, 32)])
 def test_forward_permuted_equals_forward(k, n, bits, gs):
     """An act-order layer fed x already in its row order (input_permutation) gives forward(x) bit for bit."""
     layer, _, _ = _layer(k, n, bits, gs, True, True, torch.float16)
@@ -117,6 +117,8 @@ def test_forward_permuted_equals_forward(k, n, bits, gs):
         assert torch.equal(layer.forward_permuted(x[:, perm].contiguous()), layer(x)), m
     in_order, _, _ = _layer(k, n, bits, gs, False, True, torch.float16)
     assert in_order.input_permutation() is None  # nothing to fold without act-order
+    one_group, _, _ = _layer(k, n, 8, -1, True, True, torch.float16)
+    assert one_group.input_permutation() is None  # act-order with one group reads x in order
 
 
 @pytest.mark.parametrize("bits,gs,act", SEED[:1] + SEED[3:4] + [(4, 128, False)])
