@@ -126,22 +126,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
   }
 
-  // K and V slices of one step (the new token's row is taken from shared memory instead).
-  uint4 kr[kPasses], vr[kPasses];
-  auto load_step = [&](int base) {
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p) {
-      kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
-      const int j = base + p * kKeysPerPass + kk;
-      if (j < j1 && j != slot) {
-        kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
-        vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
-      }
-    }
-  };
-
   if (j0 < j1) {
-    load_step(j0);  // in flight while q and k are rotated
     const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
     const float* cs = a.cos + size_t(b) * (HD / 2);
     const float* sn = a.sin + size_t(b) * (HD / 2);
@@ -171,7 +156,19 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       }
 
     for (int base = j0; base < j1; base += kStep) {
-      if (base != j0) load_step(base);  // all of the step's K and V slices in flight at once
+      // All of the step's K and V slices in flight at once (the new token's row comes from shared
+      // memory). Issuing the first step's loads before the rotation of q and k was tried: 211
+      // instead of 168 registers, and batch 32 decoded 3% slower on the H100.
+      uint4 kr[kPasses], vr[kPasses];
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
+        const int j = base + p * kKeysPerPass + kk;
+        if (j < j1 && j != slot) {
+          kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
+          vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+        }
+      }
       float sc[kPasses][GMAX];
       float mx[GMAX];
 #pragma unroll
