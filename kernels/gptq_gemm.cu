@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 
@@ -251,6 +252,27 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     err = bits == 4 ? gptq_gemv_launch<__nv_bfloat16, 4>(args) : gptq_gemv_launch<__nv_bfloat16, 8>(args);
   C10_CUDA_CHECK(err);
   return out;
+}
+
+at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                                const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
+
+// One linear layer, the path chosen by M at run time (see kernel_ops.py): traced by torch.compile or
+// captured in a graph it stays one op, so a graph traced at one M serves every M.
+at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
+                            const at::Tensor& ckpt_qweight, const at::Tensor& ckpt_qzeros,
+                            const at::Tensor& ckpt_scales, const at::Tensor& ckpt_g_idx, int64_t bits,
+                            int64_t group_size, int64_t size_n, int64_t zero_offset, int64_t gemv_max_m,
+                            int64_t fused_max_m) {
+  TORCH_CHECK(x.dim() == 2, "gptq_linear: x must be 2-D [M, K], got ", x.sizes());
+  const int64_t M = x.size(0);
+  if (M <= std::min<int64_t>(gemv_max_m, kGemvMaxM))
+    return gptq_gemv_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 0, 0);
+  if (M <= std::min<int64_t>(fused_max_m, 16 * kMaxMTiles))
+    return gptq_gemm_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n);
+  const at::Tensor w = gptq_dequantize_cuda(ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits, zero_offset);
+  return at::matmul(x, w);
 }
 
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,

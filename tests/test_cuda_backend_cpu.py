@@ -118,6 +118,20 @@ def test_fake_impls_give_shapes():
         ft = [mode.from_tensor(t[k]) for k in ("qweight", "qzeros", "scales", "g_idx")]
         w = kernel_ops.gptq_dequantize(*ft, 4, 1)
         assert w.shape == (576, 200) and w.dtype == torch.float16
+        y = torch.ops.zephyr.gptq_linear(fx, *fr, *ft, 4, 128, 200, 1, 32, 64)
+        assert y.shape == (5, 200) and y.dtype == torch.float16
+
+
+def test_linear_op_cpu_equals_the_repacked_reference():
+    """zephyr::gptq_linear (the one op the CUDA backend calls for every M) on the CPU: the reference."""
+    t = random_gptq_layer(576, 200, 4, 128, True, False, seed=4)
+    r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float32)
+    locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
+    x = torch.randn(70, 576)
+    ckpt = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    got = torch.ops.zephyr.gptq_linear(x, r.qweight, r.scales, r.zeros, r.perm, locks, *ckpt, 4, 128, 200, 1, 32, 64)
+    want = x @ dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck_cpu():

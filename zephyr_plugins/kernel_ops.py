@@ -37,6 +37,13 @@ Ops:
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
+``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits, group_size, size_n, zero_offset, gemv_max_m, fused_max_m) -> Tensor``
+    One layer, whatever M: ``gptq_gemv_repacked`` for ``M <= gemv_max_m``,
+    ``gptq_gemm_repacked`` for ``M <= fused_max_m``, else ``gptq_dequantize`` of the
+    checkpoint tensors (``ckpt_*``, ``ckpt_scales`` in x's dtype) and ``x @ w``. The
+    choice is made when the op runs, so a graph that ``torch.compile`` traced at one
+    M (vLLM traces at its largest batch) still takes the small-M kernels at M = 1.
+
 ``zephyr::gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset) -> Tensor``
     The checkpoint layout dequantized to ``scales.dtype [K, N]`` (for large M,
     followed by ``x @ w`` in cuBLAS).
@@ -91,6 +98,11 @@ _LIB.define(
     "Tensor(a!) locks, int bits, int group_size, int size_n, int block_warps=0, int splits=0) -> Tensor"
 )
 _LIB.define(
+    "gptq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, Tensor(a!) locks, "
+    "Tensor ckpt_qweight, Tensor ckpt_qzeros, Tensor ckpt_scales, Tensor ckpt_g_idx, int bits, int group_size, "
+    "int size_n, int zero_offset, int gemv_max_m, int fused_max_m) -> Tensor"
+)
+_LIB.define(
     "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
     "Tensor pad, Tensor(c!) locks, int n_heads, int n_kv_heads, int kv_len, int window, int block_keys=0, "
     "Tensor? out_index=None) -> Tensor"
@@ -106,6 +118,11 @@ def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
 
 def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
     torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
+    return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
+
+
+def _linear_cpu(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits,
+                group_size, size_n, zero_offset, gemv_max_m, fused_max_m):  # fmt: skip
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
@@ -137,6 +154,7 @@ def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, slot, pad, locks
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
+_LIB.impl("gptq_linear", _linear_cpu, "CPU")
 _LIB.impl("decode_attention", decode_attention_reference, "CPU")
 
 
@@ -152,6 +170,13 @@ def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
+    return x.new_empty((x.shape[0], size_n))
+
+
+@torch.library.register_fake("zephyr::gptq_linear")
+def _linear_fake(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits,
+                 group_size, size_n, zero_offset, gemv_max_m, fused_max_m):  # fmt: skip
+    torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     return x.new_empty((x.shape[0], size_n))
 
 

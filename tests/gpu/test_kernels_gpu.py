@@ -305,6 +305,26 @@ def test_torch_compile():
         assert torch.equal(compiled(x), layer(x))
 
 
+def test_compiled_layer_is_one_op_dispatched_at_run_time():
+    """Traced by torch.compile, a layer is one zephyr::gptq_linear call: no branch on M is baked into the
+    graph (vLLM traces once, at its largest batch, and does not re-check guards), and the same graph
+    gives each M the kernel of that M."""
+    layer, _, _ = _layer(4096, 4096, 4, 128, True, True, torch.float16)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: layer(t), backend=recording_backend, dynamic=True, fullgraph=True)
+    for m in (300, 2, 40):  # traced at 300 (dequantize + cuBLAS); 2 is the GEMV kernel, 40 the fused one
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        assert torch.equal(compiled(x), layer(x)), m
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("gptq_linear" in t for t in targets), targets
+    assert not any("dequantize" in t or "gemv" in t or "matmul" in t for t in targets), targets
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_long_8bit_layer(dtype):
     """8-bit gate_up-sized layer: the shape that takes the prefetching kernel variant."""

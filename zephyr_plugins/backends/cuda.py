@@ -100,16 +100,13 @@ class CudaGPTQBackend(KernelBackend):
         # The ops are called directly: their tensors were checked once in process_weights, and
         # x2 is 2-D, contiguous, of the layer's dtype and width by construction (kernel_ops'
         # wrappers check every argument on every call, for other callers).
-        zk = (layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks)
-        if x2.shape[0] <= GEMV_MAX_M:
-            out = ops.gptq_gemv_repacked(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
-        elif x2.shape[0] <= FUSED_MAX_M:
-            out = ops.gptq_gemm_repacked(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
-        else:
-            w = ops.gptq_dequantize(
-                layer.qweight, layer.qzeros, layer._zk_scales_ckpt, layer._zk_g_idx, spec.bits, spec.zero_offset
-            )
-            out = x2 @ w
+        # One op picks GEMV / fused / dequantize + cuBLAS by M when it runs (not here): under
+        # torch.compile a Python branch on M would be decided once, at the traced size.
+        out = ops.gptq_linear(
+            x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
+            layer.qweight, layer.qzeros, layer._zk_scales_ckpt, layer._zk_g_idx, spec.bits, spec.group_size,
+            spec.out_features, spec.zero_offset, GEMV_MAX_M, FUSED_MAX_M,
+        )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
 
