@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 GPU_TESTS=(tests/gpu)
 BENCHMARKS=(benchmarks/kernels.py benchmarks/e2e.py)
 BENCHMARKS+=(benchmarks/quantize.py)  # GPTQ time of Mistral-7B-shaped blocks (quantization helper)
+# Real vLLM side by side on a full 7B (only where vLLM is installed: see README, "vLLM on the GPU").
+if ${PYTHON:-python3} -c "import vllm" >/dev/null 2>&1; then BENCHMARKS+=(benchmarks/vllm_gpu_7b.py); fi
 # Narrow a run: GPU_CHECK_TESTS="tests/gpu/test_kernels_gpu.py" GPU_CHECK_BENCHMARKS="benchmarks/kernels.py"
 [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a GPU_TESTS <<<"$GPU_CHECK_TESTS"
 [ -n "${GPU_CHECK_BENCHMARKS:-}" ] && read -r -a BENCHMARKS <<<"$GPU_CHECK_BENCHMARKS"
