@@ -109,13 +109,14 @@ class CudaGPTQBackend(KernelBackend):
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
-
     def input_permutation(self, layer):
         if self._fallback or layer._zk_perm.numel() == 0:
             return None
         return layer._zk_perm_index
 
     def apply_permuted(self, layer: torch.nn.Module, x_perm: torch.Tensor) -> torch.Tensor:
+        # Called by our runtime's decode steps (eager or captured in CUDA graphs, never traced by
+        # torch.compile), so choosing the kernel by M in Python is safe here, unlike in apply().
         spec = self.spec
         x2 = x_perm.reshape(-1, spec.in_features)
         if x2.shape[0] > FUSED_MAX_M:  # the dequantize + cuBLAS path reads the checkpoint's row order
