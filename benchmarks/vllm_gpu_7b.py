@@ -9,7 +9,8 @@ minus time of 1), greedy, EOS ignored, a 512-token prompt, N = 256, at batch 1 a
     python benchmarks/vllm_gpu_7b.py --out DIR [--layouts u4g128_act,u4g128]
 
 Needs vLLM (on the GPU machine: ../shared/gpu-vllm) and our wheel installed beside it (the plugin is
-found through its entry point). Writes ``vllm_gpu_7b_<card>_<date>.json`` and the engines' log tail.
+found through its entry point). Writes ``vllm_gpu_7b_<card>_<date>.json``, a ``.png`` plot and the
+engines' log tail; ``--plot-only JSON`` redraws the plot of a saved result.
 """
 
 from __future__ import annotations
@@ -41,11 +42,44 @@ def _e2e():
     return mod
 
 
+def plot(doc: dict, path: str) -> None:
+    """Bars of decode tok/s per engine and batch, one panel per layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layouts = list(doc["results"])
+    fig, axes = plt.subplots(1, len(layouts), figsize=(7 * len(layouts), 4.5), squeeze=False)
+    engines = [("vllm_own_gptq", "vLLM's own GPTQ"), ("vllm_zephyr_plugin", "vLLM + zephyr_gptq plugin"),
+               ("zephyr_runtime", "zephyr-plugins runtime")]  # fmt: skip
+    for ax, name in zip(axes[0], layouts):
+        row = doc["results"][name]
+        for i, (key, label) in enumerate(engines):
+            tp = (row.get(key) or {}).get("throughput") or {}
+            vals = [tp.get(f"batch{b}_tok_s", 0) for b in BATCHES]
+            bars = ax.bar([j + i * 0.27 for j in range(len(BATCHES))], vals, 0.27, label=label)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks([j + 0.27 for j in range(len(BATCHES))], [f"batch {b}" for b in BATCHES])
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tokens/s (all rows)")
+        ax.set_title(f"{name}, 32 layers: {doc['card']}, vLLM {doc['vllm']}, {doc['date'][:10]}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default="u4g128_act")
+    ap.add_argument("--plot-only", metavar="JSON", help="only draw the plot of a saved result")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as fh:
+            doc = json.load(fh)
+        plot(doc, os.path.join(args.out, Path(args.plot_only).stem + ".png"))
+        return 0
     import vllm
 
     from vllm_helpers import run_vllm_jobs
@@ -95,6 +129,10 @@ def main(argv=None) -> int:
             json.dump(doc, fh, indent=2)
     with open(os.path.join(args.out, stem + "_engines.log"), "w") as fh:
         fh.write("\n".join(logs))
+    try:
+        plot(doc, os.path.join(args.out, stem + ".png"))
+    except Exception as exc:
+        print(f"plot failed: {exc}")
     print(json.dumps(doc["results"], indent=1))
     return 0
 
