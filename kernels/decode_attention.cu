@@ -85,16 +85,13 @@ struct AttnArgs {
   float scale;
 };
 
-// Keys per step of a block: every thread loads its K and V slices of the
-// whole step at once (one memory round trip per step, not one per key).
-template <int GMAX>
-constexpr int step_keys() { return GMAX <= 4 ? 64 : 32; }
-
 template <typename T, int HD, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
   constexpr int kLanesPerKey = HD / 8;                       // 16-byte slices of one key
   constexpr int kKeysPerPass = kAttnThreads / kLanesPerKey;  // keys the block covers per pass
-  constexpr int kStep = step_keys<GMAX>();
+  // Keys per step: every thread loads its K and V slices of the whole step at
+  // once (one memory round trip per step, not one per key).
+  constexpr int kStep = GMAX <= 4 ? 64 : 32;
   constexpr int kPasses = kStep / kKeysPerPass;
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
