@@ -20,31 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attn_cases import make_case  # noqa: E402
+from gpu_helpers import TOL, cuda_with_kernels, poison_allocator  # noqa: E402
 
 from zephyr_plugins.kernel_ops import decode_attention, decode_attention_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 HEADS = {"mistral": (32, 8, 128), "smollm2": (9, 3, 64), "mha": (8, 8, 128), "g8": (16, 2, 64)}
-
-
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from zephyr_plugins.kernel_build import ensure_built
-
-    ok, why = ensure_built()
-    assert ok, why
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return torch.device("cuda")
-
-
-def _poison():
-    """Fill freed allocator blocks with NaN, so an output element the kernel skips shows up."""
-    t = torch.empty(64 << 20, device="cuda")
-    t.fill_(float("nan"))
-    del t
 
 
 def _case(heads, bsz, lmax, slot, window_pads, dtype, seed):
@@ -66,7 +48,7 @@ def _check(c, heads, kv_len, window, block_keys, dtype, out_index=None):
     exact = {k: c[k].clone() for k in ("k_cache", "v_cache")}  # the unfused path in the activation dtype
     same_dtype = {**c, **exact}
     decode_attention_reference(**same_dtype, n_heads=h, n_kv_heads=hkv, kv_len=kv_len, window=window)
-    _poison()
+    poison_allocator()
     got = decode_attention(**c, n_heads=h, n_kv_heads=hkv, kv_len=kv_len, window=window, block_keys=block_keys,
                            out_index=out_index)  # fmt: skip
     torch.cuda.synchronize()
@@ -87,7 +69,7 @@ def _check(c, heads, kv_len, window, block_keys, dtype, out_index=None):
                                                   (3, 64, 64, 0), (32, 1024, 1024, 512), (2, 1024, 1024, 511)])
 @pytest.mark.parametrize("window", [0, 300])
 def test_matches_reference(dtype, heads, bsz, lmax, kv_len, slot, window):
-    _cuda()
+    cuda_with_kernels()
     c = _case(heads, bsz, lmax, slot, window, dtype, seed=bsz + slot)
     _check(c, heads, kv_len, window, 0, dtype)
 
@@ -95,14 +77,14 @@ def test_matches_reference(dtype, heads, bsz, lmax, kv_len, slot, window):
 @pytest.mark.parametrize("block_keys", [64, 128, 1024])
 @pytest.mark.parametrize("slot", [31, 32, 447, 700])
 def test_forced_key_blocks(block_keys, slot):
-    _cuda()
+    cuda_with_kernels()
     c = _case("mistral", 4, 768, slot, 100, torch.float16, seed=slot)
     _check(c, "mistral", 768, 100, block_keys, torch.float16)
 
 
 @pytest.mark.parametrize("heads", ["mistral", "smollm2"])
 def test_out_index_scatters_in_the_kernel(heads):
-    _cuda()
+    cuda_with_kernels()
     h, _, hd = HEADS[heads]
     perm = torch.randperm(h * hd, generator=torch.Generator().manual_seed(1)).cuda()
     for bsz, slot, lmax in ((1, 700, 768), (4, 40, 64)):  # split over key blocks, and one block
@@ -111,7 +93,7 @@ def test_out_index_scatters_in_the_kernel(heads):
 
 
 def test_graph_replay_with_a_moving_slot():
-    dev = _cuda()
+    dev = cuda_with_kernels()
     h, hkv, hd = HEADS["mistral"]
     c = _case("mistral", 2, 512, 100, 0, torch.float16, seed=3)
     eager = {k: v.clone() for k, v in c.items()}
@@ -138,7 +120,7 @@ def test_graph_replay_with_a_moving_slot():
 
 
 def test_opcheck_and_refusals():
-    _cuda()
+    cuda_with_kernels()
     h, hkv, hd = HEADS["smollm2"]
     c = _case("smollm2", 3, 256, 200, 0, torch.float16, seed=4)
     torch.library.opcheck(torch.ops.zephyr.decode_attention.default, tuple(c.values()) + (h, hkv, 256, 0),

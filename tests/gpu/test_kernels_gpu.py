@@ -23,6 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_helpers import TOL, cuda_with_kernels, poison_allocator  # noqa: E402
 from zk_random import random_gptq_layer  # noqa: E402
 
 from zephyr_plugins.config import GPTQConfig  # noqa: E402
@@ -31,7 +32,6 @@ from zephyr_plugins.reference import dequantize  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 MISTRAL = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 AWKWARD = [(576, 1536), (704, 200)]  # g128: partial last group; N not a multiple of 64
 ALL_M = [1, 2, 3, 5, 7, 8, 16, 17, 33, 64, 128, 257, 1024]
@@ -40,21 +40,10 @@ SEED = [(4, 128, True), (4, 32, True), (4, 64, True), (8, -1, True), (8, 128, Tr
 LAYOUTS = SEED + [(b, g, False) for b, g, _ in SEED]
 
 
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from zephyr_plugins.kernel_build import ensure_built
-
-    ok, why = ensure_built()
-    assert ok, why
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return torch.device("cuda")
-
-
 @functools.lru_cache(maxsize=8)
 def _layer(k, n, bits, gs, act, sym, dtype, seed=0):
     """A prepared QuantLinear on the GPU plus its fp32 dequantized weight."""
-    dev = _cuda()
+    dev = cuda_with_kernels()
     t = random_gptq_layer(k, n, bits, gs, act, sym, seed=seed, device=dev)
     cfg = GPTQConfig(bits=bits, group_size=gs, desc_act=act, sym=sym)
     layer = QuantLinear(k, n, cfg, device=dev)
@@ -65,16 +54,10 @@ def _layer(k, n, bits, gs, act, sym, dtype, seed=0):
     return layer, w, t
 
 
-def _poison():
-    # Fill freed cache blocks with NaN so the op's outputs / workspaces start as NaN.
-    junk = torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    del junk
-
-
 def _check(layer, w, m, dtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(1000 + seed + m)
     x = torch.randn(m, layer.in_features, generator=gen, device="cuda").to(dtype)
-    _poison()
+    poison_allocator()
     y = layer(x)
     ref = x.float() @ w
     assert y.dtype == dtype and y.shape == (m, layer.out_features)
@@ -195,7 +178,7 @@ def test_gemv_every_m(bits, gs, act, sym, dtype):
         for m in list(range(1, 9)) + [9, 13, 16, 17, 24, 31, 32]:
             gen = torch.Generator(device="cuda").manual_seed(2000 + m)
             x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-            _poison()
+            poison_allocator()
             _check_out(_gemv(layer, x), x, w, dtype)
 
 
@@ -210,7 +193,7 @@ def test_gemv_forced_plans(bits, gs, act):
             _check_out(planned, x, w, torch.float16)
             for bw in (4, 8) if m <= 16 else (4,):
                 for sp in (1, 2, 3, 7, 64):
-                    _poison()
+                    poison_allocator()
                     y = _gemv(layer, x, bw, sp)
                     _check_out(y, x, w, torch.float16)
                     # Same column sums in a different order: equal up to fp32 rounding.
@@ -261,7 +244,7 @@ def test_bad_arguments_raise_cleanly():
     In a subprocess: a failing check inside the extension itself ended the whole process
     (SIGSEGV) on the H100 image, which is why the wrappers check everything first.
     """
-    _cuda()
+    cuda_with_kernels()
     code = textwrap.dedent(
         """
         import torch
@@ -338,7 +321,7 @@ def test_forced_prefetch_variant_in_subprocess():
     import os
     import subprocess
 
-    _cuda()
+    cuda_with_kernels()
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
