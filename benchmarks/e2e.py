@@ -206,16 +206,22 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         from zephyr_plugins.decode_graphs import DecodeGraphs
         from zephyr_plugins.model_ops import ModelOps
 
-        prompts = torch.randint(3, 32000, (1, prompt_len), generator=g).tolist()
         short = SamplingParams(max_new_tokens=65, temperature=0, repetition_penalty=1.0)
         compiled_ops = llm.model.ops
-        for label, ops, graphs in (("plain_ops_graphs", ModelOps(False, compiled_ops.fused_decode, compiled_ops.permuted_inputs), True), ("compiled_ops_no_graphs", compiled_ops, False)):
+
+        def short_run(label: str, prompts, ops, graphs: bool = True, repeat: int = 1) -> None:
+            """Decode rate of 64 steps after the prompt with these ops, recorded as batch<B>_<label>."""
+            b = len(prompts)
             llm.model.ops, llm.steps = ops, DecodeGraphs(llm.model, enabled=graphs)
             llm.generate_tokens(prompts, short)
             t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
-            step = (timed(lambda: llm.generate_tokens(prompts, short)) - t_one) / 64
-            out[f"batch1_{label}"] = {"decode_tok_s": 1 / step, "ms_per_step": step * 1e3}
-            print(f"  batch  1 {label}: {1 / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
+            step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=repeat) - t_one) / 64
+            out[f"batch{b}_{label}"] = {"decode_tok_s": b / step, "ms_per_step": step * 1e3}
+            print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
+
+        prompts = torch.randint(3, 32000, (1, prompt_len), generator=g).tolist()
+        short_run("plain_ops_graphs", prompts, ModelOps(False, compiled_ops.fused_decode, compiled_ops.permuted_inputs))
+        short_run("compiled_ops_no_graphs", prompts, compiled_ops, graphs=False)
         # The fused decode-attention kernel against the unfused ops (rope, cache writes, matmuls, softmax),
         # and act-order inputs written permuted by their producers against each layer gathering its own;
         # all timed here the same way (64 steps after a 512-token prompt).
@@ -227,13 +233,8 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         for b in sorted({1, max(batches)}) if len(variants) > 1 else []:
             prompts = torch.randint(3, 32000, (b, prompt_len), generator=g).tolist()
             for label, fused, permuted in variants:
-                llm.model.ops = ModelOps(compiled_ops.compile, fused_decode=fused, permuted_inputs=permuted)
-                llm.steps = DecodeGraphs(llm.model)
-                llm.generate_tokens(prompts, short)
-                t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
-                step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=3) - t_one) / 64
-                out[f"batch{b}_{label}"] = {"decode_tok_s": b / step, "ms_per_step": step * 1e3}
-                print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
+                short_run(label, prompts, ModelOps(compiled_ops.compile, fused_decode=fused, permuted_inputs=permuted),
+                          repeat=3)  # fmt: skip
         llm.model.ops, llm.steps = compiled_ops, DecodeGraphs(llm.model)
     long_prompt = torch.randint(3, 32000, (1, prefill_len), generator=g).tolist()
     llm.generate_tokens(long_prompt, one)
