@@ -41,6 +41,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "device_info.cuh"
+
 namespace zephyr {
 
 namespace {
@@ -365,9 +367,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   const c10::cuda::OptionalCUDAGuard guard(qkv.device());
   auto out = at::empty({B, H * HD}, qkv.options());
   if (B == 0) return out;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, qkv.get_device()));
-  const int BK = block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sms);
+  const int BK =
+      block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sm_count(qkv.get_device()));
   TORCH_CHECK(BK % 64 == 0 && BK >= 64 && BK <= kMaxBlockKeys,
               "decode_attention: block_keys must be a multiple of 64 in [64, ", kMaxBlockKeys, "], got ", BK);
   const int S = (int(kv_len) + BK - 1) / BK;

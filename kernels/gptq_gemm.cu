@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 
+#include "device_info.cuh"
 #include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
 
@@ -18,30 +19,6 @@ namespace zephyr {
 namespace {
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Multiprocessor count, cached per device (an attribute query, no sync).
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = v;
-  }
-  return cache[device];
-}
-
-// Compute capability major, cached per device.
-int cc_major(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 0;
-  if (cache[device] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
-    cache[device] = v;
-  }
-  return cache[device];
-}
 
 // Sizes of one call on the zk layout, after the argument checks.
 struct ZkShape {
