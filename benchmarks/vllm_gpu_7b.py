@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="u4g128_act")
     ap.add_argument("--plot-only", metavar="JSON", help="only draw the plot of a saved result")
     args = ap.parse_args(argv)
+    unknown = [n for n in args.layouts.split(",") if n not in LAYOUTS]
+    if unknown:
+        ap.error(f"unknown layout(s) {unknown}; choose from {sorted(LAYOUTS)}")
     if args.plot_only:
         with open(args.plot_only) as fh:
             doc = json.load(fh)
