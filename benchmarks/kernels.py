@@ -201,10 +201,23 @@ def main(argv=None) -> int:
                             sweep.append({"shape": sname, "layout": lname, "M": m, "block_warps": bw,
                                           "splits": sp, "us": us})  # fmt: skip
                             print(f"    sweep {lname} M={m} warps={bw} splits={sp}: {us:.1f} us", flush=True)
-                if 16 <= m <= 128:  # dequantize + cuBLAS, to place the last threshold
+                zk = [(L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm, L._zk_locks) for L in layers]
+                if 16 <= m <= 128:  # dequantize + cuBLAS at any M, to place the last threshold
                     row["dequant_cublas_us"] = time_graph(
-                        [lambda L=L: x @ gptq_dequantize(L.qweight, L.qzeros, L._zk_scales_ckpt, L._zk_g_idx, bits, 1)
-                         for L in layers])  # fmt: skip
+                        [lambda z=z: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0, 0) for z in zk])
+                if m >= 128 and act:
+                    # The large-M path before it read the zk layout: the checkpoint layout dequantized, then cuBLAS.
+                    ck = [(L.qweight, L.qzeros, L.scales.to(dtype), L.g_idx) for L in layers]
+                    row["ckpt_dequant_cublas_us"] = time_graph(
+                        [lambda c=c: x @ gptq_dequantize(*c, bits, 1) for c in ck])
+                    del ck
+                    if bits == 4:  # dequantize a few columns per cuBLAS round (L2-resident chunk)
+                        row["chunk_us"] = {
+                            c: time_graph([lambda z=z, c=c: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0, c)
+                                           for z in zk])
+                            for c in (512, 1024, 2048, 4096)
+                        }  # fmt: skip
+                del zk
                 rows.append(row)
                 print(
                     f"  {lname:11s} M={m:5d} ours {ours:9.1f} us  fp16 {fp16[m]:9.1f} us  "
@@ -212,7 +225,9 @@ def main(argv=None) -> int:
                     + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
-                    + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else ""),
+                    + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
+                    + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else "")
+                    + "".join(f"  chunk{c} {u:7.1f}" for c, u in row.get("chunk_us", {}).items()),
                     flush=True,
                 )
             del layers

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstdlib>
 
 #include "device_info.cuh"
@@ -231,25 +232,106 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   return out;
 }
 
-at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
-                                const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
+namespace {
+
+// Launch the zk dequantize kernel for column blocks [nb0, nb0 + nblocks) into out [Kp, >= nblocks*64].
+void launch_dequantize_zk(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int bits,
+                          int group_size, int nb0, int nblocks, at::Tensor& out, cudaStream_t stream) {
+  const int Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN, G = scales.size(0);
+  const int group_rows = group_size == -1 ? Kp : int(group_size);
+  const dim3 grid(Kp / kChunkK, nblocks);
+  const bool has_z = zeros.numel() > 0;
+  const int ldo = out.stride(0);
+#define ZK_DQ(T, B)                                                                                          \
+  gptq_dequantize_zk_kernel<T, B><<<grid, 128, 0, stream>>>(                                                 \
+      reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),     \
+      has_z ? reinterpret_cast<const T*>(zeros.data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()), \
+      Kp, Np, G, group_rows, nb0, ldo)
+  if (scales.scalar_type() == at::kHalf) {
+    if (bits == 4) ZK_DQ(__half, 4); else ZK_DQ(__half, 8);
+  } else {
+    if (bits == 4) ZK_DQ(__nv_bfloat16, 4); else ZK_DQ(__nv_bfloat16, 8);
+  }
+#undef ZK_DQ
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_zk_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous() &&
+                  qweight.size(2) == 32 * bits && qweight.size(1) % 8 == 0,
+              op, ": qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  const int64_t Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.size(0) >= 1 && scales.is_contiguous() &&
+                  (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16),
+              op, ": scales must be contiguous float16/bfloat16 [G, ", Np, "], got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(zeros.numel() == 0 || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == scales.scalar_type() &&
+                                     zeros.is_contiguous()),
+              op, ": zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
+  TORCH_CHECK(group_size == -1 || group_size >= 1, op, ": group_size must be -1 or positive, got ", group_size);
+  TORCH_CHECK(scales.device() == qweight.device() && (zeros.numel() == 0 || zeros.device() == qweight.device()),
+              op, ": all tensors must be on ", qweight.device());
+  (void)Kp;
+}
+
+// Columns per dequantize + cuBLAS round of gptq_linear's large-M path (0: all at once).
+int dequant_chunk_columns(int64_t requested, int Np) {
+  if (requested <= 0 || requested >= Np) return Np;
+  return int(std::max<int64_t>(kBlockN, requested / kBlockN * kBlockN));
+}
+
+}  // namespace
+
+// See zephyr_plugins/kernel_ops.py: the zk layout dequantized to scales.dtype [Kp, Np] (repacked row order).
+at::Tensor gptq_dequantize_repacked_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                                         int64_t bits, int64_t group_size) {
+  check_zk_weight("gptq_dequantize_repacked", qweight, scales, zeros, bits, group_size);
+  const c10::cuda::OptionalCUDAGuard guard(qweight.device());
+  const int Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN;
+  auto out = at::empty({Kp, Np}, scales.options());
+  if (Kp == 0 || Np == 0) return out;
+  launch_dequantize_zk(qweight, scales, zeros, int(bits), int(group_size), 0, Np / kBlockN, out,
+                       c10::cuda::getCurrentCUDAStream());
+  return out;
+}
 
 // One linear layer, the path chosen by M at run time (see kernel_ops.py): traced by torch.compile or
-// captured in a graph it stays one op, so a graph traced at one M serves every M.
+// captured in a graph it stays one op, so a graph traced at one M serves every M. Large M: x[:, perm]
+// (zero-padded to Kp) @ the dequantized zk weight, in rounds of `dequant_chunk_n` columns.
 at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                            const at::Tensor& ckpt_qweight, const at::Tensor& ckpt_qzeros,
-                            const at::Tensor& ckpt_scales, const at::Tensor& ckpt_g_idx, int64_t bits,
-                            int64_t group_size, int64_t size_n, int64_t zero_offset, int64_t gemv_max_m,
-                            int64_t fused_max_m) {
+                            const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
+                            int64_t group_size, int64_t size_n, int64_t gemv_max_m, int64_t fused_max_m,
+                            int64_t dequant_chunk_n) {
   TORCH_CHECK(x.dim() == 2, "gptq_linear: x must be 2-D [M, K], got ", x.sizes());
   const int64_t M = x.size(0);
   if (M <= std::min<int64_t>(gemv_max_m, kGemvMaxM))
     return gptq_gemv_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 0, 0);
   if (M <= std::min<int64_t>(fused_max_m, 16 * kMaxMTiles))
     return gptq_gemm_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n);
-  const at::Tensor w = gptq_dequantize_cuda(ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits, zero_offset);
-  return at::matmul(x, w);
+  const ZkShape z = check_zk_args("gptq_linear", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                                  INT32_MAX, "");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto out = at::empty({z.M, z.N}, x.options());
+  if (z.M == 0 || z.N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  bool pdl = false;
+  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);  // [M, Kp], zero-padded
+  const int chunk = dequant_chunk_columns(dequant_chunk_n, z.Np);
+  at::Tensor w = at::empty({z.Kp, chunk}, x.options());
+  for (int n0 = 0; n0 < z.N; n0 += chunk) {
+    const int nc = std::min(chunk, z.Np - n0), nvalid = std::min(chunk, z.N - n0);
+    launch_dequantize_zk(qweight, scales, zeros, int(bits), int(group_size), n0 / kBlockN, nc / kBlockN, w, stream);
+    if (chunk == z.Np) {
+      at::mm_out(out, xg, w.narrow(1, 0, z.N));
+    } else {
+      at::Tensor o = out.narrow(1, n0, nvalid);
+      at::mm_out(o, xg, w.narrow(1, 0, nvalid));
+    }
+  }
+  return out;
 }
 
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,

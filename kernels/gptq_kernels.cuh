@@ -439,3 +439,69 @@ __global__ void gptq_dequantize_kernel(const int* __restrict__ qweight,  // [cei
 }
 
 }  // namespace zephyr
+
+namespace zephyr {
+
+// ---------------------------------------------------------------------------
+// Dequantize the zk layout to T [Kp, ldo] (rows in repacked order, columns
+// [nb0*64, (nb0+gridDim.y)*64) of the weight written at column 0 of out), for
+// large M: x[:, perm] @ W in cuBLAS. The checkpoint tensors are not needed.
+// Block = one 128-row chunk x one 64-column block: its 8 steps (4 or 8 KB)
+// are read with coalesced 16-byte loads into shared memory, then thread t
+// writes rows (rr*16 + t/8) of the chunk, 8 columns (t%8)*8.. each, as one
+// 16-byte store (a warp writes 4 rows x 128 contiguous bytes).
+// W[k, n] = T(float(q - z) * float(s)), z = zeros or 2^(bits-1), the group
+// of row k being min(k / group_rows, G - 1): repack.gemm_repacked_reference.
+// ---------------------------------------------------------------------------
+template <typename T, int BITS>
+__global__ void __launch_bounds__(128) gptq_dequantize_zk_kernel(
+    const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
+    const T* __restrict__ scales,       // [G, Np], zk column order
+    const T* __restrict__ zeros,        // [G, Np] or nullptr
+    T* __restrict__ out,                // [Kp, ldo]
+    int Kp, int Np, int G, int group_rows, int nb0, int ldo) {
+  using Tr = Traits<T>;
+  constexpr int kWords = 8 * 32 * BITS;  // one chunk of one column block
+  __shared__ uint32_t w[kWords];
+  const int chunk = blockIdx.x, nbl = blockIdx.y, nb = nb0 + nbl;
+  const uint4* src = qweight + ((size_t)nb * (Kp / 16) + (size_t)chunk * 8) * (32 * BITS / 4);
+  for (int i = threadIdx.x; i < kWords / 4; i += blockDim.x) reinterpret_cast<uint4*>(w)[i] = load_stream(src + i);
+  __syncthreads();
+  const int t = threadIdx.x % 8;  // this thread's 8 columns: n = t*8 + l, l = 0..7
+  const T* sc = scales + (size_t)nb * 64 + t;  // column t*8+l is stored at l*8 + t
+  const T* zc = zeros ? zeros + (size_t)nb * 64 + t : nullptr;
+  int g_prev = -1;
+  float s[8], z[8];
+#pragma unroll 1
+  for (int rr = 0; rr < 8; ++rr) {
+    const int r = rr * 16 + threadIdx.x / 8;  // row in the chunk: r = c*32 + i*4 + h*2 + e
+    const int c = r >> 5, i = (r >> 2) & 7, h = (r >> 1) & 1, e = r & 1;
+    const int k = chunk * 128 + r;
+    const int g = min(k / group_rows, G - 1);
+    if (g != g_prev) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) {
+        s[l] = Tr::to_float(sc[(size_t)g * Np + l * 8]);
+        z[l] = zc ? Tr::to_float(zc[(size_t)g * Np + l * 8]) : float(1 << (BITS - 1));
+      }
+      g_prev = g;
+    }
+    alignas(16) T o[8];
+#pragma unroll
+    for (int l = 0; l < 8; ++l) {  // column nn = t*8 + l of the block, held by lane l*4 + c
+      const int lane = l * 4 + c;
+      int q;
+      if constexpr (BITS == 4) {  // tile t = 2j + ab; nibble e*4 + ab*2 + h of word lane*4 + j
+        const uint32_t word = w[i * 128 + lane * 4 + (t >> 1)];
+        q = int(word >> ((e * 4 + (t & 1) * 2 + h) * 4)) & 0xf;
+      } else {  // tile t = 4hh + j; byte h*2 + e of word hh*128 + lane*4 + j
+        const uint32_t word = w[i * 256 + (t >> 2) * 128 + lane * 4 + (t & 3)];
+        q = int(word >> ((h * 2 + e) * 8)) & 0xff;
+      }
+      o[l] = Tr::from_float((float(q) - z[l]) * s[l]);
+    }
+    *reinterpret_cast<uint4*>(out + (size_t)k * ldo + nbl * 64 + t * 8) = *reinterpret_cast<const uint4*>(o);
+  }
+}
+
+}  // namespace zephyr

@@ -37,12 +37,21 @@ Ops:
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
-``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits, group_size, size_n, zero_offset, gemv_max_m, fused_max_m) -> Tensor``
-    One layer, whatever M: ``gptq_gemv_repacked`` for ``M <= gemv_max_m``,
-    ``gptq_gemm_repacked`` for ``M <= fused_max_m``, else ``gptq_dequantize`` of the
-    checkpoint tensors (``ckpt_*``, ``ckpt_scales`` in x's dtype) and ``x @ w``. The
-    choice is made when the op runs, so a graph that ``torch.compile`` traced at one
-    M (vLLM traces at its largest batch) still takes the small-M kernels at M = 1.
+``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m, dequant_chunk_n=0) -> Tensor``
+    One layer, whatever M, on the zk arguments of ``gptq_gemm_repacked``:
+    ``gptq_gemv_repacked`` for ``M <= gemv_max_m``, ``gptq_gemm_repacked`` for
+    ``M <= fused_max_m``, else ``x[:, perm]`` (zero-padded to Kp) times
+    ``gptq_dequantize_repacked`` in cuBLAS, ``dequant_chunk_n`` columns at a
+    time (0: all; a chunk small enough to stay in L2 is read back from there).
+    The choice is made when the op runs, so a graph that ``torch.compile``
+    traced at one M (vLLM traces at its largest batch) still takes the small-M
+    kernels at M = 1. Only the zk layout is read: the checkpoint tensors need
+    not stay on the device.
+
+``zephyr::gptq_dequantize_repacked(qweight, scales, zeros, bits, group_size) -> Tensor``
+    The zk layout dequantized to ``scales.dtype [Kp, Np]``, rows in repacked
+    (act-order sorted) order, padding included (row ``k`` in group
+    ``min(k // group_size, G - 1)``); ``repack.dequantize_repacked_reference``.
 
 ``zephyr::gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset) -> Tensor``
     The checkpoint layout dequantized to ``scales.dtype [K, N]`` (for large M,
@@ -83,7 +92,7 @@ from __future__ import annotations
 import torch
 
 from .reference import dequantize
-from .repack import gemm_repacked_reference
+from .repack import dequantize_repacked_reference, gemm_repacked_reference
 
 GEMV_MAX_ROWS = 32  # kGemvMaxM in kernels/gptq_gemv.cuh
 
@@ -99,8 +108,10 @@ _LIB.define(
 )
 _LIB.define(
     "gptq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, Tensor(a!) locks, "
-    "Tensor ckpt_qweight, Tensor ckpt_qzeros, Tensor ckpt_scales, Tensor ckpt_g_idx, int bits, int group_size, "
-    "int size_n, int zero_offset, int gemv_max_m, int fused_max_m) -> Tensor"
+    "int bits, int group_size, int size_n, int gemv_max_m, int fused_max_m, int dequant_chunk_n=0) -> Tensor"
+)
+_LIB.define(
+    "gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor"
 )
 _LIB.define(
     "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
@@ -121,9 +132,13 @@ def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
-def _linear_cpu(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits,
-                group_size, size_n, zero_offset, gemv_max_m, fused_max_m):  # fmt: skip
+def _linear_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m,
+                dequant_chunk_n=0):  # fmt: skip
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
+
+
+def _dequantize_repacked_cpu(qweight, scales, zeros, bits, group_size):
+    return dequantize_repacked_reference(qweight, scales, zeros, bits, group_size).to(scales.dtype)
 
 
 def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
@@ -155,6 +170,7 @@ _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
 _LIB.impl("gptq_linear", _linear_cpu, "CPU")
+_LIB.impl("gptq_dequantize_repacked", _dequantize_repacked_cpu, "CPU")
 _LIB.impl("decode_attention", decode_attention_reference, "CPU")
 
 
@@ -174,10 +190,15 @@ def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
 
 
 @torch.library.register_fake("zephyr::gptq_linear")
-def _linear_fake(x, qweight, scales, zeros, perm, locks, ckpt_qweight, ckpt_qzeros, ckpt_scales, ckpt_g_idx, bits,
-                 group_size, size_n, zero_offset, gemv_max_m, fused_max_m):  # fmt: skip
+def _linear_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m,
+                 dequant_chunk_n=0):  # fmt: skip
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     return x.new_empty((x.shape[0], size_n))
+
+
+@torch.library.register_fake("zephyr::gptq_dequantize_repacked")
+def _dequantize_repacked_fake(qweight, scales, zeros, bits, group_size):
+    return scales.new_empty((qweight.shape[1] * 16, qweight.shape[0] * 64))
 
 
 @torch.library.register_fake("zephyr::gptq_dequantize")

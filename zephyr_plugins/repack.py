@@ -193,6 +193,22 @@ def unrepack(
     }
 
 
+def dequantize_repacked_reference(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """fp32 ``[Kp, Np]`` weight of the zk layout, rows in repacked order (padding included).
+
+    Row ``k`` belongs to group ``min(k // group_size, G - 1)``; ``(q - z) * s`` in fp32.
+    """
+    q = unshuffle_qweight(qweight, bits).to(torch.float32)  # [Kp, Np], repacked row order
+    kp = q.shape[0]
+    gs = kp if group_size == -1 else group_size
+    g = torch.clamp(torch.arange(kp, device=q.device) // gs, max=scales.shape[0] - 1)
+    s = _unshuffle_block_cols(scales).to(torch.float32)
+    z = _unshuffle_block_cols(zeros).to(torch.float32) if zeros.numel() else torch.full_like(s, 1 << (bits - 1))
+    return (q - z[g]) * s[g]
+
+
 def gemm_repacked_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -205,13 +221,8 @@ def gemm_repacked_reference(
 ) -> torch.Tensor:
     """Pure-torch ``x [M, K] @ W`` on the zk layout (fp32 accumulation, output ``x.dtype [M, N]``)."""
     m, k = x.shape
-    q = unshuffle_qweight(qweight, bits).to(torch.float32)  # [Kp, Np], repacked row order
-    kp = q.shape[0]
-    gs = k if group_size == -1 else group_size
-    g = torch.clamp(torch.arange(kp, device=x.device) // gs, max=scales.shape[0] - 1)
-    s = _unshuffle_block_cols(scales).to(torch.float32)
-    z = _unshuffle_block_cols(zeros).to(torch.float32) if zeros.numel() else torch.full_like(s, 1 << (bits - 1))
-    w = (q - z[g]) * s[g]
+    w = dequantize_repacked_reference(qweight, scales, zeros, bits, group_size)
+    kp = w.shape[0]
     xs = x[:, perm.long()] if perm.numel() else x
     xp = torch.zeros(m, kp, dtype=torch.float32, device=x.device)
     xp[:, :k] = xs.to(torch.float32)

@@ -4,8 +4,11 @@
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul that streams the repacked weight once.
-- More rows (prefill): ``zephyr::gptq_dequantize`` to the activation dtype,
-  then ``x @ w`` in cuBLAS.
+- More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
+  dtype, then ``x[:, perm] @ w`` in cuBLAS.
+
+All three read only the repacked ("zk") tensors, which is all the backend
+keeps on the device besides ``scales`` and ``g_idx`` (see :meth:`process_weights`).
 
 Importing this module is cheap: the kernels are built the first time a CUDA
 layer is selected (:func:`zephyr_plugins.kernel_build.ensure_built`). Without
@@ -28,6 +31,8 @@ from .base import KernelBackend, LayerSpec
 FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
 # Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
+# Large M: columns dequantized per cuBLAS round (0: the whole layer at once); ``ZEPHYR_CUDA_DEQUANT_CHUNK_N``.
+DEQUANT_CHUNK_N = int(os.environ.get("ZEPHYR_CUDA_DEQUANT_CHUNK_N", "0"))
 
 
 class CudaGPTQBackend(KernelBackend):
@@ -77,9 +82,6 @@ class CudaGPTQBackend(KernelBackend):
         layer.register_buffer(
             "_zk_locks", torch.zeros(r.qweight.shape[0], dtype=torch.int32, device=r.qweight.device), persistent=False
         )
-        # The large-M path dequantizes the checkpoint layout; it wants the scales in the activation dtype.
-        layer.register_buffer("_zk_scales_ckpt", layer.scales.to(spec.dtype).contiguous(), persistent=False)
-        layer.register_buffer("_zk_g_idx", layer.g_idx.to(torch.int32).contiguous(), persistent=False)
         # Every argument the kernels will see, checked once (apply calls the ops directly).
         from ..kernel_ops import check_zk_args
 
@@ -104,8 +106,7 @@ class CudaGPTQBackend(KernelBackend):
         # torch.compile a Python branch on M would be decided once, at the traced size.
         out = ops.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-            layer.qweight, layer.qzeros, layer._zk_scales_ckpt, layer._zk_g_idx, spec.bits, spec.group_size,
-            spec.out_features, spec.zero_offset, GEMV_MAX_M, FUSED_MAX_M,
+            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M, DEQUANT_CHUNK_N,
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
@@ -115,19 +116,15 @@ class CudaGPTQBackend(KernelBackend):
         return layer._zk_perm_index
 
     def apply_permuted(self, layer: torch.nn.Module, x_perm: torch.Tensor) -> torch.Tensor:
-        # Called by our runtime's decode steps (eager or captured in CUDA graphs, never traced by
-        # torch.compile), so choosing the kernel by M in Python is safe here, unlike in apply().
+        # The same op as apply() with no permutation: x_perm already is in the kernels' row order.
         spec = self.spec
         x2 = x_perm.reshape(-1, spec.in_features)
-        if x2.shape[0] > FUSED_MAX_M:  # the dequantize + cuBLAS path reads the checkpoint's row order
-            x = torch.empty_like(x_perm)
-            x[..., layer._zk_perm_index] = x_perm
-            return self.apply(layer, x)
         if x2.dtype != spec.dtype:
             x2 = x2.to(spec.dtype)
-        zk = (layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks)
-        op = torch.ops.zephyr.gptq_gemv_repacked if x2.shape[0] <= GEMV_MAX_M else torch.ops.zephyr.gptq_gemm_repacked
-        out = op(x2.contiguous(), *zk, spec.bits, spec.group_size, spec.out_features)
+        out = torch.ops.zephyr.gptq_linear(
+            x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks,
+            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M, DEQUANT_CHUNK_N,
+        )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
 
 
