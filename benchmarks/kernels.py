@@ -204,19 +204,13 @@ def main(argv=None) -> int:
                 zk = [(L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm, L._zk_locks) for L in layers]
                 if 16 <= m <= 128:  # dequantize + cuBLAS at any M, to place the last threshold
                     row["dequant_cublas_us"] = time_graph(
-                        [lambda z=z: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0, 0) for z in zk])
-                if m >= 128 and act:
+                        [lambda z=z: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0) for z in zk])
+                if m >= 128 and act and "qweight" in layers[0]._buffers and layers[0].qweight.numel():
                     # The large-M path before it read the zk layout: the checkpoint layout dequantized, then cuBLAS.
                     ck = [(L.qweight, L.qzeros, L.scales.to(dtype), L.g_idx) for L in layers]
                     row["ckpt_dequant_cublas_us"] = time_graph(
                         [lambda c=c: x @ gptq_dequantize(*c, bits, 1) for c in ck])
                     del ck
-                    if bits == 4:  # dequantize a few columns per cuBLAS round (L2-resident chunk)
-                        row["chunk_us"] = {
-                            c: time_graph([lambda z=z, c=c: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0, c)
-                                           for z in zk])
-                            for c in (512, 1024, 2048, 4096)
-                        }  # fmt: skip
                 del zk
                 rows.append(row)
                 print(
@@ -226,8 +220,7 @@ def main(argv=None) -> int:
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
-                    + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else "")
-                    + "".join(f"  chunk{c} {u:7.1f}" for c, u in row.get("chunk_us", {}).items()),
+                    + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else ""),
                     flush=True,
                 )
             del layers

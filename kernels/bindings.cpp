@@ -12,11 +12,11 @@
 //                              int size_n, int block_warps=0, int splits=0) -> Tensor
 //   zephyr::gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx,
 //                           int bits, int zero_offset) -> Tensor
-//   zephyr::gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, int bits,
-//                                    int group_size) -> Tensor
+//   zephyr::gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, Tensor perm,
+//                                    int bits, int group_size) -> Tensor
 //   zephyr::gptq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm,
 //                       Tensor(a!) locks, int bits, int group_size, int size_n, int gemv_max_m,
-//                       int fused_max_m, int dequant_chunk_n=0) -> Tensor
+//                       int fused_max_m) -> Tensor
 //   zephyr::decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache,
 //                            Tensor(b!) v_cache, Tensor slot, Tensor pad, Tensor(c!) locks,
 //                            int n_heads, int n_kv_heads, int kv_len, int window,
@@ -35,11 +35,10 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                                 const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
 at::Tensor gptq_dequantize_repacked_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                                         int64_t bits, int64_t group_size);
+                                         const at::Tensor& perm, int64_t bits, int64_t group_size);
 at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
-                            int64_t group_size, int64_t size_n, int64_t gemv_max_m, int64_t fused_max_m,
-                            int64_t dequant_chunk_n);
+                            int64_t group_size, int64_t size_n, int64_t gemv_max_m, int64_t fused_max_m);
 at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot,
                                  const at::Tensor& pad, at::Tensor& locks, int64_t n_heads, int64_t n_kv_heads,

@@ -234,19 +234,20 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
 
 namespace {
 
-// Launch the zk dequantize kernel for column blocks [nb0, nb0 + nblocks) into out [Kp, >= nblocks*64].
-void launch_dequantize_zk(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int bits,
-                          int group_size, int nb0, int nblocks, at::Tensor& out, cudaStream_t stream) {
+// Launch the zk dequantize kernel into out [Kp, Np] (rows k < K at perm[k] when perm is given).
+void launch_dequantize_zk(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                          const at::Tensor& perm, int bits, int group_size, at::Tensor& out, cudaStream_t stream) {
   const int Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN, G = scales.size(0);
   const int group_rows = group_size == -1 ? Kp : int(group_size);
-  const dim3 grid(Kp / kChunkK, nblocks);
+  const dim3 grid(Kp / kChunkK, Np / kBlockN);
   const bool has_z = zeros.numel() > 0;
-  const int ldo = out.stride(0);
+  const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
+  const int K = perm.numel() ? int(perm.size(0)) : Kp;
 #define ZK_DQ(T, B)                                                                                          \
   gptq_dequantize_zk_kernel<T, B><<<grid, 128, 0, stream>>>(                                                 \
       reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),     \
-      has_z ? reinterpret_cast<const T*>(zeros.data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()), \
-      Kp, Np, G, group_rows, nb0, ldo)
+      has_z ? reinterpret_cast<const T*>(zeros.data_ptr()) : nullptr, p, reinterpret_cast<T*>(out.data_ptr()), \
+      K, Kp, Np, G, group_rows)
   if (scales.scalar_type() == at::kHalf) {
     if (bits == 4) ZK_DQ(__half, 4); else ZK_DQ(__half, 8);
   } else {
@@ -277,34 +278,32 @@ void check_zk_weight(const char* op, const at::Tensor& qweight, const at::Tensor
   (void)Kp;
 }
 
-// Columns per dequantize + cuBLAS round of gptq_linear's large-M path (0: all at once).
-int dequant_chunk_columns(int64_t requested, int Np) {
-  if (requested <= 0 || requested >= Np) return Np;
-  return int(std::max<int64_t>(kBlockN, requested / kBlockN * kBlockN));
-}
-
 }  // namespace
 
-// See zephyr_plugins/kernel_ops.py: the zk layout dequantized to scales.dtype [Kp, Np] (repacked row order).
+// See zephyr_plugins/kernel_ops.py: the zk layout dequantized to scales.dtype [Kp, Np].
 at::Tensor gptq_dequantize_repacked_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                                         int64_t bits, int64_t group_size) {
+                                         const at::Tensor& perm, int64_t bits, int64_t group_size) {
   check_zk_weight("gptq_dequantize_repacked", qweight, scales, zeros, bits, group_size);
-  const c10::cuda::OptionalCUDAGuard guard(qweight.device());
   const int Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN;
+  TORCH_CHECK(perm.numel() == 0 || (perm.dim() == 1 && perm.scalar_type() == at::kInt && perm.is_contiguous() &&
+                                    perm.size(0) <= Kp && perm.size(0) > Kp - kChunkK &&
+                                    perm.device() == qweight.device()),
+              "gptq_dequantize_repacked: perm must be empty or int32 [K] (Kp - 128 < K <= Kp=", Kp, ") on ",
+              qweight.device(), ", got ", perm.scalar_type(), " ", perm.sizes());
+  const c10::cuda::OptionalCUDAGuard guard(qweight.device());
   auto out = at::empty({Kp, Np}, scales.options());
   if (Kp == 0 || Np == 0) return out;
-  launch_dequantize_zk(qweight, scales, zeros, int(bits), int(group_size), 0, Np / kBlockN, out,
+  launch_dequantize_zk(qweight, scales, zeros, perm, int(bits), int(group_size), out,
                        c10::cuda::getCurrentCUDAStream());
   return out;
 }
 
 // One linear layer, the path chosen by M at run time (see kernel_ops.py): traced by torch.compile or
-// captured in a graph it stays one op, so a graph traced at one M serves every M. Large M: x[:, perm]
-// (zero-padded to Kp) @ the dequantized zk weight, in rounds of `dequant_chunk_n` columns.
+// captured in a graph it stays one op, so a graph traced at one M serves every M. Large M: x @ the zk
+// weight dequantized into x's row order (rows scattered by perm), in cuBLAS.
 at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
-                            int64_t group_size, int64_t size_n, int64_t gemv_max_m, int64_t fused_max_m,
-                            int64_t dequant_chunk_n) {
+                            int64_t group_size, int64_t size_n, int64_t gemv_max_m, int64_t fused_max_m) {
   TORCH_CHECK(x.dim() == 2, "gptq_linear: x must be 2-D [M, K], got ", x.sizes());
   const int64_t M = x.size(0);
   if (M <= std::min<int64_t>(gemv_max_m, kGemvMaxM))
@@ -314,24 +313,10 @@ at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const ZkShape z = check_zk_args("gptq_linear", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
                                   INT32_MAX, "");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  auto out = at::empty({z.M, z.N}, x.options());
-  if (z.M == 0 || z.N == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  bool pdl = false;
-  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);  // [M, Kp], zero-padded
-  const int chunk = dequant_chunk_columns(dequant_chunk_n, z.Np);
-  at::Tensor w = at::empty({z.Kp, chunk}, x.options());
-  for (int n0 = 0; n0 < z.N; n0 += chunk) {
-    const int nc = std::min(chunk, z.Np - n0), nvalid = std::min(chunk, z.N - n0);
-    launch_dequantize_zk(qweight, scales, zeros, int(bits), int(group_size), n0 / kBlockN, nc / kBlockN, w, stream);
-    if (chunk == z.Np) {
-      at::mm_out(out, xg, w.narrow(1, 0, z.N));
-    } else {
-      at::Tensor o = out.narrow(1, n0, nvalid);
-      at::mm_out(o, xg, w.narrow(1, 0, nvalid));
-    }
-  }
-  return out;
+  at::Tensor w = at::empty({z.Kp, z.Np}, x.options());
+  launch_dequantize_zk(qweight, scales, zeros, perm, int(bits), int(group_size), w,
+                       c10::cuda::getCurrentCUDAStream());
+  return at::mm(x, w.narrow(0, 0, z.K).narrow(1, 0, z.N));
 }
 
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,

@@ -443,9 +443,11 @@ __global__ void gptq_dequantize_kernel(const int* __restrict__ qweight,  // [cei
 namespace zephyr {
 
 // ---------------------------------------------------------------------------
-// Dequantize the zk layout to T [Kp, ldo] (rows in repacked order, columns
-// [nb0*64, (nb0+gridDim.y)*64) of the weight written at column 0 of out), for
-// large M: x[:, perm] @ W in cuBLAS. The checkpoint tensors are not needed.
+// Dequantize the zk layout to T [Kp, Np], for large M: x @ W in cuBLAS (the
+// checkpoint tensors are not needed). Repacked row k < K is written at row
+// perm[k] (the checkpoint's order, so x is read as it is: gathering x's
+// columns cost more than the whole dequantization at M = 4096); without perm,
+// and for the padding rows k >= K, at row k.
 // Block = one 128-row chunk x one 64-column block: its 8 steps (4 or 8 KB)
 // are read with coalesced 16-byte loads into shared memory, then thread t
 // writes rows (rr*16 + t/8) of the chunk, 8 columns (t%8)*8.. each, as one
@@ -458,12 +460,13 @@ __global__ void __launch_bounds__(128) gptq_dequantize_zk_kernel(
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
     const T* __restrict__ scales,       // [G, Np], zk column order
     const T* __restrict__ zeros,        // [G, Np] or nullptr
-    T* __restrict__ out,                // [Kp, ldo]
-    int Kp, int Np, int G, int group_rows, int nb0, int ldo) {
+    const int* __restrict__ perm,       // [K] or nullptr
+    T* __restrict__ out,                // [Kp, Np]
+    int K, int Kp, int Np, int G, int group_rows) {
   using Tr = Traits<T>;
   constexpr int kWords = 8 * 32 * BITS;  // one chunk of one column block
   __shared__ uint32_t w[kWords];
-  const int chunk = blockIdx.x, nbl = blockIdx.y, nb = nb0 + nbl;
+  const int chunk = blockIdx.x, nb = blockIdx.y;
   const uint4* src = qweight + ((size_t)nb * (Kp / 16) + (size_t)chunk * 8) * (32 * BITS / 4);
   for (int i = threadIdx.x; i < kWords / 4; i += blockDim.x) reinterpret_cast<uint4*>(w)[i] = load_stream(src + i);
   __syncthreads();
@@ -500,7 +503,8 @@ __global__ void __launch_bounds__(128) gptq_dequantize_zk_kernel(
       }
       o[l] = Tr::from_float((float(q) - z[l]) * s[l]);
     }
-    *reinterpret_cast<uint4*>(out + (size_t)k * ldo + nbl * 64 + t * 8) = *reinterpret_cast<const uint4*>(o);
+    const int row = (perm && k < K) ? __ldg(perm + k) : k;
+    *reinterpret_cast<uint4*>(out + (size_t)row * Np + nb * 64 + t * 8) = *reinterpret_cast<const uint4*>(o);
   }
 }
 

@@ -120,7 +120,7 @@ def test_fake_impls_give_shapes():
         assert w.shape == (576, 200) and w.dtype == torch.float16
         y = torch.ops.zephyr.gptq_linear(fx, *fr, 4, 128, 200, 32, 64)
         assert y.shape == (5, 200) and y.dtype == torch.float16
-        w = torch.ops.zephyr.gptq_dequantize_repacked(fr[0], fr[1], fr[2], 4, 128)
+        w = torch.ops.zephyr.gptq_dequantize_repacked(fr[0], fr[1], fr[2], fr[3], 4, 128)
         assert w.shape == padded_sizes(576, 200) and w.dtype == torch.float16
 
 
@@ -130,7 +130,7 @@ def test_linear_op_cpu_equals_the_repacked_reference():
     r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float32)
     locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
     x = torch.randn(70, 576)
-    got = torch.ops.zephyr.gptq_linear(x, r.qweight, r.scales, r.zeros, r.perm, locks, 4, 128, 200, 32, 64, 128)
+    got = torch.ops.zephyr.gptq_linear(x, r.qweight, r.scales, r.zeros, r.perm, locks, 4, 128, 200, 32, 64)
     want = x @ dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -138,14 +138,16 @@ def test_linear_op_cpu_equals_the_repacked_reference():
 @pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=_ids(LAYOUTS))
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_dequantize_repacked_cpu_is_the_checkpoint_weight_in_repacked_order(bits, gs, act, sym):
-    """The zk layout dequantized (rows in act-order sorted order, padding zero) is the checkpoint's weight."""
+    """The zk layout dequantized is the checkpoint's weight: rows in repacked order, or in its own with perm."""
     k, n = 576, 200
     t = random_gptq_layer(k, n, bits, gs, act, sym, seed=7 + bits)
     r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, gs, 1, torch.float16)
-    w = torch.ops.zephyr.gptq_dequantize_repacked(r.qweight, r.scales, r.zeros, bits, gs)
-    kp, np_ = padded_sizes(k, n)
-    assert w.shape == (kp, np_) and w.dtype == torch.float16
     want = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1).to(torch.float16)
+    kp, np_ = padded_sizes(k, n)
+    w = torch.ops.zephyr.gptq_dequantize_repacked(r.qweight, r.scales, r.zeros, r.perm, bits, gs)
+    assert w.shape == (kp, np_) and w.dtype == torch.float16
+    assert torch.equal(w[:k, :n], want)
+    w = torch.ops.zephyr.gptq_dequantize_repacked(r.qweight, r.scales, r.zeros, r.perm[:0], bits, gs)
     rows = r.perm.long() if r.perm.numel() else torch.arange(k)
     assert torch.equal(w[:k, :n], want[rows])
     # Padded columns have scale 0; padded rows hold codes 0 (finite, and x is zero-padded there).
@@ -166,9 +168,11 @@ def test_opcheck_cpu():
     torch.library.opcheck(
         torch.ops.zephyr.gptq_dequantize.default, (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 8, 1)
     )
-    torch.library.opcheck(torch.ops.zephyr.gptq_dequantize_repacked.default, (r.qweight, r.scales, r.zeros, 8, 32))
     torch.library.opcheck(
-        torch.ops.zephyr.gptq_linear.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64, 32, 64, 0)
+        torch.ops.zephyr.gptq_dequantize_repacked.default, (r.qweight, r.scales, r.zeros, r.perm, 8, 32)
+    )
+    torch.library.opcheck(
+        torch.ops.zephyr.gptq_linear.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64, 32, 64)
     )
 
 

@@ -37,21 +37,21 @@ Ops:
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
-``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m, dequant_chunk_n=0) -> Tensor``
+``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m) -> Tensor``
     One layer, whatever M, on the zk arguments of ``gptq_gemm_repacked``:
     ``gptq_gemv_repacked`` for ``M <= gemv_max_m``, ``gptq_gemm_repacked`` for
-    ``M <= fused_max_m``, else ``x[:, perm]`` (zero-padded to Kp) times
-    ``gptq_dequantize_repacked`` in cuBLAS, ``dequant_chunk_n`` columns at a
-    time (0: all; a chunk small enough to stay in L2 is read back from there).
-    The choice is made when the op runs, so a graph that ``torch.compile``
-    traced at one M (vLLM traces at its largest batch) still takes the small-M
-    kernels at M = 1. Only the zk layout is read: the checkpoint tensors need
-    not stay on the device.
+    ``M <= fused_max_m``, else ``x @ gptq_dequantize_repacked(..., perm)[:K, :N]``
+    in cuBLAS. The choice is made when the op runs, so a graph that
+    ``torch.compile`` traced at one M (vLLM traces at its largest batch) still
+    takes the small-M kernels at M = 1. Only the zk layout is read: the
+    checkpoint tensors need not stay on the device.
 
-``zephyr::gptq_dequantize_repacked(qweight, scales, zeros, bits, group_size) -> Tensor``
-    The zk layout dequantized to ``scales.dtype [Kp, Np]``, rows in repacked
-    (act-order sorted) order, padding included (row ``k`` in group
-    ``min(k // group_size, G - 1)``); ``repack.dequantize_repacked_reference``.
+``zephyr::gptq_dequantize_repacked(qweight, scales, zeros, perm, bits, group_size) -> Tensor``
+    The zk layout dequantized to ``scales.dtype [Kp, Np]`` (padding included;
+    repacked row ``k`` is in group ``min(k // group_size, G - 1)``). Row ``k < K``
+    is written at row ``perm[k]`` (the checkpoint's row order) when ``perm``
+    (int32 ``[K]``) is given, else at ``k`` (the repacked order);
+    ``repack.dequantize_repacked_reference``.
 
 ``zephyr::gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset) -> Tensor``
     The checkpoint layout dequantized to ``scales.dtype [K, N]`` (for large M,
@@ -108,10 +108,11 @@ _LIB.define(
 )
 _LIB.define(
     "gptq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, Tensor(a!) locks, "
-    "int bits, int group_size, int size_n, int gemv_max_m, int fused_max_m, int dequant_chunk_n=0) -> Tensor"
+    "int bits, int group_size, int size_n, int gemv_max_m, int fused_max_m) -> Tensor"
 )
 _LIB.define(
-    "gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor"
+    "gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, int bits, int group_size) "
+    "-> Tensor"
 )
 _LIB.define(
     "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
@@ -132,13 +133,12 @@ def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
-def _linear_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m,
-                dequant_chunk_n=0):  # fmt: skip
+def _linear_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m):
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
-def _dequantize_repacked_cpu(qweight, scales, zeros, bits, group_size):
-    return dequantize_repacked_reference(qweight, scales, zeros, bits, group_size).to(scales.dtype)
+def _dequantize_repacked_cpu(qweight, scales, zeros, perm, bits, group_size):
+    return dequantize_repacked_reference(qweight, scales, zeros, bits, group_size, perm).to(scales.dtype)
 
 
 def _dequantize_cpu(qweight, qzeros, scales, g_idx, bits, zero_offset):
@@ -190,14 +190,13 @@ def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
 
 
 @torch.library.register_fake("zephyr::gptq_linear")
-def _linear_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m,
-                 dequant_chunk_n=0):  # fmt: skip
+def _linear_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m):
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     return x.new_empty((x.shape[0], size_n))
 
 
 @torch.library.register_fake("zephyr::gptq_dequantize_repacked")
-def _dequantize_repacked_fake(qweight, scales, zeros, bits, group_size):
+def _dequantize_repacked_fake(qweight, scales, zeros, perm, bits, group_size):
     return scales.new_empty((qweight.shape[1] * 16, qweight.shape[0] * 64))
 
 

@@ -194,11 +194,13 @@ def unrepack(
 
 
 def dequantize_repacked_reference(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, perm=None
 ) -> torch.Tensor:
-    """fp32 ``[Kp, Np]`` weight of the zk layout, rows in repacked order (padding included).
+    """fp32 ``[Kp, Np]`` weight of the zk layout (padding included).
 
-    Row ``k`` belongs to group ``min(k // group_size, G - 1)``; ``(q - z) * s`` in fp32.
+    Repacked row ``k`` belongs to group ``min(k // group_size, G - 1)``; ``(q - z) * s``
+    in fp32. Rows are in repacked order, or, given a non-empty ``perm [K]``, row
+    ``k < K`` is moved to row ``perm[k]`` (the checkpoint's order).
     """
     q = unshuffle_qweight(qweight, bits).to(torch.float32)  # [Kp, Np], repacked row order
     kp = q.shape[0]
@@ -206,7 +208,12 @@ def dequantize_repacked_reference(
     g = torch.clamp(torch.arange(kp, device=q.device) // gs, max=scales.shape[0] - 1)
     s = _unshuffle_block_cols(scales).to(torch.float32)
     z = _unshuffle_block_cols(zeros).to(torch.float32) if zeros.numel() else torch.full_like(s, 1 << (bits - 1))
-    return (q - z[g]) * s[g]
+    w = (q - z[g]) * s[g]
+    if perm is not None and perm.numel():
+        out = w.clone()
+        out[perm.long()] = w[: perm.numel()]
+        w = out
+    return w
 
 
 def gemm_repacked_reference(

@@ -5,7 +5,7 @@
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul that streams the repacked weight once.
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
-  dtype, then ``x[:, perm] @ w`` in cuBLAS.
+  dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
 All three read only the repacked ("zk") tensors, which is all the backend
 keeps on the device besides ``scales`` and ``g_idx`` (see :meth:`process_weights`).
@@ -31,8 +31,6 @@ from .base import KernelBackend, LayerSpec
 FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
 # Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
-# Large M: columns dequantized per cuBLAS round (0: the whole layer at once); ``ZEPHYR_CUDA_DEQUANT_CHUNK_N``.
-DEQUANT_CHUNK_N = int(os.environ.get("ZEPHYR_CUDA_DEQUANT_CHUNK_N", "0"))
 
 
 class CudaGPTQBackend(KernelBackend):
@@ -106,7 +104,7 @@ class CudaGPTQBackend(KernelBackend):
         # torch.compile a Python branch on M would be decided once, at the traced size.
         out = ops.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M, DEQUANT_CHUNK_N,
+            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M,
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
@@ -123,7 +121,7 @@ class CudaGPTQBackend(KernelBackend):
             x2 = x2.to(spec.dtype)
         out = torch.ops.zephyr.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M, DEQUANT_CHUNK_N,
+            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M,
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
 
