@@ -205,8 +205,9 @@ def main(argv=None) -> int:
                 if 16 <= m <= 128:  # dequantize + cuBLAS at any M, to place the last threshold
                     row["dequant_cublas_us"] = time_graph(
                         [lambda z=z: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0) for z in zk])
-                if m >= 128 and act and "qweight" in layers[0]._buffers and layers[0].qweight.numel():
-                    # The large-M path before it read the zk layout: the checkpoint layout dequantized, then cuBLAS.
+                if m >= 128 and act:
+                    # The large-M path before it read the zk layout: the checkpoint layout dequantized, then cuBLAS
+                    # (L.qweight is rebuilt from the zk layout: the layers keep no checkpoint copy).
                     ck = [(L.qweight, L.qzeros, L.scales.to(dtype), L.g_idx) for L in layers]
                     row["ckpt_dequant_cublas_us"] = time_graph(
                         [lambda c=c: x @ gptq_dequantize(*c, bits, 1) for c in ck])

@@ -299,3 +299,57 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, check=True, capture_output=True,
                          text=True).stdout.strip()  # fmt: skip
     assert Path(out) == site / "zephyr_plugins" / "kernels"
+
+
+def test_layer_drops_qweight_and_rebuilds_it_bit_for_bit(monkeypatch):
+    """With a backend that can rebuild it (CUDA's, run here on its CPU ops), QuantLinear frees its qweight."""
+    import copy
+
+    import zephyr_plugins.quant_linear as ql
+    from zephyr_plugins.config import GPTQConfig
+
+    class CpuZk(CudaGPTQBackend):
+        device_types = ("cpu",)
+
+    monkeypatch.setattr(ql, "select_backend", lambda spec, prefer=None: CpuZk)
+    monkeypatch.delenv("ZEPHYR_KEEP_CHECKPOINT_WEIGHTS", raising=False)
+
+    def make(seed):
+        t = random_gptq_layer(576, 200, 4, 128, True, False, seed=seed)
+        layer = ql.QuantLinear(576, 200, GPTQConfig(bits=4, group_size=128, desc_act=True, sym=False))
+        layer.load_checkpoint_tensors(**t)
+        return layer, t
+
+    layer, t = make(11)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 576).half()
+    y = layer(x)  # prepares: repack, then drop qweight
+    assert not layer.holds_qweight and "qweight" not in dict(layer.named_buffers())
+    sd = layer.state_dict()
+    assert list(sd) == list(before) and all(torch.equal(sd[k], before[k]) for k in before)
+    assert torch.equal(layer.qweight, t["qweight"])
+    assert torch.equal(layer(x), y)
+
+    twin = copy.deepcopy(layer)  # rebuilds from its own copy of the repacked tensors
+    assert torch.equal(twin(x), y) and torch.equal(twin.state_dict()["qweight"], t["qweight"])
+
+    layer.to(torch.device("cpu"))  # .to() forgets the kernel: the buffer is back first
+    assert layer.holds_qweight and torch.equal(layer._buffers["qweight"], t["qweight"])
+    assert torch.equal(layer(x), y) and not layer.holds_qweight
+
+    other, t2 = make(12)
+    layer.load_state_dict(other.state_dict())  # new weights on a dropped layer take effect
+    want = x.float() @ dequantize(t2["qweight"], t2["qzeros"], t2["scales"], t2["g_idx"], 4, 1)
+    torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(layer.state_dict()["qweight"], t2["qweight"])
+
+    layer, t = make(13)
+    layer.load_checkpoint_tensors(**make(14)[1])  # replacing the tensors of a dropped layer
+    layer(x)
+    layer.load_checkpoint_tensors(**t)
+    assert layer.holds_qweight and torch.equal(layer.qweight, t["qweight"])
+
+    monkeypatch.setenv("ZEPHYR_KEEP_CHECKPOINT_WEIGHTS", "1")
+    kept, _ = make(15)
+    kept(x)
+    assert kept.holds_qweight

@@ -4,7 +4,11 @@ The module's buffers are the checkpoint's own, under their own names
 (``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias``), so ``state_dict()``
 is exactly what the checkpoint stores. The arithmetic is delegated to a kernel
 backend chosen through the plugin hooks for the layer's device and dtype; a
-backend may keep extra, non-persistent tensors in its own layout.
+backend may keep extra, non-persistent tensors in its own layout. When the
+backend can rebuild ``qweight`` from those (the CUDA backend can), the layer
+drops its copy, halving the weights' memory, and rebuilds it bit for bit
+whenever it is read (``state_dict()``, ``layer.qweight``, ``.to()``, another
+backend). ``ZEPHYR_KEEP_CHECKPOINT_WEIGHTS=1`` keeps the copy.
 
 Example::
 
@@ -15,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -60,6 +65,23 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._kernel: Optional[KernelBackend] = None
         self._kernel_key: Optional[tuple] = None
+        # True while the qweight buffer is dropped and the kernel rebuilds it on demand.
+        self._qweight_dropped = False
+
+    def __getattr__(self, name: str):
+        if name == "qweight" and self.__dict__.get("_qweight_dropped"):
+            return self._kernel.rebuild_qweight(self)
+        return super().__getattr__(name)
+
+    @property
+    def holds_qweight(self) -> bool:
+        """False while the kernel's own tensors stand in for the ``qweight`` buffer (see the module docstring)."""
+        return not self._qweight_dropped
+
+    def _restore_qweight(self) -> None:
+        if self._qweight_dropped:
+            self._buffers["qweight"] = self._kernel.rebuild_qweight(self)
+            self._qweight_dropped = False
 
     # ------------------------------------------------------------------ loading
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -83,6 +105,8 @@ class QuantLinear(nn.Module):
         (``name``), the tensor and both shapes.
         """
         validate_layer_tensors(name, self.config, self.in_features, self.out_features, tensors, self.bias is not None)
+        if self._qweight_dropped:  # replaced below: no need to rebuild it
+            self._buffers["qweight"], self._qweight_dropped = None, False
         for key, value in tensors.items():
             # Assigning to a registered buffer's name replaces the buffer.
             setattr(self, key, value.to(torch.int32) if key == "g_idx" else value)
@@ -117,19 +141,36 @@ class QuantLinear(nn.Module):
         Runs on first use; call it explicitly before CUDA-graph capture or
         ``torch.compile`` so that no selection happens inside the graph.
         """
-        device = self.qweight.device
+        device = self.scales.device
         key = (device, dtype, backend)
         if self._kernel is None or self._kernel_key != key:
+            self.reset_kernel()
             cls = select_backend(self.layer_spec(dtype, device), prefer=backend)
             kernel = cls(self.layer_spec(dtype, device))
             kernel.process_weights(self)
             self._kernel, self._kernel_key = kernel, key
+            if kernel.can_rebuild_qweight(self) and os.environ.get("ZEPHYR_KEEP_CHECKPOINT_WEIGHTS", "0") in ("", "0"):
+                del self._buffers["qweight"]
+                self._qweight_dropped = True
         return self._kernel
 
     def reset_kernel(self) -> None:
-        """Forget the chosen kernel (weights or device changed)."""
+        """Forget the chosen kernel (weights or device changed); ``qweight`` is a buffer again."""
+        self._restore_qweight()
         self._kernel = None
         self._kernel_key = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._qweight_dropped:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        destination[prefix + "qweight"] = self._kernel.rebuild_qweight(self)  # first, as when it is a buffer
+        destination.update(own)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.reset_kernel()  # the weights change: any repacked copy is stale
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half() move the checkpoint tensors; any repacked copy is stale.
@@ -138,7 +179,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if kernel is None or self._kernel_key[0] != self.qweight.device or self._kernel_key[1] != x.dtype:
+        if kernel is None or self._kernel_key[0] != self.scales.device or self._kernel_key[1] != x.dtype:
             kernel = self.prepare(x.dtype, backend=self._kernel_key[2] if self._kernel_key else None)
         out = kernel.apply(self, x)
         if self.bias is not None:

@@ -87,6 +87,19 @@ class KernelBackend:
         """``x [..., K] -> [..., N]`` without bias."""
         raise NotImplementedError
 
+    def can_rebuild_qweight(self, layer: torch.nn.Module) -> bool:
+        """Whether, after :meth:`process_weights`, this backend never reads ``layer.qweight`` again and
+        :meth:`rebuild_qweight` gives it back bit for bit from the backend's own tensors.
+
+        If so the layer drops its copy (the largest tensor) and rebuilds it only
+        when it is asked for (``state_dict``, ``.to()``, another backend).
+        """
+        return False
+
+    def rebuild_qweight(self, layer: torch.nn.Module) -> torch.Tensor:
+        """The checkpoint's ``qweight``, rebuilt (see :meth:`can_rebuild_qweight`)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot rebuild qweight")
+
     def input_permutation(self, layer: torch.nn.Module) -> Optional[torch.Tensor]:
         """int64 ``[K]`` indices ``perm`` if :meth:`apply_permuted` takes ``x[..., perm]``, else None.
 

@@ -108,6 +108,12 @@ class CudaGPTQBackend(KernelBackend):
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
+    def can_rebuild_qweight(self, layer) -> bool:
+        return not self._fallback  # every kernel path reads the zk tensors only; the fallback reads qweight
+
+    def rebuild_qweight(self, layer) -> torch.Tensor:
+        return unrepack_layer(layer, self.spec)["qweight"]
+
     def input_permutation(self, layer):
         if self._fallback or layer._zk_perm.numel() == 0:
             return None
