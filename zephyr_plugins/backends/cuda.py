@@ -121,8 +121,16 @@ class CudaGPTQBackend(KernelBackend):
 
     def apply_permuted(self, layer: torch.nn.Module, x_perm: torch.Tensor) -> torch.Tensor:
         # The same op as apply() with no permutation: x_perm already is in the kernels' row order.
+        # Called by our runtime's decode steps (eager or captured in CUDA graphs, never traced by
+        # torch.compile), so a branch on M in Python is safe here, unlike in apply().
         spec = self.spec
         x2 = x_perm.reshape(-1, spec.in_features)
+        if x2.shape[0] > FUSED_MAX_M:
+            # Large M reads x in the checkpoint's order (cuBLAS sums K in that order): put x back, so
+            # that the result equals apply(x) bit for bit.
+            x = torch.empty_like(x_perm)
+            x[..., layer._zk_perm_index] = x_perm
+            return self.apply(layer, x)
         if x2.dtype != spec.dtype:
             x2 = x2.to(spec.dtype)
         out = torch.ops.zephyr.gptq_linear(
