@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--no-desc-act", action="store_true")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per block forward")
+    p.add_argument("--mse", type=float, default=0.0, help="clip search norm (GPTQConfig.mse; 0: min/max grid)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/quantize.py: needs a CUDA GPU", file=sys.stderr)
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     hf_cfg = MistralConfig(**MISTRAL_7B)
     hf_cfg._attn_implementation = "sdpa"
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=not args.no_desc_act, damp_percent=0.1)
+    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=not args.no_desc_act, damp_percent=0.1,
+                     mse=args.mse)
     torch.manual_seed(0)
     rotary = MistralRotaryEmbedding(config=hf_cfg).to(dev)
     pos = torch.arange(args.seqlen, device=dev).unsqueeze(0)
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     }
     os.makedirs(args.out, exist_ok=True)
     card = result["card"].replace(" ", "_")
-    path = os.path.join(args.out, f"quantize_gptq_mistral7b_{card}.json")
+    tag = f"_mse{args.mse:g}" if args.mse else ""
+    path = os.path.join(args.out, f"quantize_gptq_mistral7b_{card}{tag}.json")
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
     print(f"| card | per block (s) | 32 blocks, extrapolated (min) | peak GiB |\n|---|---|---|---|\n"

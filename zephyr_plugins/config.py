@@ -35,6 +35,7 @@ _KNOWN_KEYS = (
     "damp_percent",
     "true_sequential",
     "static_groups",
+    "mse",
     "checkpoint_format",
     "lm_head",
     "quant_method",
@@ -58,6 +59,10 @@ class GPTQConfig:
     - ``checkpoint_format``: ``"gptq"`` (v1: zero points stored minus one) or
       ``"gptq_v2"`` (zero points stored as they are).
     - ``lm_head``: whether the output head is quantized too.
+    - ``mse``: quantization only (not stored unless set): 0 takes each group's
+      scale from its min/max; ``p > 0`` searches 80 shrunken ranges (100% down
+      to 21% of min/max) for the one with the least ``sum |w - q(w)|^p``, as in
+      the GPTQ authors' quantizer; 2.4 is the usual choice.
     - ``extra``: unknown keys, kept verbatim.
     """
 
@@ -68,6 +73,7 @@ class GPTQConfig:
     damp_percent: float = 0.01
     true_sequential: bool = True
     static_groups: bool = False
+    mse: float = 0.0
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     quant_method: str = "gptq"
@@ -90,6 +96,8 @@ class GPTQConfig:
             raise ValueError(f"GPTQConfig.damp_percent={self.damp_percent!r} must be a number in (0, 1]")
         if not 0 < float(self.damp_percent) <= 1:
             raise ValueError(f"GPTQConfig.damp_percent={self.damp_percent!r} is out of range; allowed values: (0, 1]")
+        if isinstance(self.mse, bool) or not isinstance(self.mse, (int, float)) or not 0 <= float(self.mse) < 100:
+            raise ValueError(f"GPTQConfig.mse={self.mse!r} is invalid; allowed values: 0 (off) or a norm p > 0, e.g. 2.4")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"GPTQConfig.checkpoint_format={self.checkpoint_format!r} is not supported; "
@@ -131,6 +139,9 @@ class GPTQConfig:
             raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in _KNOWN_KEYS if k in data}
         extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+        if "mse" in known and isinstance(known["mse"], (int, float)) and not isinstance(known["mse"], bool) \
+                and known["mse"] == 0:
+            extra["mse"] = known.pop("mse")  # "off", as written: kept verbatim (to_dict omits a 0 field)
         # Some writers store the format as "is_marlin_format" / "format"; the
         # ones we can interpret are normalised, anything else stays in extra.
         if "checkpoint_format" not in known and data.get("format") in CHECKPOINT_FORMATS:
@@ -153,6 +164,7 @@ class GPTQConfig:
             "damp_percent": self.damp_percent,
             "desc_act": self.desc_act,
             "static_groups": self.static_groups,
+            **({"mse": self.mse} if self.mse else {}),
             "sym": self.sym,
             "true_sequential": self.true_sequential,
             "lm_head": self.lm_head,

@@ -27,6 +27,9 @@ from .config import GPTQConfig
 from .reference import min_max_grid
 
 BLOCK_SIZE = 128
+# Clip search (GPTQConfig.mse > 0): ranges 1 - i / MSE_GRID of min/max, i < MSE_MAX_SHRINK * MSE_GRID.
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
 # Cholesky retries: each multiplies the dampening by 10 (0.01 -> 0.1 -> 1 x mean diag ...).
 MAX_DAMP_RETRIES = 4
 _FP16_TINY = 2.0**-24  # the smallest positive fp16 value (a subnormal)
@@ -80,18 +83,41 @@ class GPTQResult:
     damp: float
 
 
-def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype=torch.float16):
+def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype=torch.float16, mse: float = 0.0):
     """Scale and zero point for each row of ``w [N, m]`` (one group of m inputs per output row).
 
     The same min/max grid as :func:`zephyr_plugins.reference.quantize_rtn`
     (:func:`~zephyr_plugins.reference.min_max_grid`), so the stored checkpoint
-    dequantizes to exactly the values the error feedback assumed.
+    dequantizes to exactly the values the error feedback assumed. With
+    ``mse = p > 0``, each row takes the shrunken range (``s * [min, max]``,
+    ``s = 1, 0.99, ... 0.21``) whose grid rounds the row with the least
+    ``sum |w - q(w)|^p`` (the first such ``s`` on ties).
     """
     wmin = torch.clamp(w.min(dim=1).values, max=0)
     wmax = torch.clamp(w.max(dim=1).values, min=0)
-    scale, zero = min_max_grid(wmin, wmax, bits, sym, scale_dtype)
-    # A tiny range could round to 0 in fp16; the smallest fp16 value keeps codes finite.
-    scale = torch.clamp(scale, min=_FP16_TINY)
+
+    def grid(shrink: float):
+        scale, zero = min_max_grid(shrink * wmin, shrink * wmax, bits, sym, scale_dtype)
+        # A tiny range could round to 0 in fp16; the smallest fp16 value keeps codes finite.
+        return torch.clamp(scale, min=_FP16_TINY), zero
+
+    scale, zero = grid(1.0)
+    if not mse:
+        return scale, zero
+    maxq = (1 << bits) - 1
+    w = w.to(torch.float32)
+    best = None
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        s, z = grid(1 - i / MSE_GRID) if i else (scale, zero)
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, maxq)
+        err = (s[:, None] * (q - z[:, None]) - w).abs_().pow_(mse).sum(dim=1)
+        if best is None:
+            best = err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
     return scale, zero
 
 
@@ -165,7 +191,7 @@ def gptq_quantize(
     if not torch.isfinite(H).all():
         raise ValueError(f"GPTQ {name}: the Hessian has NaN/inf entries (non-finite calibration activations)")
     H = H.to(device=W.device, dtype=torch.float32).clone()
-    bits, sym, maxq = config.bits, config.sym, (1 << config.bits) - 1
+    bits, sym, maxq, mse = config.bits, config.sym, (1 << config.bits) - 1, float(config.mse)
     gs = config.effective_group_size(k)
     groups = config.num_groups(k)
 
@@ -178,7 +204,7 @@ def gptq_quantize(
     static = None
     if config.static_groups and config.group_size != -1:
         # Group parameters from the unpermuted weight, before any error feedback.
-        static = [group_params(W[:, g * gs : (g + 1) * gs], bits, sym, scale_dtype) for g in range(groups)]
+        static = [group_params(W[:, g * gs : (g + 1) * gs], bits, sym, scale_dtype, mse) for g in range(groups)]
 
     perm = None
     if config.desc_act:
@@ -197,7 +223,7 @@ def gptq_quantize(
     zeros = torch.zeros(groups, n_out, dtype=torch.float32, device=W.device)
     losses = torch.zeros(n_out, dtype=torch.float32, device=W.device)
     if config.group_size == -1:
-        scale, zero = group_params(W, bits, sym, scale_dtype)
+        scale, zero = group_params(W, bits, sym, scale_dtype, mse)
         scales[0], zeros[0] = scale, zero
     # Blocks hold whole groups, so a group's parameters are always taken from
     # weights that already carry every earlier column's error feedback.
@@ -220,7 +246,7 @@ def gptq_quantize(
                         g = (int(perm[col]) if perm is not None else col) // gs
                         scale, zero = static[g]
                     elif col % gs == 0:
-                        scale, zero = group_params(W1[:, i : i + gs], bits, sym, scale_dtype)
+                        scale, zero = group_params(W1[:, i : i + gs], bits, sym, scale_dtype, mse)
                         scales[col // gs], zeros[col // gs] = scale, zero
                 w = W1[:, i]
                 d = U1[i, i]
