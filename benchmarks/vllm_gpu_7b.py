@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default="u4g128_act")
     ap.add_argument("--plot-only", metavar="JSON", help="only draw the plot of a saved result")
+    ap.add_argument("--skip-runtime", action="store_true", help="time the two vLLM engines only, not our runtime")
     args = ap.parse_args(argv)
     unknown = [n for n in args.layouts.split(",") if n not in LAYOUTS]
     if unknown:
@@ -116,17 +117,20 @@ def main(argv=None) -> int:
             logs.append(f"===== {name} {label}\n" + err[-60000:])
             r = res.get(label, {})
             kernels = sorted(set(re.findall(r"Using (\w+(?:Linear)?Kernel)", err)))
+            loaded = re.search(r"Model loading took ([0-9.]+) GiB", err)
             row[label] = {"throughput": r.get("throughput"), "startup_s": r.get("startup_s"),
                           "error": r.get("error"), "kernels_logged": kernels,
+                          "model_loading_gib": float(loaded.group(1)) if loaded else None,
                           "ours_served": "zephyr_gptq: kernel backend 'cuda'" in err}  # fmt: skip
             print(f"{name} {label}: {row[label]['throughput'] or row[label]['error']} kernels {kernels}", flush=True)
-        ours = e2e.bench_runtime(folder, BATCHES, PROMPT, NEW, prefill_len=PROMPT, quick=True)
-        row["zephyr_runtime"] = {"throughput": {f"batch{b}_tok_s": round(v["decode_tok_s"], 1)
-                                                for b, v in ours["batches"].items()}}  # fmt: skip
-        print(f"{name} zephyr_runtime: {row['zephyr_runtime']['throughput']}", flush=True)
         base = (row["vllm_own_gptq"].get("throughput") or {})
-        row["ratio_runtime_vs_vllm_own"] = {k: round(v / base[k], 2) for k, v in row["zephyr_runtime"]["throughput"].items()
-                                            if base.get(k)}  # fmt: skip
+        if not args.skip_runtime:
+            ours = e2e.bench_runtime(folder, BATCHES, PROMPT, NEW, prefill_len=PROMPT, quick=True)
+            row["zephyr_runtime"] = {"throughput": {f"batch{b}_tok_s": round(v["decode_tok_s"], 1)
+                                                    for b, v in ours["batches"].items()}}  # fmt: skip
+            print(f"{name} zephyr_runtime: {row['zephyr_runtime']['throughput']}", flush=True)
+            row["ratio_runtime_vs_vllm_own"] = {k: round(v / base[k], 2)
+                                                for k, v in row["zephyr_runtime"]["throughput"].items() if base.get(k)}
         doc["results"][name] = row
         with open(os.path.join(args.out, stem + ".json"), "w") as fh:
             json.dump(doc, fh, indent=2)
