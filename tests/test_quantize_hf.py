@@ -107,10 +107,10 @@ def test_quantize_on_load_matches_optimum_class(float_dir, zephyr_tokenizer, tmp
     from zephyr_plugins.adapters.optimum import ZephyrGPTQConfig, ZephyrGPTQQuantizer, load_quantized_model
 
     q = ZephyrGPTQConfig(bits=8, group_size=-1, desc_act=True, damp_percent=0.1, dataset=CALIB, nsamples=4,
-                         model_seqlen=64, seed=3)
+                         model_seqlen=64, seed=3, mse=2.4)
     hf = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=q, dtype=torch.float32)
     quantizer = ZephyrGPTQQuantizer(bits=8, group_size=-1, desc_act=True, dataset=CALIB, nsamples=4,
-                                    model_seqlen=64, seed=3)
+                                    model_seqlen=64, seed=3, mse=2.4)
     assert ZephyrGPTQQuantizer.from_dict(quantizer.to_dict()).to_dict() == quantizer.to_dict()
     float_model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
     opt = quantizer.quantize_model(float_model, zephyr_tokenizer)
@@ -121,7 +121,8 @@ def test_quantize_on_load_matches_optimum_class(float_dir, zephyr_tokenizer, tmp
         assert torch.equal(a[k], b[k]), k
     # save_pretrained -> from_pretrained round trip of the quantize-on-load model.
     hf.save_pretrained(tmp_path / "hf")
-    assert json.load(open(tmp_path / "hf" / "config.json"))["quantization_config"]["quant_method"] == "zephyr_gptq"
+    saved = json.load(open(tmp_path / "hf" / "config.json"))["quantization_config"]
+    assert saved["quant_method"] == "zephyr_gptq" and saved["mse"] == 2.4
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = torch.tensor([[1, 22557, 28725, 910, 460, 368]])
     with torch.no_grad():
@@ -149,6 +150,8 @@ def test_optimum_arguments_checked():
         ZephyrGPTQQuantizer(bits=4, block_name_to_quantize="transformer.h")
     with pytest.raises(ValueError, match="unknown arguments"):
         ZephyrGPTQQuantizer(bits=4, use_exllama=True)
+    with pytest.raises(ValueError, match="mse"):
+        ZephyrGPTQQuantizer(bits=4, mse=-1)
 
 
 # ------------------------------------------------------------------ bad input

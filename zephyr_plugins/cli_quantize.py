@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asym", action="store_true", help="asymmetric zero points (default: symmetric)")
     p.add_argument("--static-groups", action="store_true")
     p.add_argument("--damp", type=float, default=0.1, help="dampening, fraction of the mean Hessian diagonal")
+    p.add_argument("--mse", type=float, default=0.0,
+                   help="clip search norm p (e.g. 2.4): per group, the shrunken range with the least sum |w - q|^p; "
+                        "0 (default): min/max")
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, or a text file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048, help="clipped to the model's maximum")
@@ -39,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
-                         static_groups=args.static_groups, damp_percent=args.damp)
+                         static_groups=args.static_groups, damp_percent=args.damp, mse=args.mse)
         start = time.time()
         out = quantize_to_folder(args.model, args.out, cfg, dataset=args.dataset, nsamples=args.nsamples,
                                  seqlen=args.seqlen, seed=args.seed, device=args.device,

@@ -139,9 +139,6 @@ class GPTQConfig:
             raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in _KNOWN_KEYS if k in data}
         extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
-        if "mse" in known and isinstance(known["mse"], (int, float)) and not isinstance(known["mse"], bool) \
-                and known["mse"] == 0:
-            extra["mse"] = known.pop("mse")  # "off", as written: kept verbatim (to_dict omits a 0 field)
         # Some writers store the format as "is_marlin_format" / "format"; the
         # ones we can interpret are normalised, anything else stays in extra.
         if "checkpoint_format" not in known and data.get("format") in CHECKPOINT_FORMATS:
