@@ -357,3 +357,28 @@ print("ok")
     env = {**os.environ, "ZEPHYR_CUDA_PREFETCH": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_prepared_layer_holds_one_copy_and_saves_the_checkpoint():
+    """On the GPU the prepared layer frees the checkpoint's qweight and rebuilds it bit for bit on demand."""
+    dev = cuda_with_kernels()
+    t = random_gptq_layer(4096, 6144, 4, 128, True, False, seed=21, device=dev)
+    layer = QuantLinear(4096, 6144, GPTQConfig(bits=4, group_size=128, desc_act=True, sym=False), device=dev)
+    layer.load_checkpoint_tensors(**{k: v.clone() for k, v in t.items()})
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    layer.prepare(torch.float16, backend="cuda")
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert not layer.holds_qweight
+    assert grown < 0.1 * t["qweight"].numel() * 4, grown  # the repacked copy replaced the checkpoint's
+    sd = layer.state_dict()
+    assert list(sd) == ["qweight", "qzeros", "scales", "g_idx"]
+    for key in sd:
+        assert torch.equal(sd[key], t[key]), key
+    x = torch.randn(300, 4096, device=dev, dtype=torch.float16)
+    y = layer(x)
+    layer.to("cpu")
+    assert layer.holds_qweight and torch.equal(layer.qweight, t["qweight"].cpu())
+    layer.to(dev)
+    assert torch.equal(layer(x), y) and not layer.holds_qweight
