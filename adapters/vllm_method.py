@@ -322,9 +322,8 @@ class ZephyrGPTQLinearMethod(LinearMethodBase):
             if not keep and all(kernel.can_rebuild_qweight(shard) for kernel, shard in self._kernels):
                 # The kernels read only their own layout and vLLM never writes the weights back: free
                 # the checkpoint's qweight (the largest tensor; the repacked copy holds the same bits).
-                for _, shard in self._kernels:
-                    shard.qweight.data = shard.qweight.data.new_empty((0, shard.qweight.shape[1]))
-                layer.qweight.data = layer.qweight.data.new_empty((0, layer.qweight.shape[1]))
+                for m in {layer, *(shard for _, shard in self._kernels)}:
+                    m.qweight.data = m.qweight.data.new_empty((0, m.qweight.shape[1]))
         if self.backend_name not in self._announced:
             self._announced.add(self.backend_name)
             logger.info("zephyr_gptq: kernel backend %r serves %s (and others like it)", self.backend_name, self.prefix)

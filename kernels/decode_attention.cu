@@ -54,6 +54,20 @@ constexpr int kMaxBlockKeys = 1024;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A thread's 8 values of one key (or value) slice: from the new token's row in shared memory when
+// `is_new` (the cache row is being written by this launch), else from the 16 bytes loaded in `r`.
+template <typename T>
+__device__ __forceinline__ void slice_values(const uint4& r, const float* fresh, bool is_new, float (&f)[8]) {
+  if (is_new) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = fresh[e];
+  } else {
+    const T* v = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = to_float(v[e]);
+  }
+}
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
@@ -176,14 +190,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       for (int p = 0; p < kPasses; ++p) {
         const int j = base + p * kKeysPerPass + kk;
         float kf[8];
-        if (j == slot) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) kf[e] = kv_new[dl * 8 + e];
-        } else {
-          const T* kv = reinterpret_cast<const T*>(&kr[p]);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) kf[e] = to_float(kv[e]);
-        }
+        slice_values<T>(kr[p], kv_new + dl * 8, j == slot, kf);
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
           float acc = 0.f;
@@ -220,14 +227,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
         const int j = base + p * kKeysPerPass + kk;
         if (j >= j1) continue;
         float vf[8];
-        if (j == slot) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] = kv_new[HD + dl * 8 + e];
-        } else {
-          const T* vv = reinterpret_cast<const T*>(&vr[p]);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] = to_float(vv[e]);
-        }
+        slice_values<T>(vr[p], kv_new + HD + dl * 8, j == slot, vf);
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
           if (g >= G) break;

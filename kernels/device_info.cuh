@@ -7,28 +7,23 @@
 
 namespace zephyr {
 
-// Multiprocessor count.
-inline int sm_count(int device) {
+// Device attribute A of `device`, queried once per device (`fallback` for an id beyond the cache).
+template <cudaDeviceAttr A>
+inline int cached_attribute(int device, int fallback) {
   static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
+  if (device < 0 || device >= 64) return fallback;
   if (cache[device] == 0) {
     int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, A, device));
     cache[device] = v;
   }
   return cache[device];
 }
 
+// Multiprocessor count.
+inline int sm_count(int device) { return cached_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
+
 // Compute capability major.
-inline int cc_major(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 0;
-  if (cache[device] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
-    cache[device] = v;
-  }
-  return cache[device];
-}
+inline int cc_major(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0); }
 
 }  // namespace zephyr

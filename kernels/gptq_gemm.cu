@@ -27,36 +27,49 @@ struct ZkShape {
   bool has_z;
 };
 
+// Checks of the zk weight tensors alone (`op` names the op in messages).
+void check_zk_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous() &&
+                  qweight.size(1) % 8 == 0,
+              op, ": qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(qweight.size(2) == 32 * bits, op, ": qweight.size(2)=", qweight.size(2),
+              " but bits=", bits, " needs ", 32 * bits);
+  const int64_t Np = qweight.size(0) * kBlockN;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.is_contiguous() &&
+                  (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16),
+              op, ": scales must be contiguous float16/bfloat16 [G, ", Np, "], got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(zeros.numel() == 0 || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == scales.scalar_type() &&
+                                     zeros.is_contiguous()),
+              op, ": zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
+  TORCH_CHECK(group_size == -1 || group_size >= 1, op, ": group_size must be -1 or positive, got ", group_size);
+  TORCH_CHECK(scales.device() == qweight.device() && (zeros.numel() == 0 || zeros.device() == qweight.device()),
+              op, ": all tensors must be on ", qweight.device());
+}
+
 // Checks shared by the fused and the GEMV op (`op` names the op in messages).
 ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const at::Tensor& perm, const at::Tensor& locks, int64_t bits,
                       int64_t group_size, int64_t size_n, int max_m, const char* above) {
-  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, ": x must be float16 or bfloat16, got ", x.scalar_type());
   const int M = x.size(0), K = x.size(1), N = size_n;
   TORCH_CHECK(M <= max_m, op, ": x has M=", M, " rows; this kernel serves M <= ", max_m, " (", above, ")");
-  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
-              op, ": qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ",
-              qweight.scalar_type(), " ", qweight.sizes());
+  check_zk_weight(op, qweight, scales, zeros, bits, group_size);
   const int Np = qweight.size(0) * kBlockN, Kp = qweight.size(1) * 16;
-  TORCH_CHECK(qweight.size(2) == 32 * bits, op, ": qweight.size(2)=", qweight.size(2),
-              " but bits=", bits, " needs ", 32 * bits);
-  TORCH_CHECK(Kp % kChunkK == 0 && Kp >= K && Kp < K + kChunkK, op, ": qweight covers Kp=", Kp,
+  TORCH_CHECK(Kp >= K && Kp < K + kChunkK, op, ": qweight covers Kp=", Kp,
               " rows but x has K=", K, " (Kp must be K rounded up to a multiple of 128)");
   TORCH_CHECK(Np >= N && Np < N + kBlockN, op, ": qweight covers Np=", Np,
               " columns but size_n=", N);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.scalar_type() == x.scalar_type() &&
-                  scales.is_contiguous(),
-              op, ": scales must be contiguous ", x.scalar_type(), " [G, ", Np, "], got ",
-              scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type(), op, ": scales must be ", x.scalar_type(), " like x, got ",
+              scales.scalar_type());
   const int G = scales.size(0);
   const bool has_z = zeros.numel() > 0;
-  TORCH_CHECK(!has_z || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == x.scalar_type() &&
-                         zeros.is_contiguous()),
-              op, ": zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
   TORCH_CHECK(perm.numel() == 0 || (perm.dim() == 1 && perm.size(0) == K && perm.scalar_type() == at::kInt),
               op, ": perm must be empty or int32 [K=", K, "], got ", perm.scalar_type(), " ",
               perm.sizes());
@@ -238,6 +251,7 @@ namespace {
 void launch_dequantize_zk(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                           const at::Tensor& perm, int bits, int group_size, at::Tensor& out, cudaStream_t stream) {
   const int Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN, G = scales.size(0);
+  if (Kp == 0 || Np == 0) return;  // nothing to write (an empty grid is a launch error)
   const int group_rows = group_size == -1 ? Kp : int(group_size);
   const dim3 grid(Kp / kChunkK, Np / kBlockN);
   const bool has_z = zeros.numel() > 0;
@@ -257,27 +271,6 @@ void launch_dequantize_zk(const at::Tensor& qweight, const at::Tensor& scales, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_zk_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                     int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous() &&
-                  qweight.size(2) == 32 * bits && qweight.size(1) % 8 == 0,
-              op, ": qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got ", qweight.scalar_type(), " ",
-              qweight.sizes());
-  const int64_t Kp = qweight.size(1) * 16, Np = qweight.size(0) * kBlockN;
-  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.size(0) >= 1 && scales.is_contiguous() &&
-                  (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16),
-              op, ": scales must be contiguous float16/bfloat16 [G, ", Np, "], got ", scales.scalar_type(), " ",
-              scales.sizes());
-  TORCH_CHECK(zeros.numel() == 0 || (zeros.sizes() == scales.sizes() && zeros.scalar_type() == scales.scalar_type() &&
-                                     zeros.is_contiguous()),
-              op, ": zeros must be empty or like scales ", scales.sizes(), ", got ", zeros.sizes());
-  TORCH_CHECK(group_size == -1 || group_size >= 1, op, ": group_size must be -1 or positive, got ", group_size);
-  TORCH_CHECK(scales.device() == qweight.device() && (zeros.numel() == 0 || zeros.device() == qweight.device()),
-              op, ": all tensors must be on ", qweight.device());
-  (void)Kp;
-}
-
 }  // namespace
 
 // See zephyr_plugins/kernel_ops.py: the zk layout dequantized to scales.dtype [Kp, Np].
@@ -290,9 +283,9 @@ at::Tensor gptq_dequantize_repacked_cuda(const at::Tensor& qweight, const at::Te
                                     perm.device() == qweight.device()),
               "gptq_dequantize_repacked: perm must be empty or int32 [K] (Kp - 128 < K <= Kp=", Kp, ") on ",
               qweight.device(), ", got ", perm.scalar_type(), " ", perm.sizes());
+  TORCH_CHECK(scales.size(0) >= 1 || Kp == 0, "gptq_dequantize_repacked: scales has no groups for Kp=", Kp, " rows");
   const c10::cuda::OptionalCUDAGuard guard(qweight.device());
   auto out = at::empty({Kp, Np}, scales.options());
-  if (Kp == 0 || Np == 0) return out;
   launch_dequantize_zk(qweight, scales, zeros, perm, int(bits), int(group_size), out,
                        c10::cuda::getCurrentCUDAStream());
   return out;

@@ -438,10 +438,6 @@ __global__ void gptq_dequantize_kernel(const int* __restrict__ qweight,  // [cei
   }
 }
 
-}  // namespace zephyr
-
-namespace zephyr {
-
 // ---------------------------------------------------------------------------
 // Dequantize the zk layout to T [Kp, Np], for large M: x @ W in cuBLAS (the
 // checkpoint tensors are not needed). Repacked row k < K is written at row
