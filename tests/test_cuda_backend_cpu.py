@@ -277,6 +277,19 @@ def test_wrappers_check_every_argument_first():
             fn(**good, bits=4, group_size=128, size_n=300)
     with pytest.raises(ValueError, match="qweight must be int32"):
         kernel_ops.gptq_dequantize(t["qweight"][:-1], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    zk = dict(qweight=r.qweight, scales=r.scales, zeros=r.zeros, perm=r.perm)
+    assert kernel_ops.gptq_dequantize_repacked(**zk, bits=4, group_size=128).shape == (256, 64)
+    dq_cases = {
+        "bits must be 4 or 8": (dict(), dict(bits=3)),
+        "qweight must be contiguous int32": (dict(qweight=r.qweight.float()), dict()),
+        "scales must be contiguous float16/bfloat16": (dict(scales=r.scales.float()), dict()),
+        "zeros must be empty or like scales": (dict(zeros=torch.zeros(1, 64).half()), dict()),
+        "perm must be empty or int32": (dict(perm=torch.zeros(5, dtype=torch.int32)), dict()),
+        "group_size must be -1 or positive": (dict(), dict(group_size=0)),
+    }
+    for msg, (tensors, ints) in dq_cases.items():
+        with pytest.raises(ValueError, match=msg):
+            kernel_ops.gptq_dequantize_repacked(**{**zk, **tensors}, **{"bits": 4, "group_size": 128, **ints})
 
 
 def test_wheel_ships_the_kernel_sources(tmp_path):

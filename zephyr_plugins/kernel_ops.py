@@ -211,6 +211,30 @@ def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
+def _check_zk_weight(op: str, qweight, scales, zeros, bits: int) -> tuple[int, int]:
+    """Checks of the zk weight tensors alone (``check_zk_weight`` in ``kernels/gptq_gemm.cu``); returns ``(Np, Kp)``."""
+
+    def bad(msg: str):
+        raise ValueError(f"{op}: {msg}")
+
+    if bits not in (4, 8):
+        bad(f"bits must be 4 or 8, got {bits}")
+    if qweight.dim() != 3 or qweight.dtype != torch.int32 or not qweight.is_contiguous() or qweight.shape[1] % 8:
+        bad(f"qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got {qweight.dtype} {tuple(qweight.shape)}")
+    np_, kp = qweight.shape[0] * 64, qweight.shape[1] * 16
+    if qweight.shape[2] != 32 * bits:
+        bad(f"qweight.shape[2]={qweight.shape[2]} but bits={bits} needs {32 * bits}")
+    if (scales.dim() != 2 or scales.shape[1] != np_ or scales.dtype not in (torch.float16, torch.bfloat16)
+            or not scales.is_contiguous()):
+        bad(f"scales must be contiguous float16/bfloat16 [G, {np_}], got {scales.dtype} {tuple(scales.shape)}")
+    if zeros.numel() and (zeros.shape != scales.shape or zeros.dtype != scales.dtype or not zeros.is_contiguous()):
+        bad(f"zeros must be empty or like scales {tuple(scales.shape)}, got {zeros.dtype} {tuple(zeros.shape)}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.numel() and t.device != qweight.device:
+            bad(f"{name} is on {t.device} but qweight is on {qweight.device}")
+    return np_, kp
+
+
 def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int,
                   max_m: int) -> None:
     """The CUDA launchers' argument checks, in Python, raising ``ValueError`` before any work.
@@ -222,8 +246,6 @@ def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, gr
     def bad(msg: str):
         raise ValueError(f"{op}: {msg}")
 
-    if bits not in (4, 8):
-        bad(f"bits must be 4 or 8, got {bits}")
     if x.dim() != 2 or not x.is_contiguous():
         bad(f"x must be a contiguous 2-D [M, K] tensor, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -231,19 +253,13 @@ def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, gr
     m, k = x.shape
     if m > max_m:
         bad(f"x has M={m} rows; this kernel serves M <= {max_m}")
-    if qweight.dim() != 3 or qweight.dtype != torch.int32 or not qweight.is_contiguous():
-        bad(f"qweight must be contiguous int32 [Np/64, Kp/16, 32*bits], got {qweight.dtype} {tuple(qweight.shape)}")
-    np_, kp = qweight.shape[0] * 64, qweight.shape[1] * 16
-    if qweight.shape[2] != 32 * bits:
-        bad(f"qweight.shape[2]={qweight.shape[2]} but bits={bits} needs {32 * bits}")
-    if kp % 128 or not (k <= kp < k + 128):
+    np_, kp = _check_zk_weight(op, qweight, scales, zeros, bits)
+    if not (k <= kp < k + 128):
         bad(f"qweight covers Kp={kp} rows but x has K={k} (Kp must be K rounded up to a multiple of 128)")
     if not (size_n <= np_ < size_n + 64):
         bad(f"qweight covers Np={np_} columns but size_n={size_n}")
-    if scales.dim() != 2 or scales.shape[1] != np_ or scales.dtype != x.dtype or not scales.is_contiguous():
-        bad(f"scales must be contiguous {x.dtype} [G, {np_}], got {scales.dtype} {tuple(scales.shape)}")
-    if zeros.numel() and (zeros.shape != scales.shape or zeros.dtype != x.dtype or not zeros.is_contiguous()):
-        bad(f"zeros must be empty or like scales {tuple(scales.shape)}, got {zeros.dtype} {tuple(zeros.shape)}")
+    if scales.dtype != x.dtype:
+        bad(f"scales must be {x.dtype} like x, got {scales.dtype}")
     if perm.numel() and (perm.dim() != 1 or perm.shape[0] != k or perm.dtype != torch.int32):
         bad(f"perm must be empty or int32 [K={k}], got {perm.dtype} {tuple(perm.shape)}")
     if locks.dim() != 1 or locks.shape[0] < np_ // 64 or locks.dtype != torch.int32:
@@ -276,6 +292,22 @@ def gptq_gemv_repacked(
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
     )
+
+
+def gptq_dequantize_repacked(qweight, scales, zeros, perm, bits: int, group_size: int):
+    """The zk layout to ``scales.dtype [Kp, Np]``, rows in the checkpoint's order when ``perm`` is given;
+    see the module docstring."""
+    op = "gptq_dequantize_repacked"
+    np_, kp = _check_zk_weight(op, qweight, scales, zeros, bits)
+    if not (group_size == -1 or group_size >= 1):
+        raise ValueError(f"{op}: group_size must be -1 or positive, got {group_size}")
+    if perm.numel() and (perm.dim() != 1 or perm.dtype != torch.int32 or not perm.is_contiguous()
+                         or not kp - 128 < perm.shape[0] <= kp or perm.device != qweight.device):
+        raise ValueError(f"{op}: perm must be empty or int32 [K] (Kp - 128 < K <= Kp={kp}) on {qweight.device}, "
+                         f"got {perm.dtype} {tuple(perm.shape)}")
+    if kp and scales.shape[0] < 1:
+        raise ValueError(f"{op}: scales has no groups for Kp={kp} rows")
+    return torch.ops.zephyr.gptq_dequantize_repacked(qweight, scales, zeros, perm, bits, group_size)
 
 
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int):
