@@ -2,8 +2,9 @@
 
 For the four Mistral-7B linear shapes and M in {1, ..., 4096}, times in one
 run: our backend (what ``QuantLinear`` dispatches to: the GEMV kernel for
-M <= 8, the fused kernel for M <= 64, dequantize + cuBLAS above), the GEMV
-and fused kernels and the dequantize + cuBLAS path separately where two apply, cuBLAS fp16 ``x @ W``, and torch's
+M <= 32, the tiled kernel up to the backend's FUSED_MAX_M, dequantize + cuBLAS
+above), the GEMV, fused small-M and tiled kernels and the dequantize + cuBLAS
+path separately where they apply, cuBLAS fp16 ``x @ W``, and torch's
 ``_weight_int4pack_mm`` (g128, bf16). Each measurement is the median over
 replays of a CUDA graph that runs the op over several weight copies in turn,
 so that the 50 MB L2 cache never holds the weight; a device-to-device copy
@@ -11,10 +12,11 @@ measures the bandwidth ceiling in the same run.
 
 Usage::
 
-    python benchmarks/kernels.py [--out DIR] [--quick] [--sweep]
+    python benchmarks/kernels.py [--out DIR] [--quick | --ms 64,128] [--sweep]
 
 ``--sweep`` also times the GEMV kernel under forced launch plans (warps per
-block x splits along K) at M = 1 and 8, to check its planner.
+block x splits along K) at M = 1 and 8, to check its planner. ``ZEPHYR_TILED_MT=2``
+or ``4`` in the environment forces the tiled kernel's row tile (to check its planner).
 
 Writes ``kernels_<card>_<date>.json`` and ``.png`` (speedup vs M) into DIR
 (default ``benchmarks/results``) and prints a table.
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 LAYOUTS = {  # name: (bits, group_size, act_order)
     "u4g128_act": (4, 128, True),
     "u4g128": (4, 128, False),
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--quick", action="store_true", help="fewer M values (1, 16, 64, 256)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values (overrides --quick)")
     ap.add_argument("--sweep", action="store_true", help="time forced GEMV launch plans at M = 1 and 8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         print(f"CUDA kernels unavailable: {why}")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False
-    ms = [1, 16, 64, 256] if args.quick else MS
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 64, 256] if args.quick else MS)
     dtype = torch.float16
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -187,10 +190,14 @@ def main(argv=None) -> int:
                     row["gemv_us"] = time_graph(
                         [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                if m <= 64:  # the fused kernel on its own
+                if m <= 64:  # the fused small-M kernel on its own
                     row["fused_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
-                                                        L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
+                                                        L._zk_locks, bits, gs, n, 1) for L in layers])  # fmt: skip
+                if 16 <= m <= 1024:  # the tiled kernel on its own
+                    row["tiled_us"] = time_graph(
+                        [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                        L._zk_locks, bits, gs, n, 2) for L in layers])  # fmt: skip
                 if args.sweep and m in (1, 8) and act:
                     for bw in (4, 8):
                         for sp in (1, 2, 4, 8, 16, 32):
@@ -202,7 +209,7 @@ def main(argv=None) -> int:
                                           "splits": sp, "us": us})  # fmt: skip
                             print(f"    sweep {lname} M={m} warps={bw} splits={sp}: {us:.1f} us", flush=True)
                 zk = [(L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm, L._zk_locks) for L in layers]
-                if 16 <= m <= 128:  # dequantize + cuBLAS at any M, to place the last threshold
+                if 16 <= m <= 1024:  # dequantize + cuBLAS at any M, to place the last threshold
                     row["dequant_cublas_us"] = time_graph(
                         [lambda z=z: torch.ops.zephyr.gptq_linear(x, *z, bits, gs, n, 0, 0) for z in zk])
                 if m >= 128 and act:
@@ -220,6 +227,7 @@ def main(argv=None) -> int:
                     + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
+                    + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
                     + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else ""),
                     flush=True,

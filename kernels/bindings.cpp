@@ -6,7 +6,7 @@
 //
 //   zephyr::gptq_gemm_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
 //                              Tensor perm, Tensor(a!) locks, int bits, int group_size,
-//                              int size_n) -> Tensor
+//                              int size_n, int kernel=0, int splits=0) -> Tensor
 //   zephyr::gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
 //                              Tensor perm, Tensor(a!) locks, int bits, int group_size,
 //                              int size_n, int block_warps=0, int splits=0) -> Tensor
@@ -27,7 +27,8 @@
 namespace zephyr {
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                                   int64_t bits, int64_t group_size, int64_t size_n);
+                                   int64_t bits, int64_t group_size, int64_t size_n, int64_t kernel,
+                                   int64_t splits);
 at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,

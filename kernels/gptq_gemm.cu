@@ -14,6 +14,7 @@
 #include "device_info.cuh"
 #include "gptq_gemv.cuh"
 #include "gptq_launch.cuh"
+#include "gptq_tiled.cuh"
 
 namespace zephyr {
 
@@ -112,12 +113,88 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
 
 }  // namespace
 
+namespace {
+
+// The tiled kernel (gptq_tiled.cuh) for any M. splits: 0 = planned, else forced (benchmarks).
+at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int bits, int splits) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto out = at::empty({z.M, z.N}, x.options());
+  if (z.M == 0 || z.N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool half = x.scalar_type() == at::kHalf;
+  // ZEPHYR_TILED_MT=1/2/4 (benchmarks) forces the row tile (16 x that many rows) where M allows it.
+  static const int force_mt = [] {
+    const char* e = std::getenv("ZEPHYR_TILED_MT");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 1 || v == 2 || v == 4) ? v : 0;
+  }();
+  auto occupancy = [&](int mt) {
+    if (half)
+      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z) : gptq_tiled_occupancy<__half, 8>(mt, z.has_z);
+    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z)
+                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z);
+  };
+  // Plan: row tile (16*MT rows) and split S along K. Cost in microseconds,
+  // calibrated on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced):
+  // a block's 128-row chunk takes ~3.2 us at MT = 4 (2 blocks per SM) and
+  // ~2.3 us at MT <= 2 (3 per SM); waves x (chunks per block + ~2 of pipeline
+  // fill and epilogue) x that, plus the split's partial round trip (~2.0 /
+  // 1.5 us per slice). With these, the plan was the faster of MT = 2 and 4 on
+  // all four Mistral shapes at M = 64 and 128. Splits need a lock per (row
+  // tile, column group).
+  const int chunks = z.Kp / kChunkK, groups = ceil_div(z.Np / kBlockN, kTiledWarps);
+  const int sms = sm_count(x.get_device());
+  const int mt_max = force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M);
+  int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
+  double best = -1;
+  for (int mt_try : {4, 2, 1}) {
+    if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && mt_max > 1)) continue;
+    const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
+    const int slots = sms * occupancy(mt_try);
+    const double t_chunk = mt_try == 4 ? 3.2 : 2.3, t_split = mt_try == 4 ? 2.0 : 1.5;
+    const int s_max = (chunks > 1 && tiles <= locks.size(0)) ? std::min(chunks, 64) : 1;
+    for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
+      const int c_try = ceil_div(chunks, s_try);
+      const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
+      const double cost = ceil_div(tiles * s_real, slots) * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
+      if (best < 0 || cost < best) best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1);
+      if (splits) break;
+    }
+  }
+  bool pdl = false;
+  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  at::Tensor partial;
+  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
+  TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
+                 S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, pdl, stream};
+  cudaError_t err;
+  if (half)
+    err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);
+  else
+    err = bits == 4 ? gptq_tiled_launch<__nv_bfloat16, 4>(args) : gptq_tiled_launch<__nv_bfloat16, 8>(args);
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+}  // namespace
+
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
+// kernel: 0 = planned (the fused small-M kernel for M <= kSmallMaxM, else the tiled one), 1 = the fused
+// small-M kernel (M <= 64), 2 = the tiled kernel. splits (tiled kernel only): 0 = planned, else forced.
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                                   int64_t bits, int64_t group_size, int64_t size_n) {
+                                   int64_t bits, int64_t group_size, int64_t size_n, int64_t kernel,
+                                   int64_t splits) {
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small) or 2 (tiled), got ",
+              kernel);
+  TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemm_repacked: splits must be in [0, 256], got ", splits);
+  TORCH_CHECK(x.dim() == 2, "gptq_gemm_repacked: x must be 2-D [M, K], got ", x.sizes());
+  const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
-                                  size_n, 16 * kMaxMTiles, "use gptq_dequantize + matmul above");
+                                  size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
+  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits));
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
   const bool has_z = z.has_z;
   const c10::cuda::OptionalCUDAGuard guard(x.device());
@@ -301,8 +378,8 @@ at::Tensor gptq_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const int64_t M = x.size(0);
   if (M <= std::min<int64_t>(gemv_max_m, kGemvMaxM))
     return gptq_gemv_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 0, 0);
-  if (M <= std::min<int64_t>(fused_max_m, 16 * kMaxMTiles))
-    return gptq_gemm_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n);
+  if (M <= fused_max_m)
+    return gptq_gemm_repacked_cuda(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 0, 0);
   const ZkShape z = check_zk_args("gptq_linear", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
                                   INT32_MAX, "");
   const c10::cuda::OptionalCUDAGuard guard(x.device());

@@ -53,6 +53,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunkK = 128;  // K rows a warp handles per main-loop iteration (8 steps)
 constexpr int kBlockN = 64;   // columns per block
 constexpr int kMaxMTiles = 4;  // fused kernel serves M <= 64
+constexpr int kSmallMaxM = 32;  // planned: the fused small-M kernel up to here, the tiled one above
 constexpr int kXAlign = 16;  // bytes: x rows are read with 16-byte loads
 
 template <typename T>
@@ -129,13 +130,14 @@ __device__ __forceinline__ void pdl_wait() {
 // Launch `kernel` on `stream`; with `pdl`, as a programmatic dependent launch
 // (sm_90): it may start before the previous kernel ends, and waits in
 // pdl_wait() before reading what that kernel wrote.
+// `smem`: bytes of dynamic shared memory.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
-                          Args... args) {
+cudaError_t launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               bool pdl, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -144,6 +146,12 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
   cfg.numAttrs = pdl ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl,
+                          Args... args) {
+  return launch_kernel_smem(kernel, grid, block, 0, stream, pdl, args...);
 }
 
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or

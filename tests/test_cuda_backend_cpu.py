@@ -115,6 +115,8 @@ def test_fake_impls_give_shapes():
         assert y.shape == (5, 200) and y.dtype == torch.float16
         y = kernel_ops.gptq_gemv_repacked(fx, *fr, 4, 128, 200)
         assert y.shape == (5, 200) and y.dtype == torch.float16
+        y = kernel_ops.gptq_gemm_repacked(mode.from_tensor(torch.randn(100, 576).half()), *fr, 4, 128, 200, 2, 3)
+        assert y.shape == (100, 200) and y.dtype == torch.float16
         ft = [mode.from_tensor(t[k]) for k in ("qweight", "qzeros", "scales", "g_idx")]
         w = kernel_ops.gptq_dequantize(*ft, 4, 1)
         assert w.shape == (576, 200) and w.dtype == torch.float16
@@ -164,6 +166,9 @@ def test_opcheck_cpu():
     )
     torch.library.opcheck(
         torch.ops.zephyr.gptq_gemv_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64)
+    )
+    torch.library.opcheck(  # the tiled kernel, forced split
+        torch.ops.zephyr.gptq_gemm_repacked.default, (x, r.qweight, r.scales, r.zeros, r.perm, locks, 8, 32, 64, 2, 2)
     )
     torch.library.opcheck(
         torch.ops.zephyr.gptq_dequantize.default, (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 8, 1)
@@ -275,6 +280,15 @@ def test_wrappers_check_every_argument_first():
             fn(**good, bits=3, group_size=128, size_n=64)
         with pytest.raises(ValueError, match="size_n=300"):
             fn(**good, bits=4, group_size=128, size_n=300)
+    # gptq_gemm_repacked's kernel choice: any M for the planned and the tiled kernel, M <= 64 for the small one.
+    big = {**good, "x": torch.randn(100, 256).half()}
+    for kernel in (0, 2):
+        assert kernel_ops.gptq_gemm_repacked(**big, bits=4, group_size=128, size_n=64, kernel=kernel).shape == (100, 64)
+    with pytest.raises(ValueError, match="M <= 64"):
+        kernel_ops.gptq_gemm_repacked(**big, bits=4, group_size=128, size_n=64, kernel=1)
+    for bad in (dict(kernel=3), dict(splits=-1), dict(splits=257)):
+        with pytest.raises(ValueError, match="kernel must be 0, 1 or 2 and splits"):
+            kernel_ops.gptq_gemm_repacked(**good, bits=4, group_size=128, size_n=64, **bad)
     with pytest.raises(ValueError, match="qweight must be int32"):
         kernel_ops.gptq_dequantize(t["qweight"][:-1], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     zk = dict(qweight=r.qweight, scales=r.scales, zeros=r.zeros, perm=r.perm)

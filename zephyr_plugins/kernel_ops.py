@@ -8,11 +8,15 @@ CPU reference paths and the fake (meta) implementations work without a GPU.
 
 Ops:
 
-``zephyr::gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n) -> Tensor``
-    Fused dequantize + matmul on the zk layout (:mod:`zephyr_plugins.repack`)
-    for ``M <= 64`` rows.
+``zephyr::gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel=0, splits=0) -> Tensor``
+    Fused dequantize + matmul on the zk layout (:mod:`zephyr_plugins.repack`),
+    on tensor cores, for any M. ``kernel``: 0 plans (the fused small-M kernel
+    for ``M <= 32``, else the tiled one), 1 forces the fused small-M kernel
+    (``M <= 64``), 2 the tiled kernel (``kernels/gptq_tiled.cuh``: x staged
+    in shared memory once per 256 columns, 64-row tiles). ``splits`` forces
+    the tiled kernel's split along K (0 plans it), for benchmarks.
 
-    - ``x``: float16/bfloat16 ``[M, K]``, contiguous, ``M <= 64``.
+    - ``x``: float16/bfloat16 ``[M, K]``, contiguous.
     - ``qweight``: int32 ``[Np/64, Kp/16, 32*bits]``, zk layout (Kp = K rounded
       up to 128, Np = N rounded up to 64).
     - ``scales``: ``x.dtype [G, Np]``, zk column order.
@@ -20,7 +24,9 @@ Ops:
       empty when all are ``2**(bits-1)``.
     - ``perm``: int32 ``[K]`` act-order row permutation (the kernel reads
       ``x[:, perm]``), or empty.
-    - ``locks``: int32 ``[>= Np/64]``, zeros; the kernel's split-K semaphores.
+    - ``locks``: int32 ``[>= Np/64]``, zeros; the kernel's split-K semaphores
+      (the tiled kernel splits K only while it has one per row tile x 256
+      columns: the CUDA backend allocates ``8 * Np/64``).
       Each call leaves it zero again, but two calls sharing it must not run
       concurrently on different streams.
     - ``bits``: 4 or 8. ``group_size``: -1, 32, 64 or a multiple of 128.
@@ -95,12 +101,13 @@ from .reference import dequantize
 from .repack import dequantize_repacked_reference, gemm_repacked_reference
 
 GEMV_MAX_ROWS = 32  # kGemvMaxM in kernels/gptq_gemv.cuh
+SMALL_MAX_ROWS = 64  # 16 * kMaxMTiles in kernels/gptq_kernels.cuh: the fused small-M kernel (kernel=1)
 
 _LIB = torch.library.Library("zephyr", "FRAGMENT")  # noqa: TOR901 - our own namespace
 
 _LIB.define(
     "gptq_gemm_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, "
-    "Tensor(a!) locks, int bits, int group_size, int size_n) -> Tensor"
+    "Tensor(a!) locks, int bits, int group_size, int size_n, int kernel=0, int splits=0) -> Tensor"
 )
 _LIB.define(
     "gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, "
@@ -124,7 +131,7 @@ _LIB.define(
 )
 
 
-def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n):
+def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel=0, splits=0):
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
 
 
@@ -175,7 +182,7 @@ _LIB.impl("decode_attention", decode_attention_reference, "CPU")
 
 
 @torch.library.register_fake("zephyr::gptq_gemm_repacked")
-def _gemm_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n):
+def _gemm_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel=0, splits=0):
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
     return x.new_empty((x.shape[0], size_n))
@@ -236,7 +243,7 @@ def _check_zk_weight(op: str, qweight, scales, zeros, bits: int) -> tuple[int, i
 
 
 def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int,
-                  max_m: int) -> None:
+                  max_m: int | None) -> None:
     """The CUDA launchers' argument checks, in Python, raising ``ValueError`` before any work.
 
     The extension checks the same (``check_zk_args`` in ``kernels/gptq_gemm.cu``), but on
@@ -251,7 +258,7 @@ def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, gr
     if x.dtype not in (torch.float16, torch.bfloat16):
         bad(f"x must be float16 or bfloat16, got {x.dtype}")
     m, k = x.shape
-    if m > max_m:
+    if max_m is not None and m > max_m:
         bad(f"x has M={m} rows; this kernel serves M <= {max_m}")
     np_, kp = _check_zk_weight(op, qweight, scales, zeros, bits)
     if not (k <= kp < k + 128):
@@ -274,10 +281,17 @@ def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, gr
             bad(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int):
+def gptq_gemm_repacked(
+    x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, kernel: int = 0, splits: int = 0
+):
     """``x [M, K] @ W`` on the zk layout; see the module docstring for every argument."""
-    check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, 64)
-    return torch.ops.zephyr.gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n)
+    if kernel not in (0, 1, 2) or not 0 <= splits <= 256:
+        raise ValueError(f"gptq_gemm_repacked: kernel must be 0, 1 or 2 and splits in [0, 256], got {kernel}, {splits}")
+    check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                  SMALL_MAX_ROWS if kernel == 1 else None)
+    return torch.ops.zephyr.gptq_gemm_repacked(
+        x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel, splits
+    )
 
 
 def gptq_gemv_repacked(

@@ -146,7 +146,7 @@ def test_dequantize_repacked_equals_reference(bits, gs, act, sym, dtype):
             assert torch.equal(got, want), (k, n, perm.numel())
 
 
-@pytest.mark.parametrize("m", [1, 8, 16, 300])
+@pytest.mark.parametrize("m", [1, 8, 16, 48, 100, 300])
 def test_cuda_graph_replay(m):
     layer, w, _ = _layer(4096, 4096, 4, 128, True, True, torch.float16)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
@@ -219,6 +219,56 @@ def test_gemv_forced_plans(bits, gs, act):
                     _check_out(y, x, w, torch.float16)
                     # Same column sums in a different order: equal up to fp32 rounding.
                     torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+
+
+def _tiled(layer, x, splits=0):
+    from zephyr_plugins.kernel_ops import gptq_gemm_repacked
+
+    spec = layer._kernel.spec
+    return gptq_gemm_repacked(
+        x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
+        spec.bits, spec.group_size, spec.out_features, 2, splits,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])
+def test_tiled_every_layout(bits, gs, act, sym, dtype):
+    """The tiled kernel itself (1, 2 and 4 m16 tiles per row tile, partial row tiles, several row tiles,
+    a partial last column group), every layout, poisoned outputs and workspaces."""
+    for k, n in [(4096, 4096)] + AWKWARD:
+        layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
+        for m in (1, 16, 17, 33, 64, 65, 100, 128, 257):
+            gen = torch.Generator(device="cuda").manual_seed(3000 + m)
+            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+            poison_allocator()
+            _check_out(_tiled(layer, x), x, w, dtype)
+
+
+@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
+def test_tiled_forced_splits(bits, gs, act):
+    """Every split along K (uneven last slices included) gives the same answer as the planned one."""
+    for k, n in [(14336, 4096), (704, 200)]:
+        layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
+        for m in (40, 64, 130):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            planned = _tiled(layer, x)
+            _check_out(planned, x, w, torch.float16)
+            for sp in (1, 2, 3, 7, 64):
+                poison_allocator()
+                y = _tiled(layer, x, sp)
+                _check_out(y, x, w, torch.float16)
+                torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+
+
+def test_tiled_opcheck():
+    layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
+    for m in (40, 130):
+        x = torch.randn(m, 576, device="cuda", dtype=torch.float16)
+        args = (x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks, 4, 128,
+                1536, 2, 0)  # fmt: skip
+        torch.library.opcheck(torch.ops.zephyr.gptq_gemm_repacked.default, args)
 
 
 def test_gemv_opcheck_and_rejects_large_m():

@@ -3,7 +3,8 @@
 - ``M <= GEMV_MAX_M`` rows (decode batches up to 32): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
-  dequantize + tensor-core matmul that streams the repacked weight once.
+  dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
+  64-row tiles) that streams the repacked weight once per row tile.
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
@@ -26,9 +27,12 @@ import torch
 from ..hookspecs import hookimpl
 from .base import KernelBackend, LayerSpec
 
-# Largest M sent to the fused kernel (it serves up to 4 m16 tiles, M <= 64);
-# above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) lowers it.
-FUSED_MAX_M = min(64, int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "64")))
+# Largest M sent to the fused kernels (above GEMV_MAX_M: the tiled tensor-core kernel, which
+# serves any M); above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) sets it.
+FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
+# Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
+# (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
+LOCKS_PER_COLUMN_BLOCK = 8
 # Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
 
@@ -77,9 +81,8 @@ class CudaGPTQBackend(KernelBackend):
         # For callers that write x already permuted (input_permutation): int64 indices, and no perm for the op.
         layer.register_buffer("_zk_perm_index", r.perm.long(), persistent=False)
         layer.register_buffer("_zk_no_perm", r.perm.new_empty(0), persistent=False)
-        layer.register_buffer(
-            "_zk_locks", torch.zeros(r.qweight.shape[0], dtype=torch.int32, device=r.qweight.device), persistent=False
-        )
+        locks = torch.zeros(r.qweight.shape[0] * LOCKS_PER_COLUMN_BLOCK, dtype=torch.int32, device=r.qweight.device)
+        layer.register_buffer("_zk_locks", locks, persistent=False)
         # Every argument the kernels will see, checked once (apply calls the ops directly).
         from ..kernel_ops import check_zk_args
 
