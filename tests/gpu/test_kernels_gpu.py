@@ -95,7 +95,7 @@ def test_forward_permuted_equals_forward(k, n, bits, gs):
     perm = layer.input_permutation()
     assert perm is not None and perm.dtype == torch.int64 and sorted(perm.tolist()) == list(range(k))
     gen = torch.Generator(device="cuda").manual_seed(7)
-    for m in (1, 16, 40, 100):  # GEMV, fused kernel, dequantize + cuBLAS
+    for m in (1, 16, 40, 100, 200):  # GEMV, GEMV, tiled kernel (32 / 64-row tiles), dequantize + cuBLAS
         x = torch.randn(m, k, generator=gen, device="cuda").half()
         assert torch.equal(layer.forward_permuted(x[:, perm].contiguous()), layer(x)), m
     in_order, _, _ = _layer(k, n, bits, gs, False, True, torch.float16)
