@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 64, 256] if args.quick else MS)
     dtype = torch.float16
     card = torch.cuda.get_device_name()
+    from zephyr_plugins.kernel_build import arch_defines
+
+    wgmma = torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())  # kernel=3 runs here
     bw = copy_bandwidth()
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
     rows, sweep = [], []
@@ -194,10 +197,14 @@ def main(argv=None) -> int:
                     row["fused_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n, 1) for L in layers])  # fmt: skip
-                if 16 <= m <= 1024:  # the tiled kernel on its own
+                if 16 <= m <= 1024:  # the tiled kernel on its own, on mma.sync and (Hopper) on wgmma
                     row["tiled_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n, 2) for L in layers])  # fmt: skip
+                    if wgmma:
+                        row["wgmma_us"] = time_graph(
+                            [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                            L._zk_locks, bits, gs, n, 3) for L in layers])  # fmt: skip
                 if args.sweep and m in (1, 8) and act:
                     for bw in (4, 8):
                         for sp in (1, 2, 4, 8, 16, 32):
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
+                    + (f"  wgmma {row['wgmma_us']:7.1f}" if "wgmma_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
                     + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else ""),
                     flush=True,

@@ -10,14 +10,14 @@ namespace zephyr {
 // Device attribute A of `device`, queried once per device (`fallback` for an id beyond the cache).
 template <cudaDeviceAttr A>
 inline int cached_attribute(int device, int fallback) {
-  static int cache[64] = {0};
+  static int cache[64] = {0};  // value + 1; 0: not queried yet
   if (device < 0 || device >= 64) return fallback;
   if (cache[device] == 0) {
     int v = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, A, device));
-    cache[device] = v;
+    cache[device] = v + 1;
   }
-  return cache[device];
+  return cache[device] - 1;
 }
 
 // Multiprocessor count.
@@ -25,5 +25,8 @@ inline int sm_count(int device) { return cached_attribute<cudaDevAttrMultiProces
 
 // Compute capability major.
 inline int cc_major(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0); }
+
+// Compute capability minor.
+inline int cc_minor(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMinor>(device, 0); }
 
 }  // namespace zephyr

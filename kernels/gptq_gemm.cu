@@ -91,21 +91,26 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
 // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
 // Returns the tensor to read and sets `pdl` when the kernel that follows may
 // be launched as a programmatic dependent of the gather (sm_90).
-at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, cudaStream_t stream, bool& pdl) {
+// zk: in zk order (gather_zk_kernel), for the wgmma kernel; always a copy.
+at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, cudaStream_t stream, bool& pdl,
+                    bool zk = false) {
   pdl = false;
-  const bool direct = perm.numel() == 0 && K == Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
+  const bool direct =
+      !zk && perm.numel() == 0 && K == Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
   if (direct) return x;
   const int M = x.size(0);
   at::Tensor xg = at::empty({M, Kp}, x.options());
   dim3 grid(ceil_div(Kp, 256), M);
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
-  if (x.scalar_type() == at::kHalf)
-    gather_pad_kernel<__half><<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
-                                                        reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
-  else
-    gather_pad_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p, reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()),
-        K, Kp);
+  if (x.scalar_type() == at::kHalf) {
+    auto* k = zk ? gather_zk_kernel<__half> : gather_pad_kernel<__half>;
+    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
+                                reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
+  } else {
+    auto* k = zk ? gather_zk_kernel<__nv_bfloat16> : gather_pad_kernel<__nv_bfloat16>;
+    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+                                reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   pdl = cc_major(x.get_device()) >= 9;
   return xg;
@@ -115,9 +120,23 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
 
 namespace {
 
-// The tiled kernel (gptq_tiled.cuh) for any M. splits: 0 = planned, else forced (benchmarks).
+// Whether the wgmma variant of the tiled kernel can run on `device`: an
+// sm_90 card, and a build that included sm_90a (kernel_build.py defines
+// ZEPHYR_HAVE_SM90A then).
+bool tiled_wgmma_available(int device) {
+#ifdef ZEPHYR_HAVE_SM90A
+  return cc_major(device) == 9 && cc_minor(device) == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// The tiled kernel (gptq_tiled.cuh) for any M; wg: its wgmma variant.
+// splits: 0 = planned, else forced (benchmarks).
 at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& qweight, const at::Tensor& scales,
-                      const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int bits, int splits) {
+                      const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int bits, int splits,
+                      bool wg) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());
   if (z.M == 0 || z.N == 0) return out;
@@ -131,9 +150,10 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   }();
   auto occupancy = [&](int mt) {
     if (half)
-      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z) : gptq_tiled_occupancy<__half, 8>(mt, z.has_z);
-    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z)
-                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z);
+      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, wg)
+                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, wg);
+    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, wg)
+                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, wg);
   };
   // Plan: row tile (16*MT rows) and split S along K. Cost in microseconds,
   // calibrated on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced):
@@ -145,11 +165,12 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   // tile, column group).
   const int chunks = z.Kp / kChunkK, groups = ceil_div(z.Np / kBlockN, kTiledWarps);
   const int sms = sm_count(x.get_device());
-  const int mt_max = force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M);
+  // The wgmma variant has row tiles of 32 or 64 rows.
+  const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M));
   int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
   double best = -1;
   for (int mt_try : {4, 2, 1}) {
-    if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && mt_max > 1)) continue;
+    if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
     const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
     const int slots = sms * occupancy(mt_try);
     const double t_chunk = mt_try == 4 ? 3.2 : 2.3, t_split = mt_try == 4 ? 2.0 : 1.5;
@@ -163,12 +184,15 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     }
   }
   bool pdl = false;
-  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
+  // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
   at::Tensor partial;
-  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
+  if (S > 1)
+    partial = at::empty({S, long(ceil_div(z.M, 16 * mt)) * groups * 16 * mt * kTiledWarps * kBlockN},
+                        x.options().dtype(at::kFloat));
   TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                  S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, pdl, stream};
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, wg, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);
@@ -181,20 +205,28 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
 }  // namespace
 
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
-// kernel: 0 = planned (the fused small-M kernel for M <= kSmallMaxM, else the tiled one), 1 = the fused
-// small-M kernel (M <= 64), 2 = the tiled kernel. splits (tiled kernel only): 0 = planned, else forced.
+// kernel: 0 = planned (the fused small-M kernel for M <= kSmallMaxM, else the tiled one: its wgmma
+// variant where available), 1 = the fused small-M kernel (M <= 64), 2 = the tiled kernel (mma.sync),
+// 3 = its wgmma variant (sm_90a). splits (tiled kernels only): 0 = planned, else forced.
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t kernel,
                                    int64_t splits) {
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small) or 2 (tiled), got ",
-              kernel);
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small), 2 (tiled) or 3 (tiled, wgmma), got ", kernel);
+  TORCH_CHECK(kernel != 3 || !x.is_cuda() || tiled_wgmma_available(x.get_device()),
+              "gptq_gemm_repacked: kernel=3 (wgmma) needs an sm_90 card and kernels built for sm_90a "
+              "(ZEPHYR_CUDA_ARCHS with 90a)");
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemm_repacked: splits must be in [0, 256], got ", splits);
   TORCH_CHECK(x.dim() == 2, "gptq_gemm_repacked: x must be 2-D [M, K], got ", x.sizes());
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits));
+  // Planned: the wgmma variant for 4-bit weights above 64 rows, where it measured faster on the H100
+  // (M = 128, summed over the Mistral shapes: 237 vs 252 us); at M <= 64 the two are even for 4-bit and
+  // mma.sync is faster for 8-bit at every M measured (benchmarks/kernels.py, kernels/README.md).
+  const bool wg = kernel == 3 || (kernel == 0 && bits == 4 && z.M > 64 && tiled_wgmma_available(x.get_device()));
+  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), wg);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
   const bool has_z = z.has_z;
   const c10::cuda::OptionalCUDAGuard guard(x.device());

@@ -23,18 +23,26 @@
 //   dimension, so the tiles sharing a weight run together and the second read
 //   comes from L2).
 // - Split-K: fp32 partials and a self-resetting lock per (row tile, column
-//   group); the last block sums the S partials in order (deterministic).
+//   group); each block stores its accumulators in register order (coalesced
+//   float4), and the last block sums the S partials in order
+//   (deterministic) with many loads in flight. The first version stored them
+//   as [S, M, N] and summed them with few loads in flight: ncu put 30% of the
+//   stall samples of gate_up at M = 64 in that epilogue.
+// - WG (Hopper, sm_90a): the same kernel with the 4 warps as one warpgroup
+//   issuing wgmma (x from shared memory in zk order; see the kernel).
 // A lane's x for step i is row r, columns 32*(l%4) + 4i + {0..3} of the chunk
 // (see the layout notes): 8 bytes in 16-byte unit 4*(l%4) + i/2. Units are
 // stored swizzled (tiled_swizzle) so that the 8 lanes of a quarter-warp hit 8
 // different bank groups with 16-byte accesses.
 //
-// Where it stands (H100, benchmarks/kernels.py): faster than the fused
-// small-M kernel from M = 33 and than dequantize + cuBLAS up to M ~ 128 (the
-// backend's FUSED_MAX_M), but below cuBLAS fp16 from M = 64 on the small
-// layers: mma.sync at ~50% issue utilisation (ncu) does not reach what the
-// weight stream allows; wgmma is the next step.
+// Where it stands (H100, benchmarks/kernels.py; kernels/README.md): about
+// cuBLAS fp16's time at M = 64 and 0.75x at M = 128 (sum of the Mistral
+// shapes). ncu: the main loop is latency-bound at 2 warps per scheduler
+// (~0.3 instructions issued per cycle), neither the tensor pipe nor DRAM is
+// busy; wgmma alone did not change that (it wins ~10% at M = 128, 4-bit).
 #pragma once
+
+#include <type_traits>
 
 #include "gptq_kernels.cuh"
 
@@ -45,9 +53,12 @@ constexpr int kTiledUnits = kChunkK * 2 / 16;         // 16-byte units per x row
 
 // m16 tiles per row tile for M rows: 1, 2 or 4.
 __host__ __device__ constexpr int tiled_mt(int m) { return m <= 16 ? 1 : (m <= 32 ? 2 : 4); }
-constexpr int kTiledStages = 4;                       // x chunks in flight
-// Dynamic shared memory of one block, bytes: kTiledStages chunks of 16*MT rows of x.
-__host__ __device__ constexpr int tiled_smem(int mt) { return kTiledStages * 16 * mt * kTiledUnits * 16; }
+// x chunks held in shared memory: 4 for the mma.sync kernel (3 in flight), 5
+// for the wgmma one (3 in flight: a stage is refilled only two chunks after
+// it was read, once that chunk's asynchronous wgmma have surely completed).
+__host__ __device__ constexpr int tiled_stages(bool wg) { return wg ? 5 : 4; }
+// Dynamic shared memory of one block, bytes: the stages of 16*MT rows of x.
+__host__ __device__ constexpr int tiled_smem(int mt, bool wg) { return tiled_stages(wg) * 16 * mt * kTiledUnits * 16; }
 
 // Unit u (0..15) of tile row r lives at unit tiled_swizzle(r, u) of the row:
 // lanes (r, l%4) of a quarter-warp read units 4*(l%4) + j of rows r, r + 1;
@@ -72,7 +83,121 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t
   return d;
 }
 
-template <typename T, int BITS, bool HAS_Z, int MT>
+// ---- Hopper warpgroup MMA (wgmma), used by the WG variant of the kernel below.
+// Only sm_90a has these instructions; other targets compile the WG variant to a
+// trap, and the host launches it only where it was built for sm_90a
+// (tiled_wgmma_available in gptq_gemm.cu).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ZEPHYR_DEVICE_WGMMA 1
+#endif
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared-memory writes of this thread (cp.async) become visible to the async
+// proxy, which is how wgmma reads its shared-memory operand.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Shared-memory matrix descriptor without swizzle: `lbo` bytes between the
+// two 8x8 core matrices of a k16 slice (the K direction), `sbo` bytes between
+// core matrices of consecutive 8-row groups (the N direction).
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return uint64_t((a & 0x3FFFFu) >> 4) | (uint64_t((lbo >> 4) & 0x3FFFu) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+// Pins the accumulators in place around the wgmma sequence, so that the
+// compiler moves no other definition of them into it (which would make ptxas
+// serialize the wgmma).
+template <int NX>
+__device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][4][4]) {
+#pragma unroll
+  for (int j = 0; j < NX; ++j)
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[j][p][e])::"memory");
+}
+
+#define ZEPHYR_WG_D4(j) "+f"(acc[j][P][0]), "+f"(acc[j][P][1]), "+f"(acc[j][P][2]), "+f"(acc[j][P][3])
+#define ZEPHYR_WG_N32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, q, 1, 1, 0;\n}\n"
+#define ZEPHYR_WG_N64                                                                                         \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
+  "%29,%30,%31}, {%32,%33,%34,%35}, %36, q, 1, 1, 0;\n}\n"
+
+// D += A * B for one warpgroup: D is 64 x 8*NX (fp32, this warp's rows
+// 16*warp + [0, 16): acc[j][P][e] is element 4j + e of the warp's fragment,
+// as an mma.m16n8k16 C fragment of 8-column tile j), A is 64 x 16 in
+// registers (this warp's 16 rows: an mma.m16n8k16 A fragment), B is 16 x
+// 8*NX in shared memory, K-major, described by `desc`.
+template <typename T, int NX, int P>
+__device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t (&a)[4], uint64_t desc) {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+  if constexpr (NX == 8) {
+    if constexpr (kF16)
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " ZEPHYR_WG_N64
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
+                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+    else
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " ZEPHYR_WG_N64
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
+                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+  } else {
+    static_assert(NX == 4, "wgmma_rs: 32 or 64 rows of x");
+    if constexpr (kF16)
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " ZEPHYR_WG_N32
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+    else
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " ZEPHYR_WG_N32
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+  }
+#else
+  __trap();
+#endif
+}
+#undef ZEPHYR_WG_D4
+#undef ZEPHYR_WG_N32
+#undef ZEPHYR_WG_N64
+
+// WG (sm_90a): the same block, weight stream and dequantization, but the 4
+// warps (one warpgroup) multiply with wgmma: per 16-row step, 4 instructions
+// m64 n(16*MT) k16, instruction p taking from each warp its A fragment p
+// (16 of its 64 columns) and x from shared memory. x must then be in "zk
+// order" (gather_zk_kernel): each step's 16 k of the chunk as one contiguous
+// run of 32 bytes, in the order of the mma k index (k = 2c + e and 8 + 2c + e
+// are chunk rows 32c + 4i + e and 32c + 4i + 2 + e). It is stored per stage as
+// core matrices [step i][half h][row r] of 16 bytes (no swizzle), so a step is
+// the descriptor's 2 (K) x 2*MT (N) core matrices. The accumulators of
+// instruction p are exactly the mma.sync kernel's acc[.][p][.], so the
+// epilogue is shared.
+template <typename T, int BITS, bool HAS_Z, int MT, bool WG>
 __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_tiled_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
@@ -88,8 +213,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   constexpr int kRows = 16 * MT;
   constexpr int kTileUnits = kRows * kTiledUnits;
   constexpr int kDefaultZero = 1 << (BITS - 1);
-  constexpr int kStages = kTiledStages;
-  extern __shared__ uint4 xs[];  // [kStages][kRows][kTiledUnits], swizzled
+  constexpr int kStages = tiled_stages(WG);
+  constexpr int kAhead = WG ? kStages - 2 : kStages - 1;  // chunks requested ahead of the one computed
+  // mma.sync: [kStages][kRows][kTiledUnits] swizzled; WG: [kStages][8 steps][2][kRows] (core matrices).
+  extern __shared__ uint4 xs[];
   __shared__ int is_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -102,15 +229,19 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   const int c_begin = s * cpb;
   const int c_count = max(0, min(cpb, chunks - c_begin));
 
+  static_assert(kTileUnits % (kTiledWarps * 32) == 0, "every thread copies the same number of units");
   auto load_x = [&](int stage, int chunk) {
     uint4* dst = xs + stage * kTileUnits;
 #pragma unroll
-    for (int i = threadIdx.x; i < kTileUnits; i += kTiledWarps * 32) {
-      const int r = i / kTiledUnits, u = i % kTiledUnits;
+    for (int it = 0; it < kTileUnits / (kTiledWarps * 32); ++it) {
+      const int i = threadIdx.x + it * kTiledWarps * 32;
+      // WG: 8 consecutive threads fill one 128-byte core matrix (8 rows of unit u).
+      const int r = WG ? (i >> 7) * 8 + (i & 7) : i / kTiledUnits;
+      const int u = WG ? (i >> 3) & 15 : i % kTiledUnits;
       const int row = m0 + r;
       // Rows past M are zero-filled (src_bytes 0) from a valid address.
       const T* src = x + (size_t)min(row, M - 1) * Kp + chunk * kChunkK + u * 8;
-      cp_async16(dst + r * kTiledUnits + tiled_swizzle(r, u), src, row < M ? 16 : 0);
+      cp_async16(dst + (WG ? u * kRows + r : r * kTiledUnits + tiled_swizzle(r, u)), src, row < M ? 16 : 0);
     }
   };
   const uint4* wsrc = qweight + (size_t)(active ? nb : 0) * KS * VPS * 32 + lane;
@@ -118,8 +249,12 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 #pragma unroll
     for (int h = 0; h < VPS; ++h) w[h] = load_stream(wsrc + ((size_t)chunk * 8 + i) * VPS * 32 + h * 32);
   };
+  // Group of a chunk's rows: a shift for power-of-two group sizes (all the seed's), else a division.
+  const bool group_pow2 = (group_rows & (group_rows - 1)) == 0;
+  const int group_shift = __ffs(group_rows) - 1;
   auto load_sz = [&](uint4& sc, uint4& zc, int chunk) {
-    const int g = min((chunk * kChunkK + cl * 32) / group_rows, G - 1);
+    const int row = chunk * kChunkK + cl * 32;
+    const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
     const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
     sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
     if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
@@ -128,9 +263,15 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   // Ring of the next D steps' weights (16-32 registers; fewer with 64-row tiles, whose
   // accumulators take 128): step i is taken from
   // slot i % D and step i + D requested into it.
-  constexpr int D = (MT >= 2 ? 4 : 8) / VPS;
+  constexpr int D = (WG || MT == 1 ? 8 : 4) / VPS;
   const int swz = (r0 & 1) | (cl & 2);  // tiled_swizzle(r, 4*cl + j) = 4*cl + (j ^ swz) for rows of r0's parity
   uint4 wq[D][VPS];
+  if constexpr (WG) {  // a warp past the last column block still joins every wgmma (with zeros)
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+#pragma unroll
+      for (int h = 0; h < VPS; ++h) wq[i][h] = make_uint4(0, 0, 0, 0);
+  }
   uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
   // Weights do not depend on x: request them before waiting for the gather.
   if (active && c_count > 0) {
@@ -140,7 +281,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   }
   pdl_wait();
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+  for (int st = 0; st < kAhead; ++st) {
     if (st < c_count) load_x(st, c_begin + st);
     cp_async_commit();
   }
@@ -159,17 +300,22 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
     for (int p = 0; p < 4; ++p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
+  if constexpr (WG) wgmma_fence_acc(acc);
   const uint32_t kLo = 0x000f000fu, kHi = 0x00f000f0u, kMagic = Tr::kMagic;
 
   for (int c = 0; c < c_count; ++c) {
-    cp_async_wait<kStages - 2>();  // chunk c's stage has landed (this thread's copies)
-    __syncthreads();               // ... everyone's, and chunk c - 1's stage is free again
-    if (c + kStages - 1 < c_count) load_x((c + kStages - 1) % kStages, c_begin + c + kStages - 1);
+    cp_async_wait<kAhead - 1>();  // chunk c's stage has landed (this thread's copies)
+    if constexpr (WG) fence_proxy_async_smem();  // ... and is visible to wgmma
+    // ... everyone's; and the stage refilled next is free: chunk c - 1's
+    // (mma.sync), or chunk c - 2's (WG: each warp waited for all but its
+    // last wgmma group, which reads chunk c - 1).
+    __syncthreads();
+    if (c + kAhead < c_count) load_x((c + kAhead) % kStages, c_begin + c + kAhead);
     cp_async_commit();
-    if (!active) continue;
+    if (!WG && !active) continue;
     const bool more = c + 1 < c_count;
     uint4 sn = sv, zn = zv;
-    if (more) load_sz(sn, zn, c_begin + c + 1);
+    if (more && active) load_sz(sn, zn, c_begin + c + 1);
 
     const T* sp = reinterpret_cast<const T*>(&sv);
     const T* zp = reinterpret_cast<const T*>(&zv);
@@ -199,19 +345,22 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
       uint4 cur[VPS];
 #pragma unroll
       for (int h = 0; h < VPS; ++h) cur[h] = wq[i % D][h];
-      if (i + D < 8 || more) {  // step i + D of this chunk, or step i + D - 8 of the next
+      if ((i + D < 8 || more) && (!WG || active)) {  // step i + D of this chunk, or step i + D - 8 of the next
 #pragma unroll
         for (int h = 0; h < VPS; ++h) wq[i % D][h] = load_stream(wnext + ((i + D - 8) * VPS + h) * 32);
       }
       // x: one 8-byte load per 8-row tile is its B fragment (b0, b1).
-      uint2 xb[NX];
-      const uint2* xp = reinterpret_cast<const uint2*>(xl + ((i >> 1) ^ swz)) + (i & 1);
+      uint2 xb[WG ? 1 : NX];
+      if constexpr (!WG) {
+        const uint2* xp = reinterpret_cast<const uint2*>(xl + ((i >> 1) ^ swz)) + (i & 1);
 #pragma unroll
-      for (int j = 0; j < NX; ++j) xb[j] = xp[j * 8 * kTiledUnits * 2];
+        for (int j = 0; j < NX; ++j) xb[j] = xp[j * 8 * kTiledUnits * 2];
+      }
+      uint32_t aw[4][4];  // WG: the step's 4 A fragments, all dequantized before the wgmma
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
         // a[0], a[2]: tile 2p (b0, b1 halves); a[1], a[3]: tile 2p + 1.
-        uint32_t a[4];
+        uint32_t(&a)[4] = aw[p];
 #pragma unroll
         for (int ab = 0; ab < 2; ++ab) {
           const int t = 2 * p + ab;
@@ -245,12 +394,30 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
           a[ab] = bit_cast_to<uint32_t>(lo);
           a[2 + ab] = bit_cast_to<uint32_t>(hi);
         }
+        if constexpr (!WG) {
 #pragma unroll
-        for (int j = 0; j < NX; ++j) Tr::mma(acc[j][p], a, xb[j].x, xb[j].y);
+          for (int j = 0; j < NX; ++j) Tr::mma(acc[j][p], a, xb[j].x, xb[j].y);
+        }
+      }
+      if constexpr (WG) {
+        // Step i of this stage: core matrices (i, h, 8-row group) at
+        // ((i*2 + h)*kRows + 8*group)*16 bytes: K-direction offset kRows*16, N-direction 128.
+        const uint64_t desc = wgmma_desc(xs + (c % kStages) * kTileUnits + i * 2 * kRows, kRows * 16, 128);
+        wgmma_fence();  // the A registers were just written
+        wgmma_rs<T, NX, 0>(acc, aw[0], desc);
+        wgmma_rs<T, NX, 1>(acc, aw[1], desc);
+        wgmma_rs<T, NX, 2>(acc, aw[2], desc);
+        wgmma_rs<T, NX, 3>(acc, aw[3], desc);
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous step's group is done: its A registers and stage reads
       }
     }
     sv = sn;
     zv = zn;
+  }
+  if constexpr (WG) {
+    wgmma_wait<0>();
+    wgmma_fence_acc(acc);
   }
   cp_async_wait<0>();  // no copy may outlive the block (the last groups are empty)
 
@@ -258,6 +425,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   const int n0 = nb * kBlockN + r0;
   auto row_of = [&](int j, int e) { return m0 + 8 * j + 2 * cl + (e & 1); };
   auto col_of = [&](int p, int e) { return n0 + 16 * p + 8 * (e >> 1); };
+  auto store = [&](int j, int p, int e, float v) {
+    const int row = row_of(j, e), col = col_of(p, e);
+    if (row < M && col < N) out[(size_t)row * N + col] = Tr::from_float(v);
+  };
   if (S == 1) {
     if (!active) return;
 #pragma unroll
@@ -265,23 +436,26 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 #pragma unroll
       for (int p = 0; p < 4; ++p)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = row_of(j, e), col = col_of(p, e);
-          if (row < M && col < N) out[(size_t)row * N + col] = Tr::from_float(acc[j][p][e]);
-        }
+        for (int e = 0; e < 4; ++e) store(j, p, e, acc[j][p][e]);
     return;
   }
-  if (active) {
+  // Split-K. Each block stores its accumulators as they lie in registers:
+  // float4 v = (j, p) = acc[v / 4][v % 4][0..3] of every thread, thread-minor
+  // (coalesced 16-byte stores), [S][tiles][NV][threads]. The last block of
+  // the tile to arrive sums the S partials in order (deterministic: the same
+  // order whichever block is last), loading Q float4 of up to 4 slices at
+  // once (16-32 loads in flight per thread: the sum is latency-bound, not
+  // bandwidth-bound), and writes the output.
+  constexpr int NV = NX * 4;
+  constexpr int Q = MT == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
+  constexpr int kT = kTiledWarps * 32;
+  const size_t tile = (size_t)blockIdx.y * gridDim.x + blockIdx.x, tiles = (size_t)gridDim.x * gridDim.y;
+  float4* part4 = reinterpret_cast<float4*>(partial);
+  auto slot = [&](int ss, int v) { return part4 + (((size_t)ss * tiles + tile) * NV + v) * kT + threadIdx.x; };
 #pragma unroll
-    for (int j = 0; j < NX; ++j)
+  for (int j = 0; j < NX; ++j)
 #pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = row_of(j, e);
-          if (row < M) __stcg(partial + ((size_t)s * M + row) * Np + col_of(p, e), acc[j][p][e]);
-        }
-  }
+    for (int p = 0; p < 4; ++p) __stcg(slot(s, j * 4 + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
   __threadfence();  // this block's partial is visible before it counts itself in
   __syncthreads();
   const int lock = blockIdx.x * gridDim.y + blockIdx.y;
@@ -289,49 +463,53 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  // The block's tile of out: rows [m0, m0 + 16*MT) x 256 columns, 4 columns
-  // (one float4 of each partial) per thread and pass, the S partials summed in
-  // order (deterministic), written as 4 outputs.
-  const int c0 = blockIdx.y * kTiledWarps * kBlockN;
-  const int rows = min(kRows, M - m0);
-  const int width = min(kTiledWarps * kBlockN, Np - c0);
-  for (int idx = threadIdx.x; idx < rows * (width / 4); idx += kTiledWarps * 32) {
-    const int row = m0 + idx / (width / 4), col = c0 + (idx % (width / 4)) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int ss = 0; ss < S; ++ss) {
-      const float4 q = __ldcg(reinterpret_cast<const float4*>(partial + ((size_t)ss * M + row) * Np + col));
-      v.x += q.x;
-      v.y += q.y;
-      v.z += q.z;
-      v.w += q.w;
+#pragma unroll
+  for (int v0 = 0; v0 < NV; v0 += Q) {
+    float4 r[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) r[q] = __ldcg(slot(0, v0 + q));
+    for (int ss = 1; ss < S; ss += 4) {
+      float4 t[4][Q];
+#pragma unroll
+      for (int h = 0; h < 4; ++h)
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (ss + h < S) t[h][q] = __ldcg(slot(ss + h, v0 + q));
+#pragma unroll
+      for (int h = 0; h < 4; ++h)
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (ss + h < S) {
+            r[q].x += t[h][q].x;
+            r[q].y += t[h][q].y;
+            r[q].z += t[h][q].z;
+            r[q].w += t[h][q].w;
+          }
     }
-    T* o = out + (size_t)row * N + col;
-    if ((N & 3) == 0 && col + 3 < N) {
-      const typename Tr::T2 lo = Tr::pack(v.x, v.y), hi = Tr::pack(v.z, v.w);
-      uint2 pk;
-      pk.x = bit_cast_to<uint32_t>(lo);
-      pk.y = bit_cast_to<uint32_t>(hi);
-      *reinterpret_cast<uint2*>(o) = pk;
-    } else {
-      if (col < N) o[0] = Tr::from_float(v.x);
-      if (col + 1 < N) o[1] = Tr::from_float(v.y);
-      if (col + 2 < N) o[2] = Tr::from_float(v.z);
-      if (col + 3 < N) o[3] = Tr::from_float(v.w);
+    if (active) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int j = (v0 + q) / 4, p = (v0 + q) % 4;
+        store(j, p, 0, r[q].x);
+        store(j, p, 1, r[q].y);
+        store(j, p, 2, r[q].z);
+        store(j, p, 3, r[q].w);
+      }
     }
   }
   if (threadIdx.x == 0) locks[lock] = 0;  // ready for the next call (and graph replay)
 }
 
 struct TiledArgs {
-  const void* x;  // [M, Kp]
+  const void* x;  // [M, Kp] (zk order for the WG variant)
   const void* qweight;
   const void* scales;
   const void* zeros;  // null: every zero point is 2^(bits-1)
   float* partial;     // null when S == 1
   int* locks;
   void* out;
-  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4)
+  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4)
+  bool wg;                                      // the wgmma variant (sm_90a builds on sm_90 only)
   bool pdl;
   cudaStream_t stream;
 };
@@ -340,24 +518,33 @@ template <typename T>
 using TiledKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
                              int, int, int);
 
-template <typename T, int BITS>
-TiledKernel<T> tiled_kernel_for(int mt, bool has_z) {
+template <typename T, int BITS, bool WG>
+TiledKernel<T> tiled_kernel_for_wg(int mt, bool has_z) {
   switch (mt) {
-    case 1: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 1> : gptq_gemm_tiled_kernel<T, BITS, false, 1>;
-    case 2: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 2> : gptq_gemm_tiled_kernel<T, BITS, false, 2>;
-    default: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 4> : gptq_gemm_tiled_kernel<T, BITS, false, 4>;
+    case 1:
+      if constexpr (!WG)
+        return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 1, false> : gptq_gemm_tiled_kernel<T, BITS, false, 1, false>;
+      return nullptr;  // wgmma needs 32 or 64 rows
+    case 2: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 2, WG> : gptq_gemm_tiled_kernel<T, BITS, false, 2, WG>;
+    default: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 4, WG> : gptq_gemm_tiled_kernel<T, BITS, false, 4, WG>;
   }
 }
 
-// Opts the instantiation into its dynamic shared memory (once) and returns the
-// resident blocks per SM (cached).
 template <typename T, int BITS>
-int gptq_tiled_occupancy(int mt, bool has_z) {
-  static int occ[3][2] = {};  // [MT 1/2/4][has_z]
-  int& v = occ[mt / 2][has_z];
+TiledKernel<T> tiled_kernel_for(int mt, bool has_z, bool wg) {
+  return wg ? tiled_kernel_for_wg<T, BITS, true>(mt, has_z) : tiled_kernel_for_wg<T, BITS, false>(mt, has_z);
+}
+
+// Opts the instantiation into its dynamic shared memory (once) and returns the
+// resident blocks per SM (cached); 0 for a variant that does not exist (WG, mt = 1).
+template <typename T, int BITS>
+int gptq_tiled_occupancy(int mt, bool has_z, bool wg) {
+  static int occ[3][2][2] = {};  // [MT 1/2/4][has_z][wg]
+  int& v = occ[mt / 2][has_z][wg];
   if (v == 0) {
-    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z);
-    const int smem = tiled_smem(mt);
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, wg);
+    if (k == nullptr) return 0;
+    const int smem = tiled_smem(mt, wg);
     int r = 0;
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, kTiledWarps * 32, smem) != cudaSuccess)
@@ -371,19 +558,20 @@ int gptq_tiled_occupancy(int mt, bool has_z) {
 template <typename T, int BITS>
 cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   const int mt = a.mt;
-  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr);  // sets the shared-memory attribute
+  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.wg);
+  if (k == nullptr) return cudaErrorInvalidValue;
+  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.wg);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_smem(tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr), grid, dim3(kTiledWarps * 32),
-                            tiled_smem(mt), a.stream, a.pdl, static_cast<const T*>(a.x),
-                            static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-                            static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N,
-                            a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
+  return launch_kernel_smem(k, grid, dim3(kTiledWarps * 32), tiled_smem(mt, a.wg), a.stream, a.pdl,
+                            static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
+                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
+                            static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
-extern template int gptq_tiled_occupancy<__half, 4>(int, bool);
-extern template int gptq_tiled_occupancy<__half, 8>(int, bool);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool);
+extern template int gptq_tiled_occupancy<__half, 4>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__half, 8>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, bool);
 extern template cudaError_t gptq_tiled_launch<__half, 4>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__half, 8>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__nv_bfloat16, 4>(const TiledArgs&);

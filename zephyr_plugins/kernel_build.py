@@ -58,6 +58,11 @@ def arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
+def arch_defines() -> list[str]:
+    """``-D`` flags telling the host code which targets were built (sm_90a: the wgmma kernel)."""
+    return ["-DZEPHYR_HAVE_SM90A"] if any("sm_90a" in f for f in arch_flags()) else []
+
+
 def find_nvcc() -> Optional[str]:
     """Path of the nvcc that torch would use, or None."""
     from torch.utils.cpp_extension import CUDA_HOME
@@ -102,7 +107,7 @@ def _build() -> None:
         name=f"zephyr_kernels_{cache_key()}",
         sources=[str(p) for p in sources()],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", *arch_flags()],
+        extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", *arch_flags(), *arch_defines()],
         extra_include_paths=[str(KERNEL_DIR)],
         build_directory=str(d),
         is_python_module=False,

@@ -221,54 +221,86 @@ def test_gemv_forced_plans(bits, gs, act):
                     torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
 
 
-def _tiled(layer, x, splits=0):
+def _tiled(layer, x, splits=0, kernel=2):
     from zephyr_plugins.kernel_ops import gptq_gemm_repacked
 
     spec = layer._kernel.spec
     return gptq_gemm_repacked(
         x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-        spec.bits, spec.group_size, spec.out_features, 2, splits,
+        spec.bits, spec.group_size, spec.out_features, kernel, splits,
     )  # fmt: skip
 
 
+def _wgmma_available() -> bool:
+    """The tiled kernel's wgmma variant (kernel=3) runs here: an sm_90 card and a build with sm_90a."""
+    from zephyr_plugins.kernel_build import arch_defines
+
+    cuda_with_kernels()
+    return torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())
+
+
+# The tiled kernel on mma.sync (2) and its wgmma variant (3, skipped where unavailable).
+TILED = [pytest.param(2, id="mma"), pytest.param(3, id="wgmma")]
+
+
+def _need(kernel):
+    if kernel == 3 and not _wgmma_available():
+        pytest.skip("the wgmma kernel needs an sm_90 card and an sm_90a build")
+
+
+@pytest.mark.parametrize("kernel", TILED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])
-def test_tiled_every_layout(bits, gs, act, sym, dtype):
+def test_tiled_every_layout(bits, gs, act, sym, dtype, kernel):
     """The tiled kernel itself (1, 2 and 4 m16 tiles per row tile, partial row tiles, several row tiles,
     a partial last column group), every layout, poisoned outputs and workspaces."""
+    _need(kernel)
     for k, n in [(4096, 4096)] + AWKWARD:
         layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
         for m in (1, 16, 17, 33, 64, 65, 100, 128, 257):
             gen = torch.Generator(device="cuda").manual_seed(3000 + m)
             x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
             poison_allocator()
-            _check_out(_tiled(layer, x), x, w, dtype)
+            _check_out(_tiled(layer, x, kernel=kernel), x, w, dtype)
 
 
+@pytest.mark.parametrize("kernel", TILED)
 @pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
-def test_tiled_forced_splits(bits, gs, act):
+def test_tiled_forced_splits(bits, gs, act, kernel):
     """Every split along K (uneven last slices included) gives the same answer as the planned one."""
+    _need(kernel)
     for k, n in [(14336, 4096), (704, 200)]:
         layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
         for m in (40, 64, 130):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            planned = _tiled(layer, x)
+            planned = _tiled(layer, x, kernel=kernel)
             _check_out(planned, x, w, torch.float16)
             for sp in (1, 2, 3, 7, 64):
                 poison_allocator()
-                y = _tiled(layer, x, sp)
+                y = _tiled(layer, x, sp, kernel)
                 _check_out(y, x, w, torch.float16)
                 torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
 
 
-def test_tiled_opcheck():
+@pytest.mark.parametrize("kernel", TILED)
+def test_tiled_opcheck(kernel):
+    _need(kernel)
     layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
     for m in (40, 130):
         x = torch.randn(m, 576, device="cuda", dtype=torch.float16)
         args = (x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks, 4, 128,
-                1536, 2, 0)  # fmt: skip
+                1536, kernel, 0)  # fmt: skip
         torch.library.opcheck(torch.ops.zephyr.gptq_gemm_repacked.default, args)
+
+
+def test_wgmma_refused_where_unavailable():
+    """kernel=3 on a card or build without wgmma: a clear error, not a crash."""
+    if _wgmma_available():
+        pytest.skip("wgmma is available here")
+    layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
+    with pytest.raises(RuntimeError, match="wgmma"):
+        _tiled(layer, torch.randn(40, 576, device="cuda", dtype=torch.float16), kernel=3)
 
 
 def test_gemv_opcheck_and_rejects_large_m():
