@@ -201,13 +201,10 @@ def main(argv=None) -> int:
                     row["tiled_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n, 2) for L in layers])  # fmt: skip
-                    # wgmma variant (3), narrow 128-column blocks on mma.sync (4) and on wgmma (5)
-                    for key, kid in (("wgmma_us", 3), ("narrow_us", 4), ("narrow_wgmma_us", 5)):
-                        if kid == 4 or wgmma:
-                            row[key] = time_graph(
-                                [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros,
-                                                                L._zk_perm, L._zk_locks, bits, gs, n, kid)
-                                 for L in layers])  # fmt: skip
+                    if wgmma:
+                        row["wgmma_us"] = time_graph(
+                            [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                            L._zk_locks, bits, gs, n, 3) for L in layers])  # fmt: skip
                 if args.sweep and m in (1, 8) and act:
                     for bw in (4, 8):
                         for sp in (1, 2, 4, 8, 16, 32):
@@ -239,8 +236,6 @@ def main(argv=None) -> int:
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
                     + (f"  wgmma {row['wgmma_us']:7.1f}" if "wgmma_us" in row else "")
-                    + (f"  narrow {row['narrow_us']:7.1f}" if "narrow_us" in row else "")
-                    + (f"  narrow-wgmma {row['narrow_wgmma_us']:7.1f}" if "narrow_wgmma_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
                     + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else ""),
                     flush=True,

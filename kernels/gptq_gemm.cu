@@ -132,11 +132,11 @@ bool tiled_wgmma_available(int device) {
 #endif
 }
 
-// The tiled kernel (gptq_tiled.cuh) for any M; wg: its wgmma variant; np: mma fragments per warp
-// (4: 256-column blocks, 2: 128-column blocks, 0: planned). splits: 0 = planned, else forced (benchmarks).
+// The tiled kernel (gptq_tiled.cuh) for any M; wg: its wgmma variant.
+// splits: 0 = planned, else forced (benchmarks).
 at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int bits, int splits,
-                      bool wg, int np) {
+                      bool wg) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());
   if (z.M == 0 || z.N == 0) return out;
@@ -148,60 +148,51 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     const int v = e ? std::atoi(e) : 0;
     return (v == 1 || v == 2 || v == 4) ? v : 0;
   }();
-  auto occupancy = [&](int mt, int np_try) {
+  auto occupancy = [&](int mt) {
     if (half)
-      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, wg, np_try)
-                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, wg, np_try);
-    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, wg, np_try)
-                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, wg, np_try);
+      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, wg)
+                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, wg);
+    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, wg)
+                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, wg);
   };
-  // Plan: block width (np = 4: 256 columns, 2: 128; np = 0 plans it), row
-  // tile (16*MT rows) and split S along K. Cost in microseconds, calibrated
-  // on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced): a 256-column
-  // block's 128-row chunk takes ~3.2 us at MT = 4 (2 blocks per SM) and ~2.3
-  // us at MT <= 2 (3 per SM), a 128-column block's ~0.6 of that; waves x
-  // (chunks per block + ~2 of pipeline fill and epilogue) x that, plus the
-  // split's partial round trip (~2.0 / 1.5 us per slice). Splits need a lock
-  // per (row tile, column group).
-  const int chunks = z.Kp / kChunkK;
+  // Plan: row tile (16*MT rows) and split S along K. Cost in microseconds,
+  // calibrated on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced):
+  // a block's 128-row chunk takes ~3.2 us at MT = 4 (2 blocks per SM) and
+  // ~2.3 us at MT <= 2 (3 per SM); waves x (chunks per block + ~2 of pipeline
+  // fill and epilogue) x that, plus the split's partial round trip (~2.0 /
+  // 1.5 us per slice). With these, the plan was the faster of MT = 2 and 4 on
+  // all four Mistral shapes at M = 64 and 128. Splits need a lock per (row
+  // tile, column group).
+  const int chunks = z.Kp / kChunkK, groups = ceil_div(z.Np / kBlockN, kTiledWarps);
   const int sms = sm_count(x.get_device());
-  int mt = 4, S = 1, cpb = std::max(chunks, 1), groups = 1, np_best = np ? np : 4;
+  // The wgmma variant has row tiles of 32 or 64 rows.
+  const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M));
+  int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
   double best = -1;
-  for (int np_try : {4, 2}) {
-    if (np && np_try != np) continue;
-    const int g_try = ceil_div(z.Np / kBlockN, tiled_block_cols(np_try) / kBlockN);
-    // The wgmma variant and the narrow block have row tiles of 32 or 64 rows.
-    const int mt_min = (wg || np_try == 2) ? 2 : 1;
-    const int mt_max = std::max(mt_min, force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M));
-    for (int mt_try : {4, 2, 1}) {
-      if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || mt_min > 1))) continue;
-      const int tiles = ceil_div(z.M, 16 * mt_try) * g_try;
-      const int slots = sms * occupancy(mt_try, np_try);
-      const double t_chunk = (mt_try == 4 ? 3.2 : 2.3) * (np_try == 4 ? 1.0 : 0.6);
-      const double t_split = mt_try == 4 ? 2.0 : 1.5;
-      const int s_max = (chunks > 1 && tiles <= locks.size(0)) ? std::min(chunks, 64) : 1;
-      for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
-        const int c_try = ceil_div(chunks, s_try);
-        const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
-        const double cost =
-            ceil_div(tiles * s_real, slots) * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
-        if (best < 0 || cost < best)
-          best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1), groups = g_try, np_best = np_try;
-        if (splits) break;
-      }
+  for (int mt_try : {4, 2, 1}) {
+    if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
+    const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
+    const int slots = sms * occupancy(mt_try);
+    const double t_chunk = mt_try == 4 ? 3.2 : 2.3, t_split = mt_try == 4 ? 2.0 : 1.5;
+    const int s_max = (chunks > 1 && tiles <= locks.size(0)) ? std::min(chunks, 64) : 1;
+    for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
+      const int c_try = ceil_div(chunks, s_try);
+      const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
+      const double cost = ceil_div(tiles * s_real, slots) * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
+      if (best < 0 || cost < best) best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1);
+      if (splits) break;
     }
   }
-  np = np_best;
   bool pdl = false;
   const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
-  // Split partials: S x (row tiles x column groups) tiles of 16*mt x block columns, fp32 (gptq_tiled.cuh).
+  // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
   at::Tensor partial;
   if (S > 1)
-    partial = at::empty({S, long(ceil_div(z.M, 16 * mt)) * groups * 16 * mt * tiled_block_cols(np)},
+    partial = at::empty({S, long(ceil_div(z.M, 16 * mt)) * groups * 16 * mt * kTiledWarps * kBlockN},
                         x.options().dtype(at::kFloat));
   TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                  S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, wg, np, pdl, stream};
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, wg, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);
@@ -216,16 +207,14 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
 // kernel: 0 = planned (the fused small-M kernel for M <= kSmallMaxM, else the tiled one: its wgmma
 // variant where available), 1 = the fused small-M kernel (M <= 64), 2 = the tiled kernel (mma.sync),
-// 3 = its wgmma variant (sm_90a), 4 and 5 = the same with narrow (128-column) blocks.
-// splits (tiled kernels only): 0 = planned, else forced.
+// 3 = its wgmma variant (sm_90a). splits (tiled kernels only): 0 = planned, else forced.
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t kernel,
                                    int64_t splits) {
-  TORCH_CHECK(kernel >= 0 && kernel <= 5,
-              "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small), 2 (tiled), 3 (tiled, wgmma), 4 (tiled, narrow) "
-              "or 5 (tiled, narrow, wgmma), got ", kernel);
-  TORCH_CHECK((kernel != 3 && kernel != 5) || !x.is_cuda() || tiled_wgmma_available(x.get_device()),
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small), 2 (tiled) or 3 (tiled, wgmma), got ", kernel);
+  TORCH_CHECK(kernel != 3 || !x.is_cuda() || tiled_wgmma_available(x.get_device()),
               "gptq_gemm_repacked: kernel=3 (wgmma) needs an sm_90 card and kernels built for sm_90a "
               "(ZEPHYR_CUDA_ARCHS with 90a)");
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemm_repacked: splits must be in [0, 256], got ", splits);
@@ -237,10 +226,7 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // (M = 128, summed over the Mistral shapes: 237 vs 252 us); at M <= 64 the two are even for 4-bit and
   // mma.sync is faster for 8-bit at every M measured (benchmarks/kernels.py, kernels/README.md).
   const bool wg = kernel == 3 || (kernel == 0 && bits == 4 && z.M > 64 && tiled_wgmma_available(x.get_device()));
-  // Block width: 256 columns (kernels 2, 3), 128 (4, 5), or planned (0).
-  if (!small)
-    return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), wg || kernel == 5,
-                      kernel == 0 ? 0 : (kernel >= 4 ? 2 : 4));
+  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), wg);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
   const bool has_z = z.has_z;
   const c10::cuda::OptionalCUDAGuard guard(x.device());

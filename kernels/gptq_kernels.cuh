@@ -114,13 +114,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// The same for 8 bytes.
-__device__ __forceinline__ uint2 load_stream8(const uint2* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
 // Programmatic dependent launch (Hopper): the gather kernel lets the fused
 // kernel start early; the fused kernel waits only before it reads x.
 __device__ __forceinline__ void pdl_launch_dependents() {

@@ -56,14 +56,9 @@ __host__ __device__ constexpr int tiled_mt(int m) { return m <= 16 ? 1 : (m <= 3
 // x chunks held in shared memory: 4 for the mma.sync kernel (3 in flight), 5
 // for the wgmma one (3 in flight: a stage is refilled only two chunks after
 // it was read, once that chunk's asynchronous wgmma have surely completed).
-// The narrow block (np = 2, 3 blocks per SM) keeps 4 stages for wgmma too (2 in flight).
-__host__ __device__ constexpr int tiled_stages(bool wg, int np = 4) { return wg && np == 4 ? 5 : 4; }
+__host__ __device__ constexpr int tiled_stages(bool wg) { return wg ? 5 : 4; }
 // Dynamic shared memory of one block, bytes: the stages of 16*MT rows of x.
-__host__ __device__ constexpr int tiled_smem(int mt, bool wg, int np = 4) {
-  return tiled_stages(wg, np) * 16 * mt * kTiledUnits * 16;
-}
-// Columns of one block: 4 warps x 16*np (np = 4: a 64-column zk block per warp; 2: half of one).
-__host__ __device__ constexpr int tiled_block_cols(int np) { return kTiledWarps * 16 * np; }
+__host__ __device__ constexpr int tiled_smem(int mt, bool wg) { return tiled_stages(wg) * 16 * mt * kTiledUnits * 16; }
 
 // Unit u (0..15) of tile row r lives at unit tiled_swizzle(r, u) of the row:
 // lanes (r, l%4) of a quarter-warp read units 4*(l%4) + j of rows r, r + 1;
@@ -132,12 +127,12 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, u
 // Pins the accumulators in place around the wgmma sequence, so that the
 // compiler moves no other definition of them into it (which would make ptxas
 // serialize the wgmma).
-template <int NX, int NP>
-__device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][NP][4]) {
+template <int NX>
+__device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][4][4]) {
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
+    for (int p = 0; p < 4; ++p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[j][p][e])::"memory");
 }
@@ -153,8 +148,8 @@ __device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][NP][4]) {
 // as an mma.m16n8k16 C fragment of 8-column tile j), A is 64 x 16 in
 // registers (this warp's 16 rows: an mma.m16n8k16 A fragment), B is 16 x
 // 8*NX in shared memory, K-major, described by `desc`.
-template <typename T, int NX, int NP, int P>
-__device__ __forceinline__ void wgmma_rs(float (&acc)[NX][NP][4], const uint32_t (&a)[4], uint64_t desc) {
+template <typename T, int NX, int P>
+__device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t (&a)[4], uint64_t desc) {
 #ifdef ZEPHYR_DEVICE_WGMMA
   constexpr bool kF16 = std::is_same<T, __half>::value;
   if constexpr (NX == 8) {
@@ -202,14 +197,8 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][NP][4], const uint32_t
 // the descriptor's 2 (K) x 2*MT (N) core matrices. The accumulators of
 // instruction p are exactly the mma.sync kernel's acc[.][p][.], so the
 // epilogue is shared.
-//
-// NP = 2 ("narrow" block, 128 columns): each warp takes half of a zk column
-// block (mma fragments p = 2h, 2h + 1 of it: 8-byte weight loads), so the
-// accumulators are half as many (64 at MT = 4) and 3 blocks fit per SM (12
-// warps instead of 8) and a layer has twice the column groups (fewer K
-// splits); x is staged once per 128 columns instead of 256.
-template <typename T, int BITS, bool HAS_Z, int MT, bool WG, int NP>
-__global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) gptq_gemm_tiled_kernel(
+template <typename T, int BITS, bool HAS_Z, int MT, bool WG>
+__global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_tiled_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
     const T* __restrict__ scales,       // [G, Np] shuffled
@@ -224,8 +213,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
   constexpr int kRows = 16 * MT;
   constexpr int kTileUnits = kRows * kTiledUnits;
   constexpr int kDefaultZero = 1 << (BITS - 1);
-  static_assert(NP == 4 || NP == 2, "a warp takes 2 or 4 mma fragments of its column block");
-  constexpr int kStages = tiled_stages(WG, NP);
+  constexpr int kStages = tiled_stages(WG);
   constexpr int kAhead = WG ? kStages - 2 : kStages - 1;  // chunks requested ahead of the one computed
   // mma.sync: [kStages][kRows][kTiledUnits] swizzled; WG: [kStages][8 steps][2][kRows] (core matrices).
   extern __shared__ uint4 xs[];
@@ -234,9 +222,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r0 = lane >> 2, cl = lane & 3;
   const int m0 = blockIdx.x * kRows;
-  // This warp's zk column block, and its first mma fragment p0 there (NP = 2: fragments p0, p0 + 1).
-  const int nb = NP == 4 ? blockIdx.y * kTiledWarps + warp : blockIdx.y * (kTiledWarps / 2) + (warp >> 1);
-  const int half = NP == 4 ? 0 : warp & 1, p0 = 2 * half;
+  const int nb = blockIdx.y * kTiledWarps + warp;
   const bool active = nb < Np / kBlockN;  // the last column group may be partial
   const int s = blockIdx.z;
   const int chunks = Kp / kChunkK, KS = Kp / 16;
@@ -259,26 +245,9 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
     }
   };
   const uint4* wsrc = qweight + (size_t)(active ? nb : 0) * KS * VPS * 32 + lane;
-  // The lane's words of a step: all 4*VPS (NP = 4), or its half: 4-bit words p0, p0 + 1 (one
-  // 8-byte load); 8-bit vector `half` (tiles 4*half .. 4*half + 3).
-  constexpr int WPS = VPS * NP;
-  auto load_words = [&](uint32_t (&w)[WPS], const uint4* step) {
-    if constexpr (NP == 4) {
+  auto load_step = [&](uint4 (&w)[VPS], int chunk, int i) {
 #pragma unroll
-      for (int h = 0; h < VPS; ++h) {
-        const uint4 v = load_stream(step + h * 32);
-        w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
-      }
-    } else if constexpr (BITS == 4) {
-      const uint2 v = load_stream8(reinterpret_cast<const uint2*>(step) + half);
-      w[0] = v.x, w[1] = v.y;
-    } else {
-      const uint4 v = load_stream(step + half * 32);
-      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-    }
-  };
-  auto load_step = [&](uint32_t (&w)[WPS], int chunk, int i) {
-    load_words(w, wsrc + ((size_t)chunk * 8 + i) * VPS * 32);
+    for (int h = 0; h < VPS; ++h) w[h] = load_stream(wsrc + ((size_t)chunk * 8 + i) * VPS * 32 + h * 32);
   };
   // Group of a chunk's rows: a shift for power-of-two group sizes (all the seed's), else a division.
   const bool group_pow2 = (group_rows & (group_rows - 1)) == 0;
@@ -287,17 +256,8 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
     const int row = chunk * kChunkK + cl * 32;
     const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
     const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
-    if constexpr (NP == 4) {
-      sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
-      if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
-    } else {  // tiles 4*half .. 4*half + 3 only
-      const uint2 a = __ldg(reinterpret_cast<const uint2*>(scales + off) + half);
-      sc.x = a.x, sc.y = a.y;
-      if (HAS_Z) {
-        const uint2 b = __ldg(reinterpret_cast<const uint2*>(zeros + off) + half);
-        zc.x = b.x, zc.y = b.y;
-      }
-    }
+    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
+    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
   };
 
   // Ring of the next D steps' weights (16-32 registers; fewer with 64-row tiles, whose
@@ -305,12 +265,12 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
   // slot i % D and step i + D requested into it.
   constexpr int D = (WG || MT == 1 ? 8 : 4) / VPS;
   const int swz = (r0 & 1) | (cl & 2);  // tiled_swizzle(r, 4*cl + j) = 4*cl + (j ^ swz) for rows of r0's parity
-  uint32_t wq[D][WPS];
+  uint4 wq[D][VPS];
   if constexpr (WG) {  // a warp past the last column block still joins every wgmma (with zeros)
 #pragma unroll
     for (int i = 0; i < D; ++i)
 #pragma unroll
-      for (int h = 0; h < WPS; ++h) wq[i][h] = 0;
+      for (int h = 0; h < VPS; ++h) wq[i][h] = make_uint4(0, 0, 0, 0);
   }
   uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
   // Weights do not depend on x: request them before waiting for the gather.
@@ -333,11 +293,11 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
   // column 16p + 8*(e >> 1) + r0 of the warp's 64.
   constexpr int NX = 2 * MT;  // 8-row x tiles per row tile
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
-  float acc[NX][NP][4];  // fragment p: mma fragment p0 + p of the column block
+  float acc[NX][4][4];
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
+    for (int p = 0; p < 4; ++p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
   if constexpr (WG) wgmma_fence_acc(acc);
@@ -359,12 +319,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
 
     const T* sp = reinterpret_cast<const T*>(&sv);
     const T* zp = reinterpret_cast<const T*>(&zv);
-    // Local tile t = this warp's tile 2*p0 + t (sv / zv hold exactly these).
-    constexpr int NT = 2 * NP;
-    T2 sc2[NT], zlo2[NT], zhi2[NT];
-    float sf[NT], zf[NT];
+    T2 sc2[8], zlo2[8], zhi2[8];
+    float sf[8], zf[8];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < 8; ++t) {
       const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
       if (BITS == 4 || kF16) {
         sc2[t] = Tr::bcast(sp[t]);
@@ -384,11 +342,13 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      uint32_t cur[WPS];
+      uint4 cur[VPS];
 #pragma unroll
-      for (int h = 0; h < WPS; ++h) cur[h] = wq[i % D][h];
-      if ((i + D < 8 || more) && (!WG || active))  // step i + D of this chunk, or step i + D - 8 of the next
-        load_words(wq[i % D], wnext + (i + D - 8) * VPS * 32);
+      for (int h = 0; h < VPS; ++h) cur[h] = wq[i % D][h];
+      if ((i + D < 8 || more) && (!WG || active)) {  // step i + D of this chunk, or step i + D - 8 of the next
+#pragma unroll
+        for (int h = 0; h < VPS; ++h) wq[i % D][h] = load_stream(wnext + ((i + D - 8) * VPS + h) * 32);
+      }
       // x: one 8-byte load per 8-row tile is its B fragment (b0, b1).
       uint2 xb[WG ? 1 : NX];
       if constexpr (!WG) {
@@ -396,17 +356,17 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
 #pragma unroll
         for (int j = 0; j < NX; ++j) xb[j] = xp[j * 8 * kTiledUnits * 2];
       }
-      uint32_t aw[NP][4];  // WG: the step's A fragments, all dequantized before the wgmma
+      uint32_t aw[4][4];  // WG: the step's 4 A fragments, all dequantized before the wgmma
 #pragma unroll
-      for (int p = 0; p < NP; ++p) {
-        // a[0], a[2]: local tile 2p (b0, b1 halves); a[1], a[3]: local tile 2p + 1.
+      for (int p = 0; p < 4; ++p) {
+        // a[0], a[2]: tile 2p (b0, b1 halves); a[1], a[3]: tile 2p + 1.
         uint32_t(&a)[4] = aw[p];
 #pragma unroll
         for (int ab = 0; ab < 2; ++ab) {
           const int t = 2 * p + ab;
           T2 lo, hi;
           if constexpr (BITS == 4) {
-            const uint32_t w4 = cur[p];
+            const uint32_t w4 = reinterpret_cast<const uint32_t*>(&cur[0])[p];
             const uint32_t wv = ab ? (w4 >> 8) : w4;
             lo = __hsub2(bit_cast_to<T2>(lop3_and_or(wv, kLo, kMagic)), zlo2[t]);
             if constexpr (kF16) {
@@ -418,7 +378,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
             hi = __hmul2(hi, sc2[t]);
           } else {
             // 8-bit: vector t/4 of the step, word t%4; byte h*2 + e is element (h, e).
-            const uint32_t w8 = cur[t];
+            const uint32_t w8 = reinterpret_cast<const uint32_t*>(&cur[t / 4])[t % 4];
             if constexpr (kF16) {  // byte q into the fp16 mantissa: 1024 + q, exact
               lo = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4140)), zlo2[t]), sc2[t]);
               hi = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4342)), zlo2[t]), sc2[t]);
@@ -444,12 +404,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
         // ((i*2 + h)*kRows + 8*group)*16 bytes: K-direction offset kRows*16, N-direction 128.
         const uint64_t desc = wgmma_desc(xs + (c % kStages) * kTileUnits + i * 2 * kRows, kRows * 16, 128);
         wgmma_fence();  // the A registers were just written
-        wgmma_rs<T, NX, NP, 0>(acc, aw[0], desc);
-        wgmma_rs<T, NX, NP, 1>(acc, aw[1], desc);
-        if constexpr (NP == 4) {
-          wgmma_rs<T, NX, NP, 2>(acc, aw[2], desc);
-          wgmma_rs<T, NX, NP, 3>(acc, aw[3], desc);
-        }
+        wgmma_rs<T, NX, 0>(acc, aw[0], desc);
+        wgmma_rs<T, NX, 1>(acc, aw[1], desc);
+        wgmma_rs<T, NX, 2>(acc, aw[2], desc);
+        wgmma_rs<T, NX, 3>(acc, aw[3], desc);
         wgmma_commit();
         wgmma_wait<1>();  // the previous step's group is done: its A registers and stage reads
       }
@@ -466,7 +424,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
   // Element (j, p, e) of this lane: tile row 8j + 2*cl + (e & 1), column n0 + 16p + 8*(e >> 1) + r0.
   const int n0 = nb * kBlockN + r0;
   auto row_of = [&](int j, int e) { return m0 + 8 * j + 2 * cl + (e & 1); };
-  auto col_of = [&](int p, int e) { return n0 + 16 * (p0 + p) + 8 * (e >> 1); };
+  auto col_of = [&](int p, int e) { return n0 + 16 * p + 8 * (e >> 1); };
   auto store = [&](int j, int p, int e, float v) {
     const int row = row_of(j, e), col = col_of(p, e);
     if (row < M && col < N) out[(size_t)row * N + col] = Tr::from_float(v);
@@ -476,20 +434,20 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
 #pragma unroll
     for (int j = 0; j < NX; ++j)
 #pragma unroll
-      for (int p = 0; p < NP; ++p)
+      for (int p = 0; p < 4; ++p)
 #pragma unroll
         for (int e = 0; e < 4; ++e) store(j, p, e, acc[j][p][e]);
     return;
   }
   // Split-K. Each block stores its accumulators as they lie in registers:
-  // float4 v = (j, p) = acc[v / NP][v % NP][0..3] of every thread, thread-minor
+  // float4 v = (j, p) = acc[v / 4][v % 4][0..3] of every thread, thread-minor
   // (coalesced 16-byte stores), [S][tiles][NV][threads]. The last block of
   // the tile to arrive sums the S partials in order (deterministic: the same
   // order whichever block is last), loading Q float4 of up to 4 slices at
   // once (16-32 loads in flight per thread: the sum is latency-bound, not
   // bandwidth-bound), and writes the output.
-  constexpr int NV = NX * NP;
-  constexpr int Q = MT == 4 && NP == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
+  constexpr int NV = NX * 4;
+  constexpr int Q = MT == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
   constexpr int kT = kTiledWarps * 32;
   const size_t tile = (size_t)blockIdx.y * gridDim.x + blockIdx.x, tiles = (size_t)gridDim.x * gridDim.y;
   float4* part4 = reinterpret_cast<float4*>(partial);
@@ -497,8 +455,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
-      __stcg(slot(s, j * NP + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
+    for (int p = 0; p < 4; ++p) __stcg(slot(s, j * 4 + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
   __threadfence();  // this block's partial is visible before it counts itself in
   __syncthreads();
   const int lock = blockIdx.x * gridDim.y + blockIdx.y;
@@ -532,7 +489,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 && NP == 4 ? 2 : 3) 
     if (active) {
 #pragma unroll
       for (int q = 0; q < Q; ++q) {
-        const int j = (v0 + q) / NP, p = (v0 + q) % NP;
+        const int j = (v0 + q) / 4, p = (v0 + q) % 4;
         store(j, p, 0, r[q].x);
         store(j, p, 1, r[q].y);
         store(j, p, 2, r[q].z);
@@ -551,9 +508,8 @@ struct TiledArgs {
   float* partial;     // null when S == 1
   int* locks;
   void* out;
-  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG or np = 2: 2, 4)
+  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4)
   bool wg;                                      // the wgmma variant (sm_90a builds on sm_90 only)
-  int np;                                       // mma fragments per warp: 4 (256-column blocks) or 2 (128)
   bool pdl;
   cudaStream_t stream;
 };
@@ -562,37 +518,33 @@ template <typename T>
 using TiledKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
                              int, int, int);
 
-template <typename T, int BITS, bool WG, int NP>
-TiledKernel<T> tiled_kernel_for_v(int mt, bool has_z) {
+template <typename T, int BITS, bool WG>
+TiledKernel<T> tiled_kernel_for_wg(int mt, bool has_z) {
   switch (mt) {
     case 1:
-      if constexpr (!WG && NP == 4)
-        return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 1, false, 4>
-                     : gptq_gemm_tiled_kernel<T, BITS, false, 1, false, 4>;
-      return nullptr;  // wgmma needs 32 or 64 rows; the narrow block is built for 32 and 64
-    case 2:
-      return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 2, WG, NP> : gptq_gemm_tiled_kernel<T, BITS, false, 2, WG, NP>;
-    default:
-      return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 4, WG, NP> : gptq_gemm_tiled_kernel<T, BITS, false, 4, WG, NP>;
+      if constexpr (!WG)
+        return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 1, false> : gptq_gemm_tiled_kernel<T, BITS, false, 1, false>;
+      return nullptr;  // wgmma needs 32 or 64 rows
+    case 2: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 2, WG> : gptq_gemm_tiled_kernel<T, BITS, false, 2, WG>;
+    default: return has_z ? gptq_gemm_tiled_kernel<T, BITS, true, 4, WG> : gptq_gemm_tiled_kernel<T, BITS, false, 4, WG>;
   }
 }
 
 template <typename T, int BITS>
-TiledKernel<T> tiled_kernel_for(int mt, bool has_z, bool wg, int np) {
-  if (np == 2) return wg ? tiled_kernel_for_v<T, BITS, true, 2>(mt, has_z) : tiled_kernel_for_v<T, BITS, false, 2>(mt, has_z);
-  return wg ? tiled_kernel_for_v<T, BITS, true, 4>(mt, has_z) : tiled_kernel_for_v<T, BITS, false, 4>(mt, has_z);
+TiledKernel<T> tiled_kernel_for(int mt, bool has_z, bool wg) {
+  return wg ? tiled_kernel_for_wg<T, BITS, true>(mt, has_z) : tiled_kernel_for_wg<T, BITS, false>(mt, has_z);
 }
 
 // Opts the instantiation into its dynamic shared memory (once) and returns the
-// resident blocks per SM (cached); 0 for a variant that does not exist.
+// resident blocks per SM (cached); 0 for a variant that does not exist (WG, mt = 1).
 template <typename T, int BITS>
-int gptq_tiled_occupancy(int mt, bool has_z, bool wg, int np) {
-  static int occ[3][2][2][2] = {};  // [MT 1/2/4][has_z][wg][np 4/2]
-  int& v = occ[mt / 2][has_z][wg][np == 2];
+int gptq_tiled_occupancy(int mt, bool has_z, bool wg) {
+  static int occ[3][2][2] = {};  // [MT 1/2/4][has_z][wg]
+  int& v = occ[mt / 2][has_z][wg];
   if (v == 0) {
-    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, wg, np);
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, wg);
     if (k == nullptr) return 0;
-    const int smem = tiled_smem(mt, wg, np);
+    const int smem = tiled_smem(mt, wg);
     int r = 0;
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, kTiledWarps * 32, smem) != cudaSuccess)
@@ -606,21 +558,20 @@ int gptq_tiled_occupancy(int mt, bool has_z, bool wg, int np) {
 template <typename T, int BITS>
 cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   const int mt = a.mt;
-  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.wg, a.np);
+  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.wg);
   if (k == nullptr) return cudaErrorInvalidValue;
-  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.wg, a.np);  // sets the shared-memory attribute
-  const int per_block = tiled_block_cols(a.np) / kBlockN;                   // zk column blocks per block
-  const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + per_block - 1) / per_block, a.S);
-  return launch_kernel_smem(k, grid, dim3(kTiledWarps * 32), tiled_smem(mt, a.wg, a.np), a.stream, a.pdl,
+  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.wg);  // sets the shared-memory attribute
+  const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
+  return launch_kernel_smem(k, grid, dim3(kTiledWarps * 32), tiled_smem(mt, a.wg), a.stream, a.pdl,
                             static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
                             static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
                             static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
-extern template int gptq_tiled_occupancy<__half, 4>(int, bool, bool, int);
-extern template int gptq_tiled_occupancy<__half, 8>(int, bool, bool, int);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, bool, int);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, bool, int);
+extern template int gptq_tiled_occupancy<__half, 4>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__half, 8>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, bool);
 extern template cudaError_t gptq_tiled_launch<__half, 4>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__half, 8>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__nv_bfloat16, 4>(const TiledArgs&);

@@ -239,14 +239,12 @@ def _wgmma_available() -> bool:
     return torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())
 
 
-# The tiled kernel on mma.sync (2) and its wgmma variant (3, skipped where unavailable), and both
-# with narrow 128-column blocks (4, 5).
-TILED = [pytest.param(2, id="mma"), pytest.param(3, id="wgmma"), pytest.param(4, id="mma-narrow"),
-         pytest.param(5, id="wgmma-narrow")]  # fmt: skip
+# The tiled kernel on mma.sync (2) and its wgmma variant (3, skipped where unavailable).
+TILED = [pytest.param(2, id="mma"), pytest.param(3, id="wgmma")]
 
 
 def _need(kernel):
-    if kernel in (3, 5) and not _wgmma_available():
+    if kernel == 3 and not _wgmma_available():
         pytest.skip("the wgmma kernel needs an sm_90 card and an sm_90a build")
 
 
