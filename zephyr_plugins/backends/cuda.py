@@ -4,7 +4,9 @@
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
-  64-row tiles) that streams the repacked weight once per row tile.
+  64-row tiles) that streams the repacked weight once per row tile; on sm_90
+  cards (kernels built for sm_90a) its ``wgmma`` variant for 4-bit weights
+  above 64 rows.
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
