@@ -53,7 +53,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunkK = 128;  // K rows a warp handles per main-loop iteration (8 steps)
 constexpr int kBlockN = 64;   // columns per block
 constexpr int kMaxMTiles = 4;  // fused kernel serves M <= 64
-constexpr int kSmallMaxM = 32;  // planned: the fused small-M kernel up to here, the tiled one above
+constexpr int kSmallMaxM = 16;  // planned: the fused small-M kernel up to here, the tiled one above
 constexpr int kXAlign = 16;  // bytes: x rows are read with 16-byte loads
 
 template <typename T>

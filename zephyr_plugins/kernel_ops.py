@@ -11,7 +11,7 @@ Ops:
 ``zephyr::gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel=0, splits=0) -> Tensor``
     Fused dequantize + matmul on the zk layout (:mod:`zephyr_plugins.repack`),
     on tensor cores, for any M. ``kernel``: 0 plans (the fused small-M kernel
-    for ``M <= 32``, else the tiled one: its wgmma variant on sm_90 cards
+    for ``M <= 16``, else the tiled one: its wgmma variant on sm_90 cards
     with an sm_90a build), 1 forces the fused small-M kernel (``M <= 64``),
     2 the tiled kernel (``kernels/gptq_tiled.cuh``: x staged in shared memory
     once per 256 columns, 64-row tiles, ``mma.sync``), 3 its wgmma variant

@@ -1,6 +1,6 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (decode batches up to 32): ``zephyr::gptq_gemv_repacked``,
+- ``M <= GEMV_MAX_M`` rows (decode batches up to 16): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
@@ -35,8 +35,12 @@ FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
-# Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` lowers it (0: off).
-GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "32")))
+# Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` sets it (0: off).
+# 16: at M = 32 the tiled kernel was faster on the H100 (sum of the Mistral shapes, 4-bit act-order,
+# commit 8999e86: 122 vs 135 us; o 17.8 vs 21.5, gate_up 42.6 vs 55.0; the GEMV kernel won on qkv
+# and down by 1-2 us); at M = 16 the GEMV kernel was (80 vs 95 us). Both cost about the same for
+# any M in 17..32 (each pads to 32 rows).
+GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "16")))
 
 
 class CudaGPTQBackend(KernelBackend):
