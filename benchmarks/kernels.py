@@ -2,7 +2,7 @@
 
 For the four Mistral-7B linear shapes and M in {1, ..., 4096}, times in one
 run: our backend (what ``QuantLinear`` dispatches to: the GEMV kernel for
-M <= 16, the tiled kernel up to the backend's FUSED_MAX_M, dequantize + cuBLAS
+M <= 24, the tiled kernel up to the backend's FUSED_MAX_M, dequantize + cuBLAS
 above), the GEMV, fused small-M and tiled kernels (the tiled one on mma.sync,
 ``tiled_us``, and on Hopper also on wgmma, ``wgmma_us``) and the dequantize +
 cuBLAS path separately where they apply, cuBLAS fp16 ``x @ W``, and torch's

@@ -1,6 +1,6 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (decode batches up to 16): ``zephyr::gptq_gemv_repacked``,
+- ``M <= GEMV_MAX_M`` rows (decode batches up to 24): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
@@ -36,11 +36,10 @@ FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
 # Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` sets it (0: off).
-# 16: at M = 32 the tiled kernel was faster on the H100 (sum of the Mistral shapes, 4-bit act-order,
-# commit 8999e86: 122 vs 135 us; o 17.8 vs 21.5, gate_up 42.6 vs 55.0; the GEMV kernel won on qkv
-# and down by 1-2 us); at M = 16 the GEMV kernel was (80 vs 95 us). Both cost about the same for
-# any M in 17..32 (each pads to 32 rows).
-GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "16")))
+# Above it the tiled kernel, which the H100 measured faster at M = 32 (sums over the Mistral shapes,
+# commit 76e5430: 4-bit act-order 122.6 vs 135.9 us, in order 108.9 vs 127.2, 8-bit 142.2 vs 151.4),
+# even at M = 24 (118.8 vs 116.4, 106.8 vs 107.4, 138.6 vs 133.4) and slower at M = 16.
+GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "24")))
 
 
 class CudaGPTQBackend(KernelBackend):
