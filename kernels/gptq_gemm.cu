@@ -91,7 +91,7 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
 // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
 // Returns the tensor to read and sets `pdl` when the kernel that follows may
 // be launched as a programmatic dependent of the gather (sm_90).
-// zk: in zk order (gather_zk_kernel), for the wgmma kernel; always a copy.
+// zk: in zk order (gather_pad_kernel<T, true>), for the wgmma kernel; always a copy.
 at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, cudaStream_t stream, bool& pdl,
                     bool zk = false) {
   pdl = false;
@@ -103,11 +103,11 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
   dim3 grid(ceil_div(Kp, 256), M);
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
   if (x.scalar_type() == at::kHalf) {
-    auto* k = zk ? gather_zk_kernel<__half> : gather_pad_kernel<__half>;
+    auto* k = zk ? gather_pad_kernel<__half, true> : gather_pad_kernel<__half, false>;
     k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
                                 reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
   } else {
-    auto* k = zk ? gather_zk_kernel<__nv_bfloat16> : gather_pad_kernel<__nv_bfloat16>;
+    auto* k = zk ? gather_pad_kernel<__nv_bfloat16, true> : gather_pad_kernel<__nv_bfloat16, false>;
     k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
                                 reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
   }

@@ -157,31 +157,18 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
 // copied, zero-padded to Kp, so the fused kernel reads x with aligned 16-byte
 // loads and never past the end. One launch per call, M*Kp elements.
-template <typename T>
+// ZK: in "zk order" for the wgmma kernel (gptq_tiled.cuh): output column
+// 128*chunk + 16*i + j holds chunk column 32*c + 4*i + q, with c = (j % 8) / 2
+// and q = j % 2 + 2*(j / 8): step i's 16 k in the order of the mma k index.
+template <typename T, bool ZK>
 __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xg, int K,
                                   int Kp) {
   pdl_launch_dependents();
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   const int m = blockIdx.y;
   if (k >= Kp) return;
-  T v = Traits<T>::from_float(0.f);
-  if (k < K) v = x[(size_t)m * K + (perm ? __ldg(perm + k) : k)];
-  xg[(size_t)m * Kp + k] = v;
-}
-
-// The same, in "zk order" for the wgmma kernel (gptq_tiled.cuh): output
-// column 128*chunk + 16*i + j holds chunk column 32*c + 4*i + q, with
-// c = (j % 8) / 2 and q = j % 2 + 2*(j / 8): step i's 16 k in the order of the
-// mma k index.
-template <typename T>
-__global__ void gather_zk_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xg, int K,
-                                 int Kp) {
-  pdl_launch_dependents();
-  const int k = blockIdx.x * blockDim.x + threadIdx.x;
-  const int m = blockIdx.y;
-  if (k >= Kp) return;
   const int j = k & 15, i = (k >> 4) & 7;
-  const int src = (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3);
+  const int src = ZK ? (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3) : k;
   T v = Traits<T>::from_float(0.f);
   if (src < K) v = x[(size_t)m * K + (perm ? __ldg(perm + src) : src)];
   xg[(size_t)m * Kp + k] = v;

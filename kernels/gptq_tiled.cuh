@@ -190,7 +190,7 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t 
 // warps (one warpgroup) multiply with wgmma: per 16-row step, 4 instructions
 // m64 n(16*MT) k16, instruction p taking from each warp its A fragment p
 // (16 of its 64 columns) and x from shared memory. x must then be in "zk
-// order" (gather_zk_kernel): each step's 16 k of the chunk as one contiguous
+// order" (gather_pad_kernel<T, true>): each step's 16 k of the chunk as one contiguous
 // run of 32 bytes, in the order of the mma k index (k = 2c + e and 8 + 2c + e
 // are chunk rows 32c + 4i + e and 32c + 4i + 2 + e). It is stored per stage as
 // core matrices [step i][half h][row r] of 16 bytes (no swizzle), so a step is
