@@ -160,9 +160,9 @@ def main(argv=None) -> int:
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 64, 256] if args.quick else MS)
     dtype = torch.float16
     card = torch.cuda.get_device_name()
-    from zephyr_plugins.kernel_build import arch_defines
+    from zephyr_plugins.kernel_build import wgmma_available
 
-    wgmma = torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())  # kernel=3 runs here
+    wgmma = wgmma_available()  # kernel=3 runs here
     bw = copy_bandwidth()
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
     rows, sweep = [], []

@@ -394,3 +394,17 @@ def test_layer_drops_qweight_and_rebuilds_it_bit_for_bit(monkeypatch):
     kept, _ = make(15)
     kept(x)
     assert kept.holds_qweight
+
+
+def test_wgmma_available_rule(monkeypatch):
+    """kernel_build.wgmma_available: an sm_90 card and ZEPHYR_CUDA_ARCHS with 90a, nothing else."""
+    from zephyr_plugins import kernel_build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not kernel_build.wgmma_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, archs, want in [((9, 0), "90a", True), ((9, 0), "80;89;90a", True), ((9, 0), "90", False),
+                             ((8, 0), "80;89;90a", False), ((10, 0), "90a", False)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda c=cap: c)
+        monkeypatch.setenv("ZEPHYR_CUDA_ARCHS", archs)
+        assert kernel_build.wgmma_available() is want, (cap, archs)

@@ -233,10 +233,10 @@ def _tiled(layer, x, splits=0, kernel=2):
 
 def _wgmma_available() -> bool:
     """The tiled kernel's wgmma variant (kernel=3) runs here: an sm_90 card and a build with sm_90a."""
-    from zephyr_plugins.kernel_build import arch_defines
+    from zephyr_plugins.kernel_build import wgmma_available
 
     cuda_with_kernels()
-    return torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())
+    return wgmma_available()
 
 
 # The tiled kernel on mma.sync (2) and its wgmma variant (3, skipped where unavailable).
