@@ -281,6 +281,7 @@ def test_wrappers_check_every_argument_first():
         "x must be a contiguous 2-D": dict(x=x.t()),
         "qweight covers Kp=256 rows but x has K=100": dict(x=torch.randn(3, 100).half()),
         "perm must be empty or int32": dict(perm=torch.zeros(5, dtype=torch.int32)),
+        r"int32 \[K=256\], contiguous, .*\(not contiguous\)": dict(perm=torch.zeros(512, dtype=torch.int32)[::2]),
         "locks must be int32": dict(locks=torch.zeros(0, dtype=torch.int32)),
         "zeros must be empty or like scales": dict(zeros=torch.zeros(1, 64).half()),
     }

@@ -269,8 +269,10 @@ def check_zk_args(op: str, x, qweight, scales, zeros, perm, locks, bits: int, gr
         bad(f"qweight covers Np={np_} columns but size_n={size_n}")
     if scales.dtype != x.dtype:
         bad(f"scales must be {x.dtype} like x, got {scales.dtype}")
-    if perm.numel() and (perm.dim() != 1 or perm.shape[0] != k or perm.dtype != torch.int32):
-        bad(f"perm must be empty or int32 [K={k}], got {perm.dtype} {tuple(perm.shape)}")
+    perm_ok = perm.dim() == 1 and perm.shape[0] == k and perm.dtype == torch.int32 and perm.is_contiguous()
+    if perm.numel() and not perm_ok:
+        strided = "" if perm.is_contiguous() else " (not contiguous)"
+        bad(f"perm must be empty or int32 [K={k}], contiguous, got {perm.dtype} {tuple(perm.shape)}{strided}")
     if locks.dim() != 1 or locks.shape[0] < np_ // 64 or locks.dtype != torch.int32:
         bad(f"locks must be int32 [>= {np_ // 64}] zeros, got {locks.dtype} {tuple(locks.shape)}")
     rows = k if group_size == -1 else group_size
