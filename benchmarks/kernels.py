@@ -194,18 +194,6 @@ def main(argv=None) -> int:
                     row["gemv_us"] = time_graph(
                         [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                if act and m <= 8:  # the same with the act-order gather in its own kernel (not folded)
-                    prev = os.environ.get("ZEPHYR_GEMV_FOLD")
-                    os.environ["ZEPHYR_GEMV_FOLD"] = "0"
-                    try:
-                        row["gemv_gather_kernel_us"] = time_graph(
-                            [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros,
-                                                            L._zk_perm, L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                    finally:
-                        if prev is None:
-                            del os.environ["ZEPHYR_GEMV_FOLD"]
-                        else:
-                            os.environ["ZEPHYR_GEMV_FOLD"] = prev
                 if m <= 64:  # the fused small-M kernel on its own
                     row["fused_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
@@ -246,7 +234,6 @@ def main(argv=None) -> int:
                     f"x{fp16[m] / ours:5.2f}  {row['ours_GBps']:6.0f} GB/s"
                     + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
-                    + (f"  gemv+gather {row['gemv_gather_kernel_us']:7.1f}" if "gemv_gather_kernel_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
                     + (f"  wgmma {row['wgmma_us']:7.1f}" if "wgmma_us" in row else "")

@@ -307,12 +307,12 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // mma (one x tile, M <= 8, only: it needs a second set of accumulators).
   const bool scale_after = (z.group_rows % kChunkK == 0 || z.G == 1) && gemv_tiles(z.M) == 1;
   const bool half = x.scalar_type() == at::kHalf;
-  auto occupancy = [&](int w, int fold_smem = 0) {
+  auto occupancy = [&](int w) {
     if (half)
-      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(z.M, w, z.has_z, scale_after, fold_smem)
-                       : gptq_gemv_occupancy<__half, 8>(z.M, w, z.has_z, scale_after, fold_smem);
-    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(z.M, w, z.has_z, scale_after, fold_smem)
-                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(z.M, w, z.has_z, scale_after, fold_smem);
+      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(z.M, w, z.has_z, scale_after)
+                       : gptq_gemv_occupancy<__half, 8>(z.M, w, z.has_z, scale_after);
+    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(z.M, w, z.has_z, scale_after)
+                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(z.M, w, z.has_z, scale_after);
   };
   // Plan: W warps per block, `upw` 4 KB units per warp, S blocks per column
   // block. Cost = waves of resident blocks x (units per warp + ~2 units of
@@ -339,29 +339,13 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
       if (splits) break;
     }
   }
-  // x that needs a gather (act-order) or padding: at M <= 8 the kernel does it itself (FOLD, no gather
-  // kernel and no launch in between) when x and the block's share fit in shared memory without
-  // costing a wave. ZEPHYR_GEMV_FOLD=0 turns that off (read on every call: benchmarks compare both).
-  const bool direct = perm.numel() == 0 && z.K == z.Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
-  bool fold = false;
-  int fold_rows = 0, fold_smem = 0;
-  const char* fold_env = std::getenv("ZEPHYR_GEMV_FOLD");
-  if (!direct && gemv_tiles(z.M) == 1 && !(fold_env && fold_env[0] == '0')) {
-    fold_rows = gemv_fold_rows(W, upw, int(bits / 4), z.Kp);
-    fold_smem = gemv_fold_smem(z.M, z.K, fold_rows, perm.numel() > 0, int(x.element_size()));
-    if (fold_smem <= kGemvFoldMaxSmem) {
-      const int blocks = nblk * S, occ_fold = occupancy(W, fold_smem);
-      fold = occ_fold > 0 && ceil_div(blocks, sms * occ_fold) <= ceil_div(blocks, sms * occupancy(W));
-    }
-  }
   bool pdl = false;
-  const at::Tensor xg = fold ? x : gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                 S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl,
-                fold, perm.numel() ? perm.data_ptr<int>() : nullptr, z.K, fold_rows, fold_smem, stream};
+                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);

@@ -23,13 +23,6 @@
 //   split S over blocks and W come from a small planner (gptq_gemm.cu).
 //   Warps are summed in shared memory in a fixed order, blocks through the
 //   same deterministic partial + lock scheme as the fused kernel.
-// - FOLD (NT = 1 only): the act-order gather (and K padding) happens inside
-//   the kernel instead of in gather_pad_kernel launched before it. Each block
-//   copies x [M, K] and its K range of perm into shared memory (cp.async),
-//   then writes x[:, perm[k]] for its range into a staged copy that the main
-//   loop reads (the weights' first two units are already in flight). Used when
-//   that fits in shared memory without costing a wave (gptq_gemm.cu); the
-//   arithmetic, and so the result, is the same as with the gather kernel.
 #pragma once
 
 #include "gptq_kernels.cuh"
@@ -38,38 +31,22 @@ namespace zephyr {
 
 constexpr int kGemvMaxM = 32;
 constexpr int kGemvMaxWarps = 8;
-// Dynamic shared memory a FOLD block may use (bytes): M x (K + its range) of x, plus its range of perm.
-constexpr int kGemvFoldMaxSmem = 96 * 1024;
-
-// Rows of the staged x a FOLD block holds: the chunks its W * upw units touch (8-bit units are half chunks,
-// so a block may start in the middle of one), at most Kp.
-__host__ __device__ constexpr int gemv_fold_rows(int W, int upw, int upc, int Kp) {
-  const int rows = ((W * upw + upc - 1) / upc + (upc > 1 ? 1 : 0)) * kChunkK;
-  return rows < Kp ? rows : Kp;
-}
-
-// Dynamic shared memory of a FOLD block, bytes (elem: sizeof the activation dtype).
-__host__ __device__ constexpr int gemv_fold_smem(int M, int K, int rows, bool has_perm, int elem) {
-  return M * ((K + 7) / 8 * 8) * elem + M * rows * elem + (has_perm ? rows * 4 : 0);
-}
 
 // x tiles of 8 rows for M rows; warps a block may have for NT tiles (the
 // shared-memory reduction buffer is W x 8*NT x 64 floats, at most 32 KB).
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
 __host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 4 ? 4 : 8; }
 
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool FOLD>
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv_kernel(
-    const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies); FOLD: [M, K]
+    const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
     const T* __restrict__ scales,       // [G, Np] shuffled
     const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
     float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
     int* __restrict__ locks,            // [Np/64]
     T* __restrict__ out,                // [M, N]
-    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S,
-    const int* __restrict__ perm,  // FOLD: [K] or null (padding only)
-    int K, int fold_rows) {        // FOLD: x's width; rows of the staged x (gemv_fold_rows)
+    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
   constexpr int VPS = BITS / 4;  // 16-byte vectors per lane per 16-row step
@@ -78,7 +55,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
   static_assert(!SCALE_AFTER || NT == 1, "scale-after keeps a second accumulator set: NT == 1 only");
-  static_assert(!FOLD || NT == 1, "the staged x holds at most 8 rows");
   constexpr int kMaxW = gemv_max_warps(NT);
   __shared__ float red[kMaxW][8 * NT * kBlockN];
   __shared__ int is_last;
@@ -93,13 +69,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   const int U = (Kp / kChunkK) * UPC;
   const int u_begin = min(U, (s * W + warp) * upw);
   const int nu = min(U, u_begin + upw) - u_begin;
-  // FOLD: the staged x [M][fold_rows] holds rows [k0, k0 + 128 * its chunks) of the gathered x.
-  extern __shared__ uint4 gemv_smem[];
-  T* const xraw = reinterpret_cast<T*>(gemv_smem);  // FOLD: x [M][Kr]
-  const int Kr = (K + 7) & ~7;
-  T* const xs = xraw + (size_t)M * Kr;                                     // [M][fold_rows]
-  int* const sperm = reinterpret_cast<int*>(xs + (size_t)M * fold_rows);  // [fold_rows]
-  const int k0 = (min(U, s * W * upw) / UPC) * kChunkK;
   const uint4* wbase = qweight + (size_t)nb * (Kp / 16) * VPS * 32 + lane;
   // x tile j covers rows 8j..8j+7; this lane feeds row 8j + g of it.
   bool has_row[NT];
@@ -137,10 +106,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     // x^T B fragments of this unit, tile j: row 8j + g, k = chunk*128 + 32c + [4*step0, +4*SPU).
     // With NT > 1 they are loaded two steps at a time (registers), from L1/L2.
     auto load_x = [&](int j, int q) {
-      if constexpr (FOLD)
-        return has_row[0] ? reinterpret_cast<const uint4*>(xs + (size_t)g * fold_rows + chunk * kChunkK - k0 +
-                                                           c * 32)[step0 / 2 + q]
-                          : make_uint4(0, 0, 0, 0);
       return has_row[j] ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + chunk * kChunkK) + step0 / 2 + q)
                         : make_uint4(0, 0, 0, 0);
     };
@@ -259,51 +224,12 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   };
 
   // Double-buffered stream over this warp's units. Weights do not depend on
-  // x: the first unit is requested before waiting for the gather kernel, the
-  // first two before staging x (FOLD).
+  // x: the first unit is requested before waiting for the gather kernel.
   uint4 wa[8], wb[8];
   if (nu > 0) load_unit(wa, u_begin);
-  if (FOLD && nu > 1) load_unit(wb, u_begin + 1);
   pdl_wait();
-  if constexpr (FOLD) {
-    const int ub1 = min(U, (s + 1) * W * upw);
-    const int rows = ((ub1 + UPC - 1) / UPC) * kChunkK - k0;  // <= fold_rows (host)
-    const int nthr = blockDim.x;
-    // 1. x and this block's perm range into shared memory, all copies in flight at once.
-    if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
-      const int n = M * (K >> 3);
-      for (int i = threadIdx.x; i < n; i += nthr) cp_async16(gemv_smem + i, reinterpret_cast<const uint4*>(x) + i, 16);
-    } else {
-      for (int i = threadIdx.x; i < M * K; i += nthr) {
-        const int m = i / K;
-        xraw[(size_t)m * Kr + i - m * K] = x[i];
-      }
-    }
-    if (perm != nullptr) {
-      if ((K & 3) == 0 && (reinterpret_cast<uintptr_t>(perm) & 15) == 0) {
-        for (int i = threadIdx.x; i < rows / 4; i += nthr) {
-          const int k = k0 + 4 * i;
-          cp_async16(sperm + 4 * i, perm + (k < K ? k : 0), k < K ? 16 : 0);
-        }
-      } else {
-        for (int i = threadIdx.x; i < rows; i += nthr) sperm[i] = k0 + i < K ? __ldg(perm + k0 + i) : 0;
-      }
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    // 2. The gathered, zero-padded rows [k0, k0 + rows) of x.
-#pragma unroll 4
-    for (int i = threadIdx.x; i < rows; i += nthr) {
-      const int k = k0 + i;
-      const int src = k < K ? (perm != nullptr ? sperm[i] : k) : -1;
-      for (int m = 0; m < M; ++m)
-        xs[(size_t)m * fold_rows + i] = src >= 0 ? xraw[(size_t)m * Kr + src] : Tr::from_float(0.f);
-    }
-    __syncthreads();
-  }
   for (int it = 0; it < nu; it += 2) {
-    if (it + 1 < nu && (!FOLD || it > 0)) load_unit(wb, u_begin + it + 1);
+    if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
     compute_unit(wa, u_begin + it);
     if (it + 1 >= nu) break;
     if (it + 2 < nu) load_unit(wa, u_begin + it + 2);
@@ -363,51 +289,24 @@ struct GemvArgs {
   int M, N, Kp, Np, G, group_rows, upw, S, warps;
   bool scale_after;  // group_rows is a multiple of 128 (or one group)
   bool pdl;
-  // Gather folded into the kernel (M <= 8): x is [M, K], perm [K] or null, fold_smem bytes of shared memory.
-  bool fold;
-  const int* perm;
-  int K, fold_rows, fold_smem;
   cudaStream_t stream;
 };
 
 template <typename T>
 using GemvKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
-                            int, int, int, const int*, int, int);
+                            int, int, int);
 
-template <typename T, int BITS, bool HAS_Z, bool FOLD>
-GemvKernel<T> gemv_kernel_nt1(bool scale_after) {
-  return scale_after ? gptq_gemv_kernel<T, BITS, HAS_Z, true, 1, FOLD>
-                     : gptq_gemv_kernel<T, BITS, HAS_Z, false, 1, FOLD>;
-}
-
-// The kernel instantiation for M rows: NT from M; scale_after and fold are
-// honoured for M <= 8 only (one x tile); larger M scale in the dequantization.
+// The kernel instantiation for M rows: NT from M; scale_after is honoured for
+// M <= 8 only (one x tile), larger M scale in the dequantization.
 template <typename T, int BITS>
-GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool fold) {
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
   switch (gemv_tiles(m)) {
-    case 4:
-      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false>
-                   : gptq_gemv_kernel<T, BITS, false, false, 4, false>;
-    case 2:
-      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2, false>
-                   : gptq_gemv_kernel<T, BITS, false, false, 2, false>;
+    case 4: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4> : gptq_gemv_kernel<T, BITS, false, false, 4>;
+    case 2: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
     default:
-      if (fold)
-        return has_z ? gemv_kernel_nt1<T, BITS, true, true>(scale_after)
-                     : gemv_kernel_nt1<T, BITS, false, true>(scale_after);
-      return has_z ? gemv_kernel_nt1<T, BITS, true, false>(scale_after)
-                   : gemv_kernel_nt1<T, BITS, false, false>(scale_after);
-  }
-}
-
-// Opts a FOLD instantiation into kGemvFoldMaxSmem of dynamic shared memory (once per instantiation).
-template <typename T, int BITS>
-void gemv_allow_fold_smem(bool has_z, bool scale_after) {
-  static bool done[2][2] = {};
-  if (!done[has_z][scale_after]) {
-    cudaFuncSetAttribute(gemv_kernel_for<T, BITS>(1, has_z, scale_after, true),
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvFoldMaxSmem);
-    done[has_z][scale_after] = true;
+      if (has_z)
+        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1> : gptq_gemv_kernel<T, BITS, true, false, 1>;
+      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1> : gptq_gemv_kernel<T, BITS, false, false, 1>;
   }
 }
 
@@ -415,49 +314,34 @@ void gemv_allow_fold_smem(bool has_z, bool scale_after) {
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
   if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
-  const bool fold = a.fold && gemv_tiles(a.M) == 1;
-  if (a.fold && (!fold || a.fold_smem > kGemvFoldMaxSmem)) return cudaErrorInvalidValue;
-  if (fold) gemv_allow_fold_smem<T, BITS>(a.zeros != nullptr, a.scale_after);
-  return launch_kernel_smem(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, fold),
-                            dim3(a.Np / kBlockN, a.S), dim3(a.warps * 32), fold ? a.fold_smem : 0, a.stream, a.pdl,
-                            static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
-                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
-                            static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S,
-                            fold ? a.perm : nullptr, a.K, fold ? a.fold_rows : 0);
+  return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
+                       dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
+                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N, a.Kp,
+                       a.Np, a.G, a.group_rows, a.upw, a.S);
 }
 
-// Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows
-// (cached); fold_smem > 0: of the FOLD kernel with that much dynamic shared
-// memory (M <= 8; not cached: the host asks only when it may fold).
+// Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached).
 template <typename T, int BITS>
-int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after, int fold_smem) {
+int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   const int nt = gemv_tiles(m);
   if (warps < 1 || warps > gemv_max_warps(nt)) return 1;
-  if (fold_smem > 0) {
-    if (nt != 1 || fold_smem > kGemvFoldMaxSmem) return 0;
-    gemv_allow_fold_smem<T, BITS>(has_z, scale_after);
-    int r = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after, true),
-                                                      warps * 32, fold_smem) != cudaSuccess)
-      r = 0;
-    return r;
-  }
   static int occ[3][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][warps]
   int& v = occ[nt / 2][has_z][scale_after][warps];
   if (v == 0) {
     int r = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after, false),
-                                                      warps * 32, 0) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after), warps * 32,
+                                                      0) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
   return v;
 }
 
-extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool, int);
-extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool, int);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool, int);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool, int);
+extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool);
 extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);

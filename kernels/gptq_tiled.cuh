@@ -66,6 +66,16 @@ __host__ __device__ constexpr int tiled_smem(int mt, bool wg) { return tiled_sta
 // the 8 groups of 4 banks.
 __device__ __forceinline__ int tiled_swizzle(int r, int u) { return u ^ ((r & 1) | ((u >> 2) & 2)); }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // (a & b) | c in one LOP3 (the compiler splits it in two when b and c are both immediates).
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;

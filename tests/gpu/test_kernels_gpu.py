@@ -203,58 +203,6 @@ def test_gemv_every_m(bits, gs, act, sym, dtype):
             _check_out(_gemv(layer, x), x, w, dtype)
 
 
-def _cuda_kernel_names(fn) -> list[str]:
-    """Names of the CUDA kernels ``fn()`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 128, True), (8, 32, True), (4, 64, False)])
-def test_gemv_folded_gather_equals_gather_kernel(bits, gs, act, dtype, monkeypatch):
-    """M <= 8: the GEMV kernel gathers act-order x itself (no gather kernel) and the result is the same, bit for bit.
-
-    Also odd widths (K % 8 != 0: x copied element-wise; K % 4 != 0: perm too), x at an address that is not
-    16-byte aligned, and a perm that is not: the staging's slow paths.
-    """
-    for k, n in [(4096, 4096), (14336, 4096), (704, 200), (1004, 200), (1001, 72)]:
-        layer, w, _ = _layer(k, n, bits, gs, act, False, dtype)
-        gathers = act or k % 128 != 0
-        for m in (1, 2, 3, 5, 8):
-            gen = torch.Generator(device="cuda").manual_seed(3000 + m)
-            buf = torch.randn(m * k + 1, generator=gen, device="cuda").to(dtype)
-            for x in (buf[: m * k].view(m, k), buf[1:].view(m, k)):  # aligned, then 2 bytes off
-                monkeypatch.delenv("ZEPHYR_GEMV_FOLD", raising=False)
-                poison_allocator()
-                folded = _gemv(layer, x)
-                _check_out(folded, x, w, dtype)
-                monkeypatch.setenv("ZEPHYR_GEMV_FOLD", "0")
-                assert torch.equal(folded, _gemv(layer, x)), (k, n, m)
-            if layer._zk_perm.numel():
-                monkeypatch.delenv("ZEPHYR_GEMV_FOLD", raising=False)
-                spec = layer._kernel.spec
-                odd = torch.empty(k + 1, dtype=torch.int32, device="cuda")[1:]  # 4 bytes past a 16-byte boundary
-                odd.copy_(layer._zk_perm)
-                y = torch.ops.zephyr.gptq_gemv_repacked(
-                    x, layer._zk_qweight, layer._zk_scales, layer._zk_zeros, odd, layer._zk_locks,
-                    spec.bits, spec.group_size, spec.out_features, 0, 0,
-                )  # fmt: skip
-                assert torch.equal(y, folded), (k, n, m)
-        if gathers and k <= 4096:
-            # M = 1 at the Mistral-like and awkward widths folds: the gather kernel is not launched.
-            monkeypatch.delenv("ZEPHYR_GEMV_FOLD", raising=False)
-            x = torch.randn(1, k, device="cuda", dtype=dtype)
-            names = _cuda_kernel_names(lambda: _gemv(layer, x))
-            assert any("gptq_gemv_kernel" in s for s in names), names
-            assert not any("gather_pad_kernel" in s for s in names), names
-            monkeypatch.setenv("ZEPHYR_GEMV_FOLD", "0")
-            assert any("gather_pad_kernel" in s for s in _cuda_kernel_names(lambda: _gemv(layer, x)))
-
-
 @pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
 def test_gemv_forced_plans(bits, gs, act):
     """Every launch plan (warps per block x splits, uneven last slices included) gives the same answer."""
