@@ -194,18 +194,6 @@ def main(argv=None) -> int:
                     row["gemv_us"] = time_graph(
                         [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                         L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                if m <= 8:  # the same without bulk copies (they serve one-wave layers on sm_90)
-                    prev = os.environ.get("ZEPHYR_GEMV_BULK")
-                    os.environ["ZEPHYR_GEMV_BULK"] = "0"
-                    try:
-                        row["gemv_nobulk_us"] = time_graph(
-                            [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros,
-                                                            L._zk_perm, L._zk_locks, bits, gs, n) for L in layers])  # fmt: skip
-                    finally:
-                        if prev is None:
-                            del os.environ["ZEPHYR_GEMV_BULK"]
-                        else:
-                            os.environ["ZEPHYR_GEMV_BULK"] = prev
                 if m <= 64:  # the fused small-M kernel on its own
                     row["fused_us"] = time_graph(
                         [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
@@ -246,7 +234,6 @@ def main(argv=None) -> int:
                     f"x{fp16[m] / ours:5.2f}  {row['ours_GBps']:6.0f} GB/s"
                     + (f"  int4pack {int4[m]:9.1f} us" if m in int4 else "")
                     + (f"  gemv {row['gemv_us']:7.1f}" if "gemv_us" in row else "")
-                    + (f"  no-bulk {row['gemv_nobulk_us']:7.1f}" if "gemv_nobulk_us" in row else "")
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
                     + (f"  wgmma {row['wgmma_us']:7.1f}" if "wgmma_us" in row else "")

@@ -340,19 +340,13 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
       if (splits) break;
     }
   }
-  // One block per SM and no split (the small layers at decode): on sm_90 every unit of the layer is
-  // requested at once by bulk copies (BULK in gptq_gemv.cuh). ZEPHYR_GEMV_BULK=0 turns it off (read on
-  // every call, so a benchmark can time both).
-  const char* bulk_env = std::getenv("ZEPHYR_GEMV_BULK");
-  const bool bulk = !(bulk_env && bulk_env[0] == '0') && cc_major(x.get_device()) >= 9 && gemv_tiles(z.M) == 1 &&
-                    S == 1 && nblk <= sms && upw <= kGemvBulkMaxUnits && gemv_bulk_smem(W, upw) <= kGemvBulkMaxSmem;
   bool pdl = false;
   const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                 S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, bulk, stream};
+                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);

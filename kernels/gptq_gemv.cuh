@@ -23,11 +23,6 @@
 //   split S over blocks and W come from a small planner (gptq_gemm.cu).
 //   Warps are summed in shared memory in a fixed order, blocks through the
 //   same deterministic partial + lock scheme as the fused kernel.
-// - BULK (sm_90, M <= 8, one block per SM and no split: the small layers at
-//   decode): each warp requests all of its units at once into shared memory
-//   with bulk copies (the TMA engine, one mbarrier per 4 KB unit) instead of
-//   two units at a time into registers, so the whole layer is in flight from
-//   the first cycle; the warp then computes unit by unit as they land.
 #pragma once
 
 #include "gptq_kernels.cuh"
@@ -36,20 +31,13 @@ namespace zephyr {
 
 constexpr int kGemvMaxM = 32;
 constexpr int kGemvMaxWarps = 8;
-constexpr int kGemvUnitBytes = 4096;    // one unit: 8 16-byte loads per lane
-constexpr int kGemvBulkMaxUnits = 8;    // BULK: units per warp
-// BULK dynamic shared memory: W x upw units, then one 8-byte mbarrier per unit.
-__host__ __device__ constexpr int gemv_bulk_smem(int warps, int upw) {
-  return warps * upw * kGemvUnitBytes + warps * upw * 8;
-}
-constexpr int kGemvBulkMaxSmem = 200 * 1024;
 
 // x tiles of 8 rows for M rows; warps a block may have for NT tiles (the
 // shared-memory reduction buffer is W x 8*NT x 64 floats, at most 32 KB).
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
 __host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 4 ? 4 : 8; }
 
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool BULK>
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
@@ -67,7 +55,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
   static_assert(!SCALE_AFTER || NT == 1, "scale-after keeps a second accumulator set: NT == 1 only");
-  static_assert(!BULK || NT == 1, "BULK serves M <= 8");
   constexpr int kMaxW = gemv_max_warps(NT);
   __shared__ float red[kMaxW][8 * NT * kBlockN];
   __shared__ int is_last;
@@ -236,40 +223,17 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     }
   };
 
-  if constexpr (BULK) {
-    // Units [u_begin, +nu) of this warp land in its upw slots; slot i completes barrier i.
-    extern __shared__ uint4 gemv_smem[];
-    uint4* slots = gemv_smem + (size_t)warp * upw * (kGemvUnitBytes / 16);
-    uint64_t* bars = reinterpret_cast<uint64_t*>(gemv_smem + (size_t)W * upw * (kGemvUnitBytes / 16)) + warp * upw;
-    if (lane == 0) {
-      for (int i = 0; i < nu; ++i) mbar_init(bars + i);
-      mbar_init_fence();
-      const uint4* src = qweight + (size_t)nb * (Kp / 16) * VPS * 32 + (size_t)u_begin * (kGemvUnitBytes / 16);
-      for (int i = 0; i < nu; ++i)
-        bulk_load(slots + i * (kGemvUnitBytes / 16), src + i * (kGemvUnitBytes / 16), kGemvUnitBytes, bars + i);
-    }
-    __syncwarp();
-    pdl_wait();  // the weights do not depend on x: requested before waiting for the gather kernel
-    for (int i = 0; i < nu; ++i) {
-      uint4 w[8];
-      mbar_wait(bars + i, 0);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) w[k] = slots[i * (kGemvUnitBytes / 16) + k * 32 + lane];
-      compute_unit(w, u_begin + i);
-    }
-  } else {
-    // Double-buffered stream over this warp's units. Weights do not depend on
-    // x: the first unit is requested before waiting for the gather kernel.
-    uint4 wa[8], wb[8];
-    if (nu > 0) load_unit(wa, u_begin);
-    pdl_wait();
-    for (int it = 0; it < nu; it += 2) {
-      if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
-      compute_unit(wa, u_begin + it);
-      if (it + 1 >= nu) break;
-      if (it + 2 < nu) load_unit(wa, u_begin + it + 2);
-      compute_unit(wb, u_begin + it + 1);
-    }
+  // Double-buffered stream over this warp's units. Weights do not depend on
+  // x: the first unit is requested before waiting for the gather kernel.
+  uint4 wa[8], wb[8];
+  if (nu > 0) load_unit(wa, u_begin);
+  pdl_wait();
+  for (int it = 0; it < nu; it += 2) {
+    if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
+    compute_unit(wa, u_begin + it);
+    if (it + 1 >= nu) break;
+    if (it + 2 < nu) load_unit(wa, u_begin + it + 2);
+    compute_unit(wb, u_begin + it + 1);
   }
 
   // ---- sum the W warps in a fixed order through shared memory.
@@ -325,7 +289,6 @@ struct GemvArgs {
   int M, N, Kp, Np, G, group_rows, upw, S, warps;
   bool scale_after;  // group_rows is a multiple of 128 (or one group)
   bool pdl;
-  bool bulk;  // the BULK variant (sm_90, M <= 8, upw <= kGemvBulkMaxUnits)
   cudaStream_t stream;
 };
 
@@ -333,29 +296,17 @@ template <typename T>
 using GemvKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
                             int, int, int);
 
-template <typename T, int BITS, bool BULK>
-GemvKernel<T> gemv_kernel_nt1(bool has_z, bool scale_after) {
-  if (has_z)
-    return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1, BULK>
-                       : gptq_gemv_kernel<T, BITS, true, false, 1, BULK>;
-  return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1, BULK>
-                     : gptq_gemv_kernel<T, BITS, false, false, 1, BULK>;
-}
-
-// The kernel instantiation for M rows: NT from M; scale_after and bulk are
-// honoured for M <= 8 only (one x tile), larger M scale in the dequantization.
+// The kernel instantiation for M rows: NT from M; scale_after is honoured for
+// M <= 8 only (one x tile), larger M scale in the dequantization.
 template <typename T, int BITS>
-GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool bulk = false) {
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
   switch (gemv_tiles(m)) {
-    case 4:
-      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false>
-                   : gptq_gemv_kernel<T, BITS, false, false, 4, false>;
-    case 2:
-      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2, false>
-                   : gptq_gemv_kernel<T, BITS, false, false, 2, false>;
+    case 4: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4> : gptq_gemv_kernel<T, BITS, false, false, 4>;
+    case 2: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
     default:
-      return bulk ? gemv_kernel_nt1<T, BITS, true>(has_z, scale_after)
-                  : gemv_kernel_nt1<T, BITS, false>(has_z, scale_after);
+      if (has_z)
+        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1> : gptq_gemv_kernel<T, BITS, true, false, 1>;
+      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1> : gptq_gemv_kernel<T, BITS, false, false, 1>;
   }
 }
 
@@ -363,24 +314,11 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool bulk = f
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
   if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
-  const bool bulk = a.bulk;
-  const int smem = bulk ? gemv_bulk_smem(a.warps, a.upw) : 0;
-  if (bulk && (gemv_tiles(a.M) != 1 || a.upw > kGemvBulkMaxUnits || smem > kGemvBulkMaxSmem))
-    return cudaErrorInvalidValue;
-  const GemvKernel<T> k = gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, bulk);
-  if (bulk) {
-    static bool opted[2][2] = {};  // [has_z][scale_after]: shared memory above 48 KB allowed
-    bool& o = opted[a.zeros != nullptr][a.scale_after];
-    if (!o) {
-      const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvBulkMaxSmem);
-      if (e != cudaSuccess) return e;
-      o = true;
-    }
-  }
-  return launch_kernel_smem(k, dim3(a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream, a.pdl,
-                            static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
-                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
-                            static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S);
+  return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
+                       dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
+                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N, a.Kp,
+                       a.Np, a.G, a.group_rows, a.upw, a.S);
 }
 
 // Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached).

@@ -114,53 +114,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// ---- Bulk copies (sm_90, the TMA engine): global -> shared without
-// registers or per-lane instructions, completion counted in bytes on an
-// mbarrier. Other targets compile these to nothing; the host uses them only
-// on sm_90+ (gptq_gemm.cu).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define ZEPHYR_DEVICE_BULK 1
-#endif
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// One-shot barrier for one arriving thread, made visible to the async proxy.
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-#ifdef ZEPHYR_DEVICE_BULK
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_init_fence() {
-#ifdef ZEPHYR_DEVICE_BULK
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// Arrive on `bar` expecting `bytes`, and copy them from global `src` to shared `dst` (16-byte aligned).
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#ifdef ZEPHYR_DEVICE_BULK
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-#endif
-}
-// Wait until phase `parity` of `bar` has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-#ifdef ZEPHYR_DEVICE_BULK
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  }
-#endif
-}
-
 // Programmatic dependent launch (Hopper): the gather kernel lets the fused
 // kernel start early; the fused kernel waits only before it reads x.
 __device__ __forceinline__ void pdl_launch_dependents() {

@@ -203,45 +203,6 @@ def test_gemv_every_m(bits, gs, act, sym, dtype):
             _check_out(_gemv(layer, x), x, w, dtype)
 
 
-def _cuda_kernel_names(fn) -> list[str]:
-    """Names of the CUDA kernels ``fn()`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("bits,gs,act,sym", [(4, 128, True, True), (4, 32, True, False), (8, 128, True, True),
-                                             (4, 64, False, False), (8, -1, False, True)])  # fmt: skip
-def test_gemv_bulk_copies_equal_register_stream(bits, gs, act, sym, dtype, monkeypatch):
-    """sm_90: the small layers' GEMV takes its weights by bulk copies into shared memory; same result, bit for bit."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("bulk copies need sm_90")
-    for k, n in [(4096, 4096), (4096, 6144), (576, 1536), (704, 200)]:
-        layer, w, _ = _layer(k, n, bits, gs, act, sym, dtype)
-        for m in range(1, 9):
-            gen = torch.Generator(device="cuda").manual_seed(4000 + m)
-            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-            monkeypatch.delenv("ZEPHYR_GEMV_BULK", raising=False)
-            poison_allocator()
-            y = _gemv(layer, x)
-            _check_out(y, x, w, dtype)
-            monkeypatch.setenv("ZEPHYR_GEMV_BULK", "0")
-            assert torch.equal(y, _gemv(layer, x)), (k, n, m)
-    # The 4-bit 4096 x 4096 layer at M = 1 (64 blocks, no split) does take the bulk path: another kernel runs.
-    layer, _, _ = _layer(4096, 4096, bits, gs, act, sym, dtype)
-    x = torch.randn(1, 4096, device="cuda", dtype=dtype)
-    monkeypatch.setenv("ZEPHYR_GEMV_BULK", "0")
-    plain = [s for s in _cuda_kernel_names(lambda: _gemv(layer, x)) if "gptq_gemv_kernel" in s]
-    monkeypatch.delenv("ZEPHYR_GEMV_BULK")
-    bulk = [s for s in _cuda_kernel_names(lambda: _gemv(layer, x)) if "gptq_gemv_kernel" in s]
-    assert len(plain) == len(bulk) == 1
-    assert (plain != bulk) == (bits == 4), (plain, bulk)  # 8-bit's 8 units per warp do not fit (256 KB)
-
-
 @pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (8, 32, True), (4, 64, False), (8, -1, True)])
 def test_gemv_forced_plans(bits, gs, act):
     """Every launch plan (warps per block x splits, uneven last slices included) gives the same answer."""
