@@ -101,17 +101,16 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
   if (direct) return x;
   const int M = x.size(0);
   at::Tensor xg = at::empty({M, Kp}, x.options());
-  if (M == 0) return xg;
-  const dim3 grid(ceil_div(Kp / 8, kGatherThreads), ceil_div(M, kGatherRows));
+  dim3 grid(ceil_div(Kp, 256), M);
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
   if (x.scalar_type() == at::kHalf) {
     auto* k = zk ? gather_pad_kernel<__half, true> : gather_pad_kernel<__half, false>;
-    k<<<grid, kGatherThreads, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
-                                           reinterpret_cast<__half*>(xg.data_ptr()), M, K, Kp);
+    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
+                                reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
   } else {
     auto* k = zk ? gather_pad_kernel<__nv_bfloat16, true> : gather_pad_kernel<__nv_bfloat16, false>;
-    k<<<grid, kGatherThreads, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
-                                           reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), M, K, Kp);
+    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+                                reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   pdl = cc_major(x.get_device()) >= 9;

@@ -156,45 +156,22 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
 
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
 // copied, zero-padded to Kp, so the fused kernel reads x with aligned 16-byte
-// loads and never past the end. One launch per call.
+// loads and never past the end. One launch per call, M*Kp elements.
 // ZK: in "zk order" for the wgmma kernel (gptq_tiled.cuh): output column
 // 128*chunk + 16*i + j holds chunk column 32*c + 4*i + q, with c = (j % 8) / 2
 // and q = j % 2 + 2*(j / 8): step i's 16 k in the order of the mma k index.
-// A thread writes 8 consecutive output columns (one 16-byte store) of
-// kGatherRows rows: it reads their 8 perm entries once and issues all
-// 8 x kGatherRows loads of x at once. (One thread per element and row, as
-// before, launched M x Kp / 256 blocks, and cost act-order 7-10% at
-// M = 2-64 on the H100.)
-constexpr int kGatherRows = 4;
-constexpr int kGatherThreads = 128;
-
 template <typename T, bool ZK>
-__global__ void __launch_bounds__(kGatherThreads) gather_pad_kernel(const T* __restrict__ x,
-                                                                    const int* __restrict__ perm,
-                                                                    T* __restrict__ xg, int M, int K, int Kp) {
+__global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xg, int K,
+                                  int Kp) {
   pdl_launch_dependents();
-  const int k0 = 8 * (blockIdx.x * kGatherThreads + threadIdx.x);
-  if (k0 >= Kp) return;
-  const int m0 = blockIdx.y * kGatherRows;
-  int src[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int k = k0 + e, j = k & 15, i = (k >> 4) & 7;
-    const int s = ZK ? (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3) : k;
-    src[e] = s < K ? (perm ? __ldg(perm + s) : s) : -1;
-  }
-  uint4 v[kGatherRows];
-#pragma unroll
-  for (int r = 0; r < kGatherRows; ++r) {
-    T* w = reinterpret_cast<T*>(&v[r]);
-    const T* xr = x + (size_t)(m0 + r) * K;
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      w[e] = (m0 + r < M && src[e] >= 0) ? xr[src[e]] : Traits<T>::from_float(0.f);
-  }
-#pragma unroll
-  for (int r = 0; r < kGatherRows; ++r)
-    if (m0 + r < M) *reinterpret_cast<uint4*>(xg + (size_t)(m0 + r) * Kp + k0) = v[r];
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  const int m = blockIdx.y;
+  if (k >= Kp) return;
+  const int j = k & 15, i = (k >> 4) & 7;
+  const int src = ZK ? (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3) : k;
+  T v = Traits<T>::from_float(0.f);
+  if (src < K) v = x[(size_t)m * K + (perm ? __ldg(perm + src) : src)];
+  xg[(size_t)m * Kp + k] = v;
 }
 
 // ---------------------------------------------------------------------------
