@@ -304,8 +304,11 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   if (z.M == 0 || z.N == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   // With >= 128-row groups a chunk has one scale per column: applied after the
-  // mma (one x tile, M <= 8, only: it needs a second set of accumulators).
-  const bool scale_after = (z.group_rows % kChunkK == 0 || z.G == 1) && gemv_tiles(z.M) == 1;
+  // mma (M <= 16, one or two x tiles, only: it needs a second set of accumulators).
+  // ZEPHYR_GEMV_SCALE_AFTER_MAX_TILES=1 keeps it to one tile (A/B experiment).
+  const char* sa_env = std::getenv("ZEPHYR_GEMV_SCALE_AFTER_MAX_TILES");
+  const int sa_tiles = sa_env && sa_env[0] == '1' ? 1 : 2;
+  const bool scale_after = (z.group_rows % kChunkK == 0 || z.G == 1) && gemv_tiles(z.M) <= sa_tiles;
   const bool half = x.scalar_type() == at::kHalf;
   auto occupancy = [&](int w) {
     if (half)

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   constexpr int UPC = VPS;       // units per 128-row chunk
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
-  static_assert(!SCALE_AFTER || NT == 1, "scale-after keeps a second accumulator set: NT == 1 only");
+  static_assert(!SCALE_AFTER || NT <= 2, "scale-after keeps a second accumulator set: NT <= 2 only");
   constexpr int kMaxW = gemv_max_warps(NT);
   __shared__ float red[kMaxW][8 * NT * kBlockN];
   __shared__ int is_last;
@@ -133,12 +133,14 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
       }
     }
     const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
-    float cacc[SCALE_AFTER ? 4 : 1][4];
+    float cacc[SCALE_AFTER ? NT : 1][4][4];
     if constexpr (SCALE_AFTER) {
 #pragma unroll
-      for (int p = 0; p < 4; ++p)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) cacc[p][e] = 0.f;
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cacc[j][p][e] = 0.f;
     }
 
 #pragma unroll
@@ -207,7 +209,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
           a[2 + ab] = bit_cast_to<uint32_t>(hi);
         }
         if constexpr (SCALE_AFTER) {
-          Tr::mma(cacc[p], a, b0[0], b1[0]);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) Tr::mma(cacc[j][p], a, b0[j], b1[j]);
         } else {
 #pragma unroll
           for (int j = 0; j < NT; ++j) Tr::mma(acc[j][p], a, b0[j], b1[j]);
@@ -217,9 +220,11 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     if constexpr (SCALE_AFTER) {
       // acc[p][0..1]: column 16p + g (tile 2p); acc[p][2..3]: column 16p + 8 + g (tile 2p + 1).
 #pragma unroll
-      for (int p = 0; p < 4; ++p)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[0][p][e] = fmaf(sf[2 * p + (e >> 1)], cacc[p][e], acc[0][p][e]);
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][p][e] = fmaf(sf[2 * p + (e >> 1)], cacc[j][p][e], acc[j][p][e]);
     }
   };
 
@@ -297,12 +302,15 @@ using GemvKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, 
                             int, int, int);
 
 // The kernel instantiation for M rows: NT from M; scale_after is honoured for
-// M <= 8 only (one x tile), larger M scale in the dequantization.
+// M <= 16 only (one or two x tiles), larger M scale in the dequantization.
 template <typename T, int BITS>
 GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
   switch (gemv_tiles(m)) {
     case 4: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4> : gptq_gemv_kernel<T, BITS, false, false, 4>;
-    case 2: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
+    case 2:
+      if (has_z)
+        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 2> : gptq_gemv_kernel<T, BITS, true, false, 2>;
+      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
     default:
       if (has_z)
         return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1> : gptq_gemv_kernel<T, BITS, true, false, 1>;
