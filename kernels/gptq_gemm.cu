@@ -304,11 +304,14 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   if (z.M == 0 || z.N == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   // With >= 128-row groups a chunk has one scale per column: applied after the
-  // mma (M <= 16, one or two x tiles, only: it needs a second set of accumulators).
-  // ZEPHYR_GEMV_SCALE_AFTER_MAX_TILES=1 keeps it to one tile (A/B experiment).
-  const char* sa_env = std::getenv("ZEPHYR_GEMV_SCALE_AFTER_MAX_TILES");
-  const int sa_tiles = sa_env && sa_env[0] == '1' ? 1 : 2;
-  const bool scale_after = (z.group_rows % kChunkK == 0 || z.G == 1) && gemv_tiles(z.M) <= sa_tiles;
+  // mma, in fp32, once per unit. It needs a second set of accumulators, so one
+  // or two x tiles only (M <= 16). At two tiles it paid off for 8-bit weights
+  // (H100, sums over the Mistral shapes, same run: M = 9 / 12 / 16 96.0 /
+  // 98.0 / 101.5 us vs 111.2 / 115.4 / 122.6 scaling each weight) and for
+  // 4-bit up to M = 12 (M = 9: -4.7%, 12: -2.6%, 16: +1.1%).
+  const int nt = gemv_tiles(z.M);
+  const bool scale_after =
+      (z.group_rows % kChunkK == 0 || z.G == 1) && (nt == 1 || (nt == 2 && (bits == 8 || z.M <= 12)));
   const bool half = x.scalar_type() == at::kHalf;
   auto occupancy = [&](int w) {
     if (half)
