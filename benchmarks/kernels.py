@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512, 1024, 4096]
 LAYOUTS = {  # name: (bits, group_size, act_order)
     "u4g128_act": (4, 128, True),
     "u4g128": (4, 128, False),

@@ -14,7 +14,9 @@
 //   is exactly its B fragment: the layout is unchanged.
 // - For groups of >= 128 rows (g128, g-1) the scale is applied once per unit
 //   in fp32 to the unit's accumulators: the mma sees exact (q - z) integers
-//   (fewer ALU ops per weight, and one fewer rounding).
+//   (fewer ALU ops per weight, and one fewer rounding). It needs a second set
+//   of accumulators, so NT <= 2 only (the host uses it where it measured
+//   faster: see gptq_gemv_repacked_cuda).
 // - Each warp owns a contiguous K-slice of "units" (8 16-byte loads per lane,
 //   4 KB per warp: one chunk at 4 bits, half a chunk at 8 bits) of one 64-column
 //   block and double-buffers them in registers: the next unit's loads are in
