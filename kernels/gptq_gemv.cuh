@@ -37,7 +37,10 @@ constexpr int kGemvMaxWarps = 8;
 // x tiles of 8 rows for M rows; warps a block may have for NT tiles (the
 // shared-memory reduction buffer is W x 8*NT x 64 floats, at most 32 KB).
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
-__host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 4 ? 4 : 8; }
+__host__ __device__ constexpr int gemv_max_warps(int nt) { return nt >= 1 ? 8 : 0; }
+// Warp slots of the shared-memory reduction buffer (slots x 8*NT x 64 floats, at most 32 KB): with
+// more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
+__host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 4 ? 4 : 8; }
 
 template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv_kernel(
@@ -57,8 +60,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
   static_assert(!SCALE_AFTER || NT <= 2, "scale-after keeps a second accumulator set: NT <= 2 only");
-  constexpr int kMaxW = gemv_max_warps(NT);
-  __shared__ float red[kMaxW][8 * NT * kBlockN];
+  constexpr int kSlots = gemv_red_slots(NT);
+  __shared__ float red[kSlots][8 * NT * kBlockN];
   __shared__ int is_last;
 
   const int nb = blockIdx.x;
@@ -245,20 +248,45 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
 
   // ---- sum the W warps in a fixed order through shared memory.
   // C fragment: acc[j][p][e] is row m = 8j + 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
+  auto red_at = [&](int j, int p, int e) { return (8 * j + 2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g; };
+  int Wr = W;  // warps left to sum in shared memory
+  // Warp w + kSlots adds into warp w first (NT = 4 with 8 warps).
+  if (kSlots < kGemvMaxWarps && W > kSlots) {
+    if (warp >= kSlots) {
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
+        for (int p = 0; p < 4; ++p)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        red[warp][(8 * j + 2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g] = acc[j][p][e];
+          for (int e = 0; e < 4; ++e) red[warp - kSlots][red_at(j, p, e)] = acc[j][p][e];
+    }
+    __syncthreads();
+    if (warp < W - kSlots) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][p][e] += red[warp][red_at(j, p, e)];
+    }
+    __syncthreads();
+    Wr = kSlots;
+  }
+  if (warp < Wr) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][red_at(j, p, e)] = acc[j][p][e];
+  }
   __syncthreads();
 
   const int n0 = nb * kBlockN;
   if (S == 1) {
     for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
       float v = 0.f;
-      for (int w = 0; w < W; ++w) v += red[w][i];
+      for (int w = 0; w < Wr; ++w) v += red[w][i];
       const int m = i / kBlockN, j = i % kBlockN;
       if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
     }
@@ -266,7 +294,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   }
   for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
     float v = 0.f;
-    for (int w = 0; w < W; ++w) v += red[w][i];
+    for (int w = 0; w < Wr; ++w) v += red[w][i];
     const int m = i / kBlockN, j = i % kBlockN;
     __stcg(partial + ((size_t)s * M + m) * Np + n0 + j, v);
   }

@@ -212,7 +212,7 @@ def test_gemv_forced_plans(bits, gs, act):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             planned = _gemv(layer, x)
             _check_out(planned, x, w, torch.float16)
-            for bw in (4, 8) if m <= 16 else (4,):
+            for bw in (4, 8):
                 for sp in (1, 2, 3, 7, 64):
                     poison_allocator()
                     y = _gemv(layer, x, bw, sp)
