@@ -1,6 +1,6 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (decode batches up to 24): ``zephyr::gptq_gemv_repacked``,
+- ``M <= GEMV_MAX_M`` rows (decode batches up to 24; 32 for 8-bit weights): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
@@ -35,11 +35,14 @@ FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
-# Largest M sent to the GEMV kernel (it serves M <= 32); ``ZEPHYR_CUDA_GEMV_MAX_M`` sets it (0: off).
-# Above it the tiled kernel, which the H100 measured faster at M = 32 (sums over the Mistral shapes,
-# commit 76e5430: 4-bit act-order 122.6 vs 135.9 us, in order 108.9 vs 127.2, 8-bit 142.2 vs 151.4),
-# even at M = 24 (118.8 vs 116.4, 106.8 vs 107.4, 138.6 vs 133.4) and slower at M = 16.
+# Largest M sent to the GEMV kernel (it serves M <= 32) for 4-bit weights; ``ZEPHYR_CUDA_GEMV_MAX_M``
+# sets it (0: off). Above it the tiled kernel, which the H100 measured faster at M = 32 (sums over the
+# Mistral shapes, same run, commit 92d019a: 4-bit act-order 124.4 vs 129.3 us, in order 109.8 vs 120.4)
+# and slower at M = 24 (119.2 vs 110.0, 107.0 vs 102.1).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "24")))
+# The same for 8-bit weights (``ZEPHYR_CUDA_GEMV_MAX_M_8BIT``): the GEMV kernel, whose 8-warp blocks at
+# M = 17-32 came with 92d019a, stays ahead up to M = 32 (same run: 137.6 vs 143.8 us, M = 24 124.3 vs 140.3).
+GEMV_MAX_M_8BIT = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M_8BIT", "32")))
 
 
 class CudaGPTQBackend(KernelBackend):
@@ -70,6 +73,7 @@ class CudaGPTQBackend(KernelBackend):
 
         spec = self.spec
         self._fallback = False
+        self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
@@ -112,7 +116,7 @@ class CudaGPTQBackend(KernelBackend):
         # torch.compile a Python branch on M would be decided once, at the traced size.
         out = ops.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M,
+            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, FUSED_MAX_M,
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
@@ -143,7 +147,7 @@ class CudaGPTQBackend(KernelBackend):
             x2 = x2.to(spec.dtype)
         out = torch.ops.zephyr.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, GEMV_MAX_M, FUSED_MAX_M,
+            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, FUSED_MAX_M,
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
 
