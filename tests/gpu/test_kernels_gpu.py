@@ -217,8 +217,16 @@ def test_gemv_forced_plans(bits, gs, act):
                     poison_allocator()
                     y = _gemv(layer, x, bw, sp)
                     _check_out(y, x, w, torch.float16)
-                    # Same column sums in a different order: equal up to fp32 rounding.
-                    torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+                    _assert_same_sums(y, planned)
+
+
+def _assert_same_sums(y, planned):
+    """Two plans of one op: the same column sums in another order, so equal up to fp32 rounding of the
+    partial sums, which grows with their size: the tolerance scales with the output's mean magnitude
+    (a fixed 2e-3 failed once in ~10 runs: 8-bit g-1 asym, K = 14336, one element of 532,480 off by
+    2.2e-3). A missing or doubled slice moves elements by a sizeable fraction of that magnitude."""
+    scale = planned.float().abs().mean().item()
+    torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3 * max(scale, 1.0))
 
 
 def _tiled(layer, x, splits=0, kernel=2):
@@ -273,14 +281,15 @@ def test_tiled_forced_splits(bits, gs, act, kernel):
     for k, n in [(14336, 4096), (704, 200)]:
         layer, w, _ = _layer(k, n, bits, gs, act, False, torch.float16)
         for m in (40, 64, 130):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            gen = torch.Generator(device="cuda").manual_seed(5000 + m)
+            x = torch.randn(m, k, generator=gen, device="cuda").half()
             planned = _tiled(layer, x, kernel=kernel)
             _check_out(planned, x, w, torch.float16)
             for sp in (1, 2, 3, 7, 64):
                 poison_allocator()
                 y = _tiled(layer, x, sp, kernel)
                 _check_out(y, x, w, torch.float16)
-                torch.testing.assert_close(y, planned, rtol=2e-3, atol=2e-3)
+                _assert_same_sums(y, planned)
 
 
 @pytest.mark.parametrize("kernel", TILED)
