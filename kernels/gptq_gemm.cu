@@ -294,10 +294,9 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    int64_t splits) {
   const ZkShape z = check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, kGemvMaxM, "use gptq_gemm_repacked above");
-  const int max_warps = gemv_max_warps(gemv_tiles(z.M));
+  const int max_warps = kGemvMaxWarps;
   TORCH_CHECK(block_warps == 0 || block_warps == 4 || block_warps == max_warps,
-              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or ", max_warps, " for M=", z.M, ", got ",
-              block_warps);
+              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or ", max_warps, ", got ", block_warps);
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemv_repacked: splits must be in [0, 256], got ", splits);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());

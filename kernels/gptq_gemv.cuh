@@ -34,10 +34,8 @@ namespace zephyr {
 constexpr int kGemvMaxM = 32;
 constexpr int kGemvMaxWarps = 8;
 
-// x tiles of 8 rows for M rows; warps a block may have for NT tiles (the
-// shared-memory reduction buffer is W x 8*NT x 64 floats, at most 32 KB).
+// x tiles of 8 rows for M rows. A block has 4 or kGemvMaxWarps warps at any NT.
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
-__host__ __device__ constexpr int gemv_max_warps(int nt) { return nt >= 1 ? 8 : 0; }
 // Warp slots of the shared-memory reduction buffer (slots x 8*NT x 64 floats, at most 32 KB): with
 // more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
 __host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 4 ? 4 : 8; }
@@ -249,17 +247,18 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   // ---- sum the W warps in a fixed order through shared memory.
   // C fragment: acc[j][p][e] is row m = 8j + 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
   auto red_at = [&](int j, int p, int e) { return (8 * j + 2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g; };
+  auto store_acc = [&](int slot) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[slot][red_at(j, p, e)] = acc[j][p][e];
+  };
   int Wr = W;  // warps left to sum in shared memory
   // Warp w + kSlots adds into warp w first (NT = 4 with 8 warps).
   if (kSlots < kGemvMaxWarps && W > kSlots) {
-    if (warp >= kSlots) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int p = 0; p < 4; ++p)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) red[warp - kSlots][red_at(j, p, e)] = acc[j][p][e];
-    }
+    if (warp >= kSlots) store_acc(warp - kSlots);
     __syncthreads();
     if (warp < W - kSlots) {
 #pragma unroll
@@ -272,14 +271,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
     __syncthreads();
     Wr = kSlots;
   }
-  if (warp < Wr) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) red[warp][red_at(j, p, e)] = acc[j][p][e];
-  }
+  if (warp < Wr) store_acc(warp);
   __syncthreads();
 
   const int n0 = nb * kBlockN;
@@ -351,7 +343,7 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
-  if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
+  if (a.warps > kGemvMaxWarps) return cudaErrorInvalidValue;
   return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
                        dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
                        static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
@@ -363,7 +355,7 @@ cudaError_t gptq_gemv_launch(const GemvArgs& a) {
 template <typename T, int BITS>
 int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   const int nt = gemv_tiles(m);
-  if (warps < 1 || warps > gemv_max_warps(nt)) return 1;
+  if (warps < 1 || warps > kGemvMaxWarps) return 1;
   static int occ[3][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][warps]
   int& v = occ[nt / 2][has_z][scale_after][warps];
   if (v == 0) {

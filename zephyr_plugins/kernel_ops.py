@@ -41,7 +41,7 @@ Ops:
     (``GEMV_MAX_ROWS``): a GEMV-style kernel (swapped-operand ``mma``, one
     dequantized weight fragment feeding the ``mma`` of up to four 8-row tiles
     of x, register double-buffered weight stream, no shared-memory pipeline).
-    ``block_warps`` (4, or 8 for M <= 16) and
+    ``block_warps`` (4 or 8) and
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
