@@ -292,6 +292,18 @@ def test_tiled_forced_splits(bits, gs, act, kernel):
                 _assert_same_sums(y, planned)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layer_dispatch_at_m32(bits):
+    """M = 25-32: the GEMV kernel for 8-bit layers (GEMV_MAX_M_8BIT), the tiled kernel for 4-bit (GEMV_MAX_M)."""
+    layer, w, _ = _layer(4096, 4096, bits, 128, True, True, torch.float16)
+    gen = torch.Generator(device="cuda").manual_seed(6000 + bits)
+    for m in (25, 32):
+        x = torch.randn(m, 4096, generator=gen, device="cuda").half()
+        gemv, tiled = _gemv(layer, x), _tiled(layer, x, kernel=0)
+        assert not torch.equal(gemv, tiled)  # they sum in different orders, which tells the paths apart
+        assert torch.equal(layer(x), gemv if bits == 8 else tiled), m
+
+
 @pytest.mark.parametrize("kernel", TILED)
 def test_tiled_opcheck(kernel):
     _need(kernel)
