@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                             [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                             L._zk_locks, bits, gs, n, 3) for L in layers])  # fmt: skip
                 if args.sweep and m in (1, 8) and act:
-                    for bw in (4, 8):
+                    for bw in (4, 8, 16) if m <= 8 else (4, 8):
                         for sp in (1, 2, 4, 8, 16, 32):
                             us = time_graph(
                                 [lambda L=L: gptq_gemv_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros,

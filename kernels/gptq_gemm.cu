@@ -294,9 +294,10 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    int64_t splits) {
   const ZkShape z = check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, kGemvMaxM, "use gptq_gemm_repacked above");
-  const int max_warps = kGemvMaxWarps;
-  TORCH_CHECK(block_warps == 0 || block_warps == 4 || block_warps == max_warps,
-              "gptq_gemv_repacked: block_warps must be 0 (planned), 4 or ", max_warps, ", got ", block_warps);
+  const int max_warps = gemv_max_warps(gemv_tiles(z.M));
+  TORCH_CHECK(block_warps == 0 || ((block_warps == 4 || block_warps == 8 || block_warps == 16) && block_warps <= max_warps),
+              "gptq_gemv_repacked: block_warps must be 0 (planned), 4, 8 or 16 (16 for M <= 8 only), got ",
+              block_warps, " at M=", z.M);
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemv_repacked: splits must be in [0, 256], got ", splits);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());
@@ -328,15 +329,24 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // 10.5 at S = 4) and S = 4 best for down (16.4 us vs 22.8 at S = 1); this
   // model picks the measured best plan (within 0.3 us) for all four shapes,
   // 4- and 8-bit, M = 1 and 8. Ties keep the larger block.
+  // 16-warp blocks (one x tile only) are a candidate only unsplit and with at
+  // most 4 units per warp (qkv and o): there a 16-warp block has a column
+  // block's whole slice in flight at once (H100 sweep at M = 1, act-order:
+  // o 4-bit 9.0 us vs 9.6 at 8 warps, 8-bit 9.3 vs 9.9; qkv 10.1 vs 10.35).
+  // Elsewhere the model overrates them (down 4-bit: 19.3 us at 16 x 1 vs
+  // 16.6 at 8 warps x 4 splits), as it prices neither the SMs a 64-block
+  // grid leaves idle nor the per-SM dequantization work.
   const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = z.Np / kBlockN;
   const int sms = sm_count(x.get_device());
   long best = -1;
-  int W = max_warps, upw = units, S = 1;
-  for (int w : {8, 4}) {
+  int W = 8, upw = units, S = 1;
+  for (int w : {16, 8, 4}) {
     if (w > max_warps || (block_warps && w != block_warps)) continue;
+    if (w == 16 && !block_warps && units > 4 * 16) continue;
     const int slots = sms * occupancy(w);
     const int most = ceil_div(units, w);
     for (int s_try = splits ? std::min<int>(splits, most) : 1; s_try <= most; ++s_try) {
+      if (w == 16 && !block_warps && s_try > 1) break;
       const int u = ceil_div(units, w * s_try);
       const int s_real = ceil_div(units, w * u);
       const long cost = long(ceil_div(nblk * s_real, slots)) * (u + 2) + (s_real > 1 ? 5 : 0);

@@ -32,16 +32,18 @@
 namespace zephyr {
 
 constexpr int kGemvMaxM = 32;
-constexpr int kGemvMaxWarps = 8;
+constexpr int kGemvMaxWarps = 16;
 
-// x tiles of 8 rows for M rows. A block has 4 or kGemvMaxWarps warps at any NT.
+// x tiles of 8 rows for M rows.
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
-// Warp slots of the shared-memory reduction buffer (slots x 8*NT x 64 floats, at most 32 KB): with
+// Most warps per block at NT x tiles: 16 at one tile (<= 128 registers a thread), else 8.
+__host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 1 ? 16 : 8; }
+// Warp slots of the shared-memory reduction buffer (slots x 8*NT x 64 floats, 32 KB): with
 // more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
-__host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 4 ? 4 : 8; }
+__host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 1 ? 16 : (nt == 2 ? 8 : 4); }
 
 template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
-__global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv_kernel(
+__global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
     const T* __restrict__ scales,       // [G, Np] shuffled
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, NT == 1 ? 2 : 1) gptq_gemv
   };
   int Wr = W;  // warps left to sum in shared memory
   // Warp w + kSlots adds into warp w first (NT = 4 with 8 warps).
-  if (kSlots < kGemvMaxWarps && W > kSlots) {
+  if (kSlots < gemv_max_warps(NT) && W > kSlots) {
     if (warp >= kSlots) store_acc(warp - kSlots);
     __syncthreads();
     if (warp < W - kSlots) {
@@ -343,7 +345,7 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
-  if (a.warps > kGemvMaxWarps) return cudaErrorInvalidValue;
+  if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
   return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
                        dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
                        static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
@@ -355,7 +357,7 @@ cudaError_t gptq_gemv_launch(const GemvArgs& a) {
 template <typename T, int BITS>
 int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   const int nt = gemv_tiles(m);
-  if (warps < 1 || warps > kGemvMaxWarps) return 1;
+  if (warps < 1 || warps > gemv_max_warps(nt)) return 1;
   static int occ[3][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][warps]
   int& v = occ[nt / 2][has_z][scale_after][warps];
   if (v == 0) {

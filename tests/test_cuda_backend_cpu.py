@@ -92,6 +92,11 @@ def test_gemv_repacked_cpu_matches_gemm_and_refuses_large_m():
         kernel_ops.gptq_gemv_repacked(torch.randn(33, k).half(), *args)
     with pytest.raises(RuntimeError, match="M <= 32"):  # the op itself, past the wrapper
         torch.ops.zephyr.gptq_gemv_repacked(torch.randn(33, k).half(), *args)
+    assert torch.equal(kernel_ops.gptq_gemv_repacked(x[:8], *args, 16, 1), kernel_ops.gptq_gemm_repacked(x[:8], *args))
+    with pytest.raises(ValueError, match="16 warps only for M <= 8"):  # 16-warp blocks serve one x tile
+        kernel_ops.gptq_gemv_repacked(torch.randn(9, k).half(), *args, 16, 1)
+    with pytest.raises(ValueError, match="block_warps must be 0, 4, 8 or 16"):
+        kernel_ops.gptq_gemv_repacked(x[:8], *args, 12, 1)
 
 
 def test_dequantize_cpu_matches_reference():

@@ -41,7 +41,7 @@ Ops:
     (``GEMV_MAX_ROWS``): a GEMV-style kernel (swapped-operand ``mma``, one
     dequantized weight fragment feeding the ``mma`` of up to four 8-row tiles
     of x, register double-buffered weight stream, no shared-memory pipeline).
-    ``block_warps`` (4 or 8) and
+    ``block_warps`` (4, 8, or 16 for ``M <= 8``) and
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
@@ -306,9 +306,12 @@ def gptq_gemv_repacked(
     """``x [M <= 32, K] @ W`` on the zk layout with the GEMV kernel; see the module docstring."""
     check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
                   GEMV_MAX_ROWS)
-    if block_warps not in (0, 4, 8) or not 0 <= splits <= 256:
-        raise ValueError(f"gptq_gemv_repacked: block_warps must be 0, 4 or 8 and splits in [0, 256], "
+    if block_warps not in (0, 4, 8, 16) or not 0 <= splits <= 256:
+        raise ValueError(f"gptq_gemv_repacked: block_warps must be 0, 4, 8 or 16 and splits in [0, 256], "
                          f"got {block_warps}, {splits}")
+    if block_warps == 16 and x.shape[0] > 8:
+        raise ValueError(f"gptq_gemv_repacked: block_warps=16 is served with 16 warps only for M <= 8 "
+                         f"(one x tile), got M={x.shape[0]}")
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
     )

@@ -212,7 +212,7 @@ def test_gemv_forced_plans(bits, gs, act):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             planned = _gemv(layer, x)
             _check_out(planned, x, w, torch.float16)
-            for bw in (4, 8):
+            for bw in (4, 8, 16) if m <= 8 else (4, 8):  # 16-warp blocks serve one x tile (M <= 8) only
                 for sp in (1, 2, 3, 7, 64):
                     poison_allocator()
                     y = _gemv(layer, x, bw, sp)
@@ -333,6 +333,8 @@ def test_gemv_opcheck_and_rejects_large_m():
     torch.library.opcheck(torch.ops.zephyr.gptq_gemv_repacked.default, (x,) + args[1:])
     with pytest.raises(ValueError, match="M <= 32"):
         _gemv(layer, torch.randn(33, 576, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="16 warps only for M <= 8"):
+        _gemv(layer, torch.randn(9, 576, device="cuda", dtype=torch.float16), 16, 1)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 32])
@@ -340,7 +342,7 @@ def test_gemv_graph_replay_split(m):
     """Graph replay on a split plan (partials + self-resetting locks), bit for bit, twice over new inputs."""
     layer, w, _ = _layer(14336, 4096, 8, 128, True, False, torch.float16)
     static_x = torch.randn(m, 14336, device="cuda", dtype=torch.float16)
-    bw = 8 if m <= 16 else 4
+    bw = 16 if m <= 8 else (8 if m <= 16 else 4)
     eager = _gemv(layer, static_x, bw, 7).clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
