@@ -175,11 +175,11 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
           if constexpr (BITS == 4) {
             const uint32_t w4 = reinterpret_cast<const uint32_t*>(&w[i])[p];
             const uint32_t wv = ab ? (w4 >> 8) : w4;
-            lo = __hsub2(bit_cast_to<T2>((wv & 0x000f000fu) | Tr::kMagic), zlo2[t]);
+            lo = __hsub2(bit_cast_to<T2>(lop3_and_or(wv, 0x000f000fu, Tr::kMagic)), zlo2[t]);
             if constexpr (kF16) {
-              hi = __hfma2(bit_cast_to<T2>((wv & 0x00f000f0u) | Tr::kMagic), inv16, zhi2[t]);
+              hi = __hfma2(bit_cast_to<T2>(lop3_and_or(wv, 0x00f000f0u, Tr::kMagic)), inv16, zhi2[t]);
             } else {
-              hi = __hsub2(bit_cast_to<T2>(((wv >> 4) & 0x000f000fu) | Tr::kMagic), zlo2[t]);
+              hi = __hsub2(bit_cast_to<T2>(lop3_and_or(wv >> 4, 0x000f000fu, Tr::kMagic)), zlo2[t]);
             }
             if constexpr (!SCALE_AFTER) {
               lo = __hmul2(lo, sc2[t]);

@@ -105,6 +105,14 @@ __device__ __forceinline__ V bit_cast_to(U u) {
   return v;
 }
 
+// (a & b) | c in one LOP3. Written as C, (w & mask) | magic compiles to two LOP3 (one immediate per
+// instruction; the H100 GEMV loop had 8 LOP3 per HMMA instead of 4).
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // Weights are read exactly once: keep them out of L1 so x and scales stay.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
@@ -307,16 +315,16 @@ __global__ void __launch_bounds__(kThreads) gptq_gemm_small_kernel(
           for (int ab = 0; ab < 2; ++ab) {
             const int t = 2 * j + ab;
             const uint32_t w = ab ? (w4[j] >> 8) : w4[j];
-            T2 lo = bit_cast_to<T2>((w & 0x000f000fu) | Tr::kMagic);
+            T2 lo = bit_cast_to<T2>(lop3_and_or(w, 0x000f000fu, Tr::kMagic));
             lo = __hmul2(__hsub2(lo, zlo2[t]), sc2[t]);
             T2 hi;
             if constexpr (Tr::kMagicF == 1024.f) {
               // fp16 has 10 mantissa bits: the high nibble fits in place (16q).
-              hi = bit_cast_to<T2>((w & 0x00f000f0u) | Tr::kMagic);
+              hi = bit_cast_to<T2>(lop3_and_or(w, 0x00f000f0u, Tr::kMagic));
               hi = __hmul2(__hfma2(hi, inv16, zhi2[t]), sc2[t]);
             } else {
               // bf16 has 7: shift the high nibble down first.
-              hi = bit_cast_to<T2>(((w >> 4) & 0x000f000fu) | Tr::kMagic);
+              hi = bit_cast_to<T2>(lop3_and_or(w >> 4, 0x000f000fu, Tr::kMagic));
               hi = __hmul2(__hsub2(hi, zlo2[t]), sc2[t]);
             }
             const uint32_t b0 = bit_cast_to<uint32_t>(lo);

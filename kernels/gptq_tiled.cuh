@@ -76,13 +76,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// (a & b) | c in one LOP3 (the compiler splits it in two when b and c are both immediates).
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 // ---- Hopper warpgroup MMA (wgmma), used by the WG variant of the kernel below.
 // Only sm_90a has these instructions; other targets compile the WG variant to a
 // trap, and the host launches it only where it was built for sm_90a
