@@ -206,16 +206,19 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         from zephyr_plugins.decode_graphs import DecodeGraphs
         from zephyr_plugins.model_ops import ModelOps
 
-        short = SamplingParams(max_new_tokens=65, temperature=0, repetition_penalty=1.0)
+        # 256 steps: over 64, the 1-token run's jitter (32-56 ms on the H100) moved the rate by up to 25%
+        # (batch 1 unfused attention once read 454 tok/s; 348 in a 256-step rerun, fused 364-368).
+        steps = 256
+        short = SamplingParams(max_new_tokens=steps + 1, temperature=0, repetition_penalty=1.0)
         compiled_ops = llm.model.ops
 
         def short_run(label: str, prompts, ops, graphs: bool = True, repeat: int = 1) -> None:
-            """Decode rate of 64 steps after the prompt with these ops, recorded as batch<B>_<label>."""
+            """Decode rate of `steps` steps after the prompt with these ops, recorded as batch<B>_<label>."""
             b = len(prompts)
             llm.model.ops, llm.steps = ops, DecodeGraphs(llm.model, enabled=graphs)
             llm.generate_tokens(prompts, short)
-            t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=3)
-            step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=repeat) - t_one) / 64
+            t_one = timed(lambda: llm.generate_tokens(prompts, one), repeat=5)
+            step = (timed(lambda: llm.generate_tokens(prompts, short), repeat=repeat) - t_one) / steps
             out[f"batch{b}_{label}"] = {"decode_tok_s": b / step, "ms_per_step": step * 1e3}
             print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
 
@@ -224,7 +227,7 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
         short_run("compiled_ops_no_graphs", prompts, compiled_ops, graphs=False)
         # The fused decode-attention kernel against the unfused ops (rope, cache writes, matmuls, softmax),
         # and act-order inputs written permuted by their producers against each layer gathering its own;
-        # all timed here the same way (64 steps after a 512-token prompt).
+        # all timed here the same way (256 steps after a 512-token prompt).
         variants = [("default", compiled_ops.fused_decode, compiled_ops.permuted_inputs)]
         if compiled_ops.fused_decode:
             variants.append(("unfused_attention", False, compiled_ops.permuted_inputs))
