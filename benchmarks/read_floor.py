@@ -28,7 +28,10 @@ except ImportError:  # pragma: no cover - GPU machine only
     raise SystemExit("read_floor.py needs CuPy (NVRTC) on the GPU machine")
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
-from kernels import time_graph
+from kernels import copies_for, time_graph
+
+if not torch.cuda.is_available():
+    raise SystemExit("read_floor.py needs a CUDA GPU")
 print(torch.cuda.get_device_name(), flush=True)
 SRC = r'''
 __device__ __forceinline__ uint4 ldnc(const uint4* p) {
@@ -65,7 +68,8 @@ extern "C" __global__ void wc(const uint4* __restrict__ p, long long n, uint4* s
   if (acc.x == 0x9E3779B9u && acc.y == 1u) sink[0] = acc;
 }
 '''
-mods = {D: cp.RawModule(code=SRC, options=("-DD=%d" % D, "-std=c++17")) for D in (1, 2, 4, 8, 16)}
+mods = {D: cp.RawModule(code=SRC, options=("-DD=%d" % D, "-std=c++17")) for D in (4, 8, 16)}
+sms = torch.cuda.get_device_properties(0).multi_processor_count
 sink = torch.zeros(4, dtype=torch.int32, device="cuda")
 
 def launch(fn, grid, block, args):
@@ -75,7 +79,7 @@ def launch(fn, grid, block, args):
 
 for nbytes, nblk in ((8 << 20, 64), (12 << 20 | 512 << 10, 96), (29 << 20, 64), (58 << 20, 448)):
     n = nbytes // 16
-    count = max(2, min(64, math.ceil((256 << 20) / nbytes)))
+    count = copies_for(nbytes)
     bufs = [torch.randint(0, 1 << 30, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(count)]
     res = []
     for D in (4, 8, 16):
@@ -91,7 +95,7 @@ for nbytes, nblk in ((8 << 20, 64), (12 << 20 | 512 << 10, 96), (29 << 20, 64), 
         for mult in (1, 2, 4):
             for warps in (8, 16, 32):
                 blocks = nblk * mult
-                if blocks * warps > 132 * 64 * 2: continue
+                if blocks * warps > sms * 64 * 2: continue  # at most two waves of 64-warp SMs
                 per_warp = math.ceil(n / (blocks * warps) / 32) * 32
                 calls = [lambda b=b: launch(fn, blocks, warps * 32, (np.uint64(b.data_ptr()), np.int64(n), np.uint64(sink.data_ptr()), np.int32(per_warp))) for b in bufs]
                 us = time_graph(calls)
