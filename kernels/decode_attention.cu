@@ -47,8 +47,7 @@ namespace zephyr {
 
 namespace {
 
-constexpr int kAttnThreads = 128;  // 4 warps
-constexpr int kAttnWarps = kAttnThreads / 32;
+// Threads per block: 128 or 256 (a template argument, chosen by the launcher).
 constexpr int kMaxGroup = 8;       // query heads per kv head served
 constexpr int kMaxBlockKeys = 1024;
 
@@ -101,14 +100,16 @@ struct AttnArgs {
   float scale;
 };
 
-template <typename T, int HD, int GMAX>
+template <typename T, int HD, int GMAX, int kAttnThreads>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
+  constexpr int kAttnWarps = kAttnThreads / 32;
   constexpr int kLanesPerKey = HD / 8;                       // 16-byte slices of one key
   constexpr int kKeysPerPass = kAttnThreads / kLanesPerKey;  // keys the block covers per pass
   // Keys per step: every thread loads its K and V slices of the whole step at
   // once (one memory round trip per step, not one per key).
   constexpr int kStep = GMAX <= 4 ? 64 : 32;
   constexpr int kPasses = kStep / kKeysPerPass;
+  static_assert(kPasses >= 1 && kStep % kKeysPerPass == 0, "a step must be whole passes of the block");
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.G, BK = a.block_keys;
@@ -319,15 +320,24 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   }
 }
 
-// Keys per block: a multiple of the step (64 keys) up to 1024, doubled
-// while the grid holds more than four blocks per SM (long contexts, big
-// batches), so that the merge stays short; at batch 1 the keys spread over
-// many SMs.
+// Keys per block: a multiple of the step (64 keys) up to 1024, doubled while
+// the grid holds more than four blocks per SM (long contexts, big batches) or
+// a (row, kv head) more than 16 key blocks, so that the merge stays short; at
+// batch 1 the keys spread over many SMs. Measured on the H100 (benchmarks/
+// attention.py --sweep, batch 1, 256 threads): slot 2000 15.6 us at 128 keys
+// per block vs 21.7 at 64; slot 4000 21.4 at 256 vs 39.4 at 64.
 int plan_block_keys(int B, int Hkv, int kv_len, int sms) {
   int bk = 64;
-  while (bk < kMaxBlockKeys && long(B) * Hkv * ((kv_len + bk - 1) / bk) > 4L * sms) bk *= 2;
+  auto blocks = [&](int k) { return (kv_len + k - 1) / k; };
+  while (bk < kMaxBlockKeys && (long(B) * Hkv * blocks(bk) > 4L * sms || blocks(bk) > 16)) bk *= 2;
   return bk;
 }
+
+// Threads per block: 256 (8 warps share a block's keys, so each thread has half as many per
+// step) when the grid does not fill the SMs once, as at batch 1; else 128, which keeps more
+// blocks resident (H100, batch 1, slot 540: 10.7 vs 13.2 us; batch 8, 384 blocks: 28.2 vs
+// 20.2; 512 threads: 11.4 at batch 1).
+int plan_threads(long blocks, int sms) { return blocks <= sms ? 256 : 128; }
 
 }  // namespace
 
@@ -373,7 +383,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
               "decode_attention: block_keys must be a multiple of 64 in [64, ", kMaxBlockKeys, "], got ", BK);
   const int S = (int(kv_len) + BK - 1) / BK;
   const int gmax = G <= 4 ? 4 : 8;
-  TORCH_CHECK(2 * S * G <= kAttnWarps * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
+  const int threads = plan_threads(long(B) * Hkv * S, sm_count(qkv.get_device()));
+  TORCH_CHECK(2 * S * G <= threads / 32 * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
               " slots are too many to merge; use larger block_keys");
   at::Tensor partial;
   if (S > 1) partial = at::empty({B, Hkv, S, G, HD + 2}, qkv.options().dtype(at::kFloat));
@@ -383,15 +394,22 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                 scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
-#define ZK_ATTN(T, D)                                                                          \
-  if (gmax == 4) decode_attention_kernel<T, D, 4><<<grid, kAttnThreads, 0, stream>>>(args); \
-  else decode_attention_kernel<T, D, 8><<<grid, kAttnThreads, 0, stream>>>(args)
+#define ZK_ATTN_T(T, D, GM)                                                                  \
+  if (threads == 256) decode_attention_kernel<T, D, GM, 256><<<grid, 256, 0, stream>>>(args); \
+  else decode_attention_kernel<T, D, GM, 128><<<grid, 128, 0, stream>>>(args)
+#define ZK_ATTN(T, D)   \
+  if (gmax == 4) {      \
+    ZK_ATTN_T(T, D, 4); \
+  } else {              \
+    ZK_ATTN_T(T, D, 8); \
+  }
   const bool half = qkv.scalar_type() == at::kHalf;
   if (half && HD == 128) { ZK_ATTN(__half, 128); }
   else if (half) { ZK_ATTN(__half, 64); }
   else if (HD == 128) { ZK_ATTN(__nv_bfloat16, 128); }
   else { ZK_ATTN(__nv_bfloat16, 64); }
 #undef ZK_ATTN
+#undef ZK_ATTN_T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
