@@ -269,3 +269,23 @@ def test_repetition_penalty_greedy_equals_transformers(ckpts, zephyr_tokenizer):
                        pad_token_id=0)[0, len(ids):].tolist()  # fmt: skip
     assert llm.generate_tokens([ids], params)[0] == want
     assert want != hf_greedy(hf, ids, 24)  # the penalty changes the output, so the test can fail
+
+
+def test_norm_kernel_wrapper_falls_back_off_cuda():
+    """Compiled ops route add_rms_norm to the Triton kernel only for CUDA fp16/bf16 tensors (GPU tests cover that)."""
+    from zephyr_plugins import model_ops, norm_kernel
+
+    calls = []
+
+    def fallback(*args):
+        calls.append(args)
+        return model_ops.add_rms_norm(*args)
+
+    fused = model_ops._with_norm_kernel(fallback)
+    x, h, w = torch.randn(2, 1, 64).half(), torch.randn(2, 1, 64).half(), torch.rand(64).half()
+    perm = torch.randperm(64)
+    assert not norm_kernel.available(x, w)
+    s, y = fused(x, h, w, 1e-5, perm)
+    assert len(calls) == 1
+    want = model_ops.add_rms_norm(x, h, w, 1e-5, perm)
+    assert torch.equal(s, want[0]) and torch.equal(y, want[1])

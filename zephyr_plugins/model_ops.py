@@ -161,3 +161,17 @@ class ModelOps:
                         _compiled[name] = _Guarded(name, fn)
                 fn = _compiled[name]
             setattr(self, name, fn)
+        if compile:
+            self.add_rms_norm = _with_norm_kernel(self.add_rms_norm)
+
+
+def _with_norm_kernel(fallback):
+    """``add_rms_norm`` through the one-kernel Triton version on CUDA (:mod:`.norm_kernel`), else ``fallback``."""
+    from . import norm_kernel
+
+    def add_rms_norm_fused(x, h, weight, eps, perm=None):
+        if norm_kernel.available(x, weight):
+            return norm_kernel.add_rms_norm(x, h, weight, eps, perm)
+        return fallback(x, h, weight, eps, perm)
+
+    return add_rms_norm_fused
