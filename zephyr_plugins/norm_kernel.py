@@ -2,12 +2,13 @@
 
 Compiled by Inductor, ``add_rms_norm`` with an act-order permutation becomes two
 kernels (the reduction, then a pointwise pass gathering ``out[..., perm]``),
-because the gather needs the whole normalized row; without one it is a single
-reduction kernel of ~2.8 us for one row of 4096 on the H100. Here one program
-per row adds, writes the sum, reduces its squares, and writes the normalized
-row in the permuted order by re-reading the two inputs at the permuted
-positions (still in L1/L2) instead of the sum it just wrote, so no barrier is
-needed. The arithmetic is the reference's (``model_ops.add_rms_norm``): the
+because the gather needs the whole normalized row: 3.7 us for one row of 4096
+in a CUDA graph on the H100, 2.8 us without a permutation (one kernel). Here
+one program per row reads the row contiguously, adds, writes the sum,
+reduces its squares and stores each normalized element where the permutation
+puts it (a scatter through the inverse permutation, computed once): 1.6-1.8
+us. (Gathering x and h at the permuted positions instead measured 3.6-3.8 us.)
+The arithmetic is the reference's (``model_ops.add_rms_norm``): the
 sum rounded to the activation type, the mean of squares in fp32, the
 normalized value rounded to the activation type, then times the weight in
 that type.
@@ -31,26 +32,36 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def add_rms_norm_kernel(x_ptr, h_ptr, w_ptr, perm_ptr, s_ptr, y_ptr, D, eps,
+    def add_rms_norm_kernel(x_ptr, h_ptr, w_ptr, inv_ptr, s_ptr, y_ptr, D, eps,
                             BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64) * D
         offs = tl.arange(0, BLOCK)
         inside = offs < D
-        s = tl.load(x_ptr + row + offs, mask=inside, other=0.0) + tl.load(h_ptr + row + offs, mask=inside, other=0.0)
+        x = tl.load(x_ptr + row + offs, mask=inside, other=0.0)
+        h = tl.load(h_ptr + row + offs, mask=inside, other=0.0)
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+        if HAS_PERM:  # where each element goes: the inverse permutation, read contiguously
+            dest = tl.load(inv_ptr + offs, mask=inside, other=0)
+        else:
+            dest = offs
+        s = x + h
         tl.store(s_ptr + row + offs, s, mask=inside)
         sf = s.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
-        if HAS_PERM:
-            p = tl.load(perm_ptr + offs, mask=inside, other=0)
-            sp = tl.load(x_ptr + row + p, mask=inside, other=0.0) + tl.load(h_ptr + row + p, mask=inside, other=0.0)
-            w = tl.load(w_ptr + p, mask=inside, other=0.0)
-        else:
-            sp = s
-            w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-        y = (sp.to(tl.float32) * rstd).to(s.dtype) * w
-        tl.store(y_ptr + row + offs, y, mask=inside)
+        y = (sf * rstd).to(s.dtype) * w
+        tl.store(y_ptr + row + dest, y, mask=inside)
 
     return add_rms_norm_kernel
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """``argsort(perm)``, computed once per permutation tensor and kept on it (a model's permutations live
+    as long as the model; the first call comes from a warm-up run, before any graph capture)."""
+    inv = getattr(perm, "_zephyr_inverse", None)
+    if inv is None:
+        inv = torch.argsort(perm)
+        perm._zephyr_inverse = inv
+    return inv
 
 
 def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,6 +88,7 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
     y = torch.empty_like(x)
     rows = x.numel() // d
     block = triton.next_power_of_2(d)
-    _kernel[(rows,)](x, h, weight, perm if perm is not None else weight, s, y, d, eps,
-                     BLOCK=block, HAS_PERM=perm is not None, num_warps=8 if block >= 2048 else 4)  # fmt: skip
+    inv = None if perm is None else inverse(perm)
+    _kernel[(rows,)](x, h, weight, inv if inv is not None else weight, s, y, d, eps,
+                     BLOCK=block, HAS_PERM=perm is not None, num_warps=4)  # fmt: skip
     return s, y
