@@ -166,12 +166,13 @@ class ModelOps:
 
 
 def _with_norm_kernel(fallback):
-    """``add_rms_norm`` through the one-kernel Triton version on CUDA (:mod:`.norm_kernel`), else ``fallback``."""
+    """``add_rms_norm`` through the Triton kernel (:mod:`.norm_kernel`) for CUDA rows without a permutation,
+    else ``fallback`` (the compiled version)."""
     from . import norm_kernel
 
     def add_rms_norm_fused(x, h, weight, eps, perm=None):
-        if norm_kernel.available(x, weight):
-            return norm_kernel.add_rms_norm(x, h, weight, eps, perm)
+        if perm is None and norm_kernel.available(x, weight):
+            return norm_kernel.add_rms_norm(x, h, weight, eps)
         return fallback(x, h, weight, eps, perm)
 
     return add_rms_norm_fused
