@@ -49,10 +49,18 @@ def _build():
     return add_rms_norm_kernel
 
 
+MAX_DIM = 16384  # one program holds a whole row in registers
+
+
 def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel serves these tensors (CUDA, fp16/bf16, weight of x's dtype, Triton importable)."""
+    """Whether the kernel serves these tensors: CUDA, fp16/bf16, a weight of x's dtype and last dimension
+    (at most ``MAX_DIM``), rows to normalize, and Triton importable."""
     global _kernel
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype):
+        return False
+    if x.dim() == 0 or weight.dim() != 1 or weight.numel() != x.shape[-1] or not 0 < x.shape[-1] <= MAX_DIM:
+        return False
+    if x.numel() == 0:
         return False
     if _kernel is None:
         try:
@@ -67,7 +75,7 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
     import triton
 
     d = x.shape[-1]
-    x, h = x.contiguous(), h.contiguous()
+    x, h, weight = x.contiguous(), h.contiguous(), weight.contiguous()
     s = torch.empty_like(x)
     y = torch.empty_like(x)
     block = triton.next_power_of_2(d)

@@ -84,3 +84,5 @@ def test_model_ops_route():
     assert torch.equal(s, ws)
     assert float((y.float() - wy.float()).abs().max()) <= 2 * 2**-10 * float(wy.float().abs().max())
     assert not norm_kernel.available(x.float(), w.float())  # fp32: the compiled version serves it
+    assert not norm_kernel.available(x, w[:100])  # a weight that does not fit the rows
+    assert not norm_kernel.available(x[:0], w)  # no rows
