@@ -4,10 +4,10 @@ One decode step of Mistral-7B's attention (32 query heads on 8 kv heads,
 head_dim 128, fp16): rope, the cache write and grouped-query attention over
 the cache. Each case is timed as a CUDA graph of 32 calls on 32 separate
 caches (as the 32 layers of a step see them: the caches do not stay in L2),
-replayed after warm-up; the time per call is the median replay / 32. The
-baseline is the unfused path (``kernel_ops.decode_attention_reference``:
-rotation, two cache writes, the masked softmax and two batched matmuls, op
-by op) captured the same way in the same run. ``--sweep`` also times every
+replayed after warm-up (``time_graph`` of ``benchmarks/kernels.py``); the
+time per call is the median replay / 32. The baseline is the unfused path
+(``kernel_ops.decode_attention_reference``: rotation, two cache writes, the
+masked softmax and two batched matmuls, op by op) captured the same way in the same run. ``--sweep`` also times every
 forced ``block_keys``.
 
 Usage::
@@ -30,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernels import git_commit, time_graph  # noqa: E402  (the kernel benchmark's graph timing)
 
 H, HKV, HD, LAYERS = 32, 8, 128, 32
 
@@ -45,28 +47,9 @@ def inputs(bsz: int, lmax: int, slot: int, gen: torch.Generator):
     return qkv, ang.cos(), ang.sin(), caches, slot_t, pad
 
 
-def graph_time_us(step, repeat: int = 20) -> float:
-    """Median replay time of a graph of ``step()`` (32 calls), per call, in microseconds."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-    del g
-    return sorted(times)[len(times) // 2]
+def graph_time_us(step) -> float:
+    """Median replay time of a graph of one ``step()`` (32 calls), per call, in microseconds."""
+    return time_graph([step], min_iters=1, replays=20) / LAYERS
 
 
 def main(argv=None) -> int:
@@ -119,8 +102,6 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        from e2e import git_commit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
         date = _dt.datetime.now(_dt.timezone.utc).isoformat()
         path = os.path.join(args.out, f"attention_{card.replace(' ', '_')}_{date[:10]}.json")
         with open(path, "w") as fh:
