@@ -377,13 +377,13 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   const c10::cuda::OptionalCUDAGuard guard(qkv.device());
   auto out = at::empty({B, H * HD}, qkv.options());
   if (B == 0) return out;
-  const int BK =
-      block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sm_count(qkv.get_device()));
+  const int sms = sm_count(qkv.get_device());
+  const int BK = block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sms);
   TORCH_CHECK(BK % 64 == 0 && BK >= 64 && BK <= kMaxBlockKeys,
               "decode_attention: block_keys must be a multiple of 64 in [64, ", kMaxBlockKeys, "], got ", BK);
   const int S = (int(kv_len) + BK - 1) / BK;
   const int gmax = G <= 4 ? 4 : 8;
-  const int threads = plan_threads(long(B) * Hkv * S, sm_count(qkv.get_device()));
+  const int threads = plan_threads(long(B) * Hkv * S, sms);
   TORCH_CHECK(2 * S * G <= threads / 32 * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
               " slots are too many to merge; use larger block_keys");
   at::Tensor partial;
