@@ -202,6 +202,7 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
     out["batches"] = runs
     out["fused_attention"] = llm.fused_attention
     out["permuted_layers"] = llm.permuted_layers
+    out["dense_gemv_layers"] = llm.dense_gemv_layers
     if ablate:  # what the fused (compiled) elementwise ops, the CUDA graphs and the attention kernel each buy
         from zephyr_plugins.decode_graphs import DecodeGraphs
         from zephyr_plugins.model_ops import ModelOps
@@ -238,6 +239,19 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
             for label, fused, permuted in variants:
                 short_run(label, prompts, ModelOps(compiled_ops.compile, fused_decode=fused, permuted_inputs=permuted),
                           repeat=3)  # fmt: skip
+        if llm.dense_gemv_layers:  # float layers (all of fp16, the head of the others) in cuBLAS instead
+            from zephyr_plugins.model import Linear
+
+            dense = [m for m in llm.model.modules() if isinstance(m, Linear) and m.gemv_rows]
+            rows = {m: m.gemv_rows for m in dense}
+            for b in sorted({1, max(batches)}):
+                prompts = torch.randint(3, 32000, (b, prompt_len), generator=g).tolist()
+                short_run("dense_gemv", prompts, compiled_ops, repeat=3)
+                for m in dense:
+                    m.gemv_rows = 0
+                short_run("cublas_float_layers", prompts, compiled_ops, repeat=3)
+                for m in dense:
+                    m.gemv_rows = rows[m]
         llm.model.ops, llm.steps = compiled_ops, DecodeGraphs(llm.model)
     long_prompt = torch.randint(3, 32000, (1, prefill_len), generator=g).tolist()
     llm.generate_tokens(long_prompt, one)

@@ -21,6 +21,7 @@
 //                            Tensor(b!) v_cache, Tensor slot, Tensor pad, Tensor(c!) locks,
 //                            int n_heads, int n_kv_heads, int kv_len, int window,
 //                            int block_keys=0, Tensor? out_index=None) -> Tensor
+//   zephyr::dense_gemv(Tensor x, Tensor weight, int block_warps=0) -> Tensor
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -45,6 +46,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                                  const at::Tensor& pad, at::Tensor& locks, int64_t n_heads, int64_t n_kv_heads,
                                  int64_t kv_len, int64_t window, int64_t block_keys,
                                  const c10::optional<at::Tensor>& out_index);
+at::Tensor dense_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t block_warps);
 }  // namespace zephyr
 
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
@@ -54,4 +56,5 @@ TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
   m.impl("gptq_dequantize_repacked", &zephyr::gptq_dequantize_repacked_cuda);
   m.impl("gptq_linear", &zephyr::gptq_linear_cuda);
   m.impl("decode_attention", &zephyr::decode_attention_cuda);
+  m.impl("dense_gemv", &zephyr::dense_gemv_cuda);
 }

@@ -414,3 +414,47 @@ def test_wgmma_available_rule(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda c=cap: c)
         monkeypatch.setenv("ZEPHYR_CUDA_ARCHS", archs)
         assert kernel_build.wgmma_available() is want, (cap, archs)
+
+
+def test_dense_gemv_cpu_fake_opcheck_and_refusals():
+    """zephyr::dense_gemv (float layers, decode batches): the CPU path is the fp32 product rounded once,
+    the fake gives the shape, opcheck passes, and bad arguments raise ValueError naming the problem."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(5, 96, generator=g).half(), torch.randn(40, 96, generator=g).half()
+    want = (x.float() @ w.float().t()).half()
+    assert torch.equal(kernel_ops.dense_gemv(x, w), want)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(kernel_ops.dense_gemv(xb, wb), (xb.float() @ wb.float().t()).bfloat16())
+    torch.library.opcheck(torch.ops.zephyr.dense_gemv.default, (x, w, 0))
+    with FakeTensorMode() as mode:
+        y = kernel_ops.dense_gemv(mode.from_tensor(x), mode.from_tensor(w))
+        assert y.shape == (5, 40) and y.dtype == torch.float16
+    for words, (a, b) in {
+        "M=9 rows": (torch.randn(9, 96).half(), w),
+        "multiples of 32": (torch.randn(1, 100).half(), torch.randn(4, 100).half()),
+        "the same for both": (x, w.bfloat16()),
+        "columns": (torch.randn(1, 64).half(), w),
+        "2-D": (torch.randn(96).half(), w),
+    }.items():
+        with pytest.raises(ValueError, match=words):
+            kernel_ops.dense_gemv(a, b)
+    with pytest.raises(ValueError, match="block_warps"):
+        kernel_ops.dense_gemv(x, w, 5)
+
+
+def test_model_linear_is_plain_on_cpu():
+    """model.Linear with the kernel switched on still runs F.linear on the CPU, and the runtime switches
+    nothing on there."""
+    import torch.nn.functional as F
+
+    from zephyr_plugins.model import Linear
+    from zephyr_plugins.runtime import _enable_dense_gemv
+
+    lin = Linear(64, 24, bias=False)
+    lin.gemv_rows = 4
+    x = torch.randn(2, 1, 64)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))
+    model = torch.nn.Sequential(lin)
+    assert _enable_dense_gemv(model, torch.float16, torch.device("cpu")) == 0

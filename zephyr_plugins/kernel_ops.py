@@ -93,11 +93,23 @@ Ops:
       ``out_index[i]`` (the inverse of the output projection's ``input_permutation``).
 
     Returns ``qkv.dtype [B, H * hd]`` (heads in order, or scattered by ``out_index``).
+
+``zephyr::dense_gemv(x, weight, block_warps=0) -> Tensor``
+    ``x @ weight.T`` for a float (unquantized) layer at decode batch sizes
+    (``kernels/dense_gemv.cu``): the weight is read as ``nn.Linear`` stores it,
+    once, on tensor cores, with fp32 sums rounded once at the end.
+
+    - ``x``: float16/bfloat16 ``[M <= 8, K]``, contiguous, 16-byte aligned.
+    - ``weight``: ``x.dtype [N, K]``, contiguous, 16-byte aligned; ``K`` a multiple of 32.
+    - ``block_warps``: 0 plans it (16), 4, 8 or 16 force the warps of a block (benchmarks).
+
+    Returns ``x.dtype [M, N]``; the CPU implementation is ``dense_gemv_reference``.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import dequantize
 from .repack import dequantize_repacked_reference, gemm_repacked_reference
@@ -128,6 +140,7 @@ _LIB.define(
     "Tensor pad, Tensor(c!) locks, int n_heads, int n_kv_heads, int kv_len, int window, int block_keys=0, "
     "Tensor? out_index=None) -> Tensor"
 )
+_LIB.define("dense_gemv(Tensor x, Tensor weight, int block_warps=0) -> Tensor")
 _LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
 )
@@ -174,6 +187,15 @@ def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, slot, pad, locks
     return out
 
 
+DENSE_GEMV_MAX_ROWS = 8  # kDenseMaxM in kernels/dense_gemv.cu
+DENSE_GEMV_K_MULTIPLE = 32  # kDenseSliceK
+
+
+def dense_gemv_reference(x, weight, block_warps: int = 0):
+    """``x @ weight.T`` summed in fp32, rounded once to ``x.dtype``: the CPU implementation of ``zephyr::dense_gemv``."""
+    return (x.float() @ weight.float().t()).to(x.dtype)
+
+
 # The CUDA implementations come from kernels/bindings.cpp once built.
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
@@ -181,6 +203,7 @@ _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
 _LIB.impl("gptq_linear", _linear_cpu, "CPU")
 _LIB.impl("gptq_dequantize_repacked", _dequantize_repacked_cpu, "CPU")
 _LIB.impl("decode_attention", decode_attention_reference, "CPU")
+_LIB.impl("dense_gemv", dense_gemv_reference, "CPU")
 
 
 @torch.library.register_fake("zephyr::gptq_gemm_repacked")
@@ -218,6 +241,44 @@ def _dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
 def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, slot, pad, locks, n_heads, n_kv_heads, kv_len, window,
                            block_keys=0, out_index=None):
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
+
+
+@torch.library.register_fake("zephyr::dense_gemv")
+def _dense_gemv_fake(x, weight, block_warps=0):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+    torch._check(x.shape[0] <= DENSE_GEMV_MAX_ROWS, lambda: f"dense_gemv serves M <= {DENSE_GEMV_MAX_ROWS}")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def dense_gemv_unsupported(x, weight) -> str | None:
+    """Why ``zephyr::dense_gemv`` cannot take these tensors (shape, dtype, layout, alignment), or None."""
+    if x.dim() != 2 or weight.dim() != 2:
+        return f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be 2-D"
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return f"dtypes {x.dtype} / {weight.dtype} (served: float16 or bfloat16, the same for both)"
+    if x.shape[0] > DENSE_GEMV_MAX_ROWS:
+        return f"M={x.shape[0]} rows (served: M <= {DENSE_GEMV_MAX_ROWS})"
+    if weight.shape[1] != x.shape[1]:
+        return f"weight has K={weight.shape[1]} columns but x has {x.shape[1]}"
+    if x.shape[1] % DENSE_GEMV_K_MULTIPLE:
+        return f"K={x.shape[1]} (served: multiples of {DENSE_GEMV_K_MULTIPLE})"
+    if not (x.is_contiguous() and weight.is_contiguous()):
+        return "x and weight must be contiguous"
+    if x.is_cuda and not is_fake(x) and (x.data_ptr() % 16 or weight.data_ptr() % 16):  # the kernel's 16-byte loads
+        return "x and weight must start at 16-byte aligned addresses"
+    if x.device != weight.device:
+        return f"weight is on {weight.device} but x is on {x.device}"
+    return None
+
+
+def dense_gemv(x, weight, block_warps: int = 0):
+    """``x [M <= 8, K] @ weight [N, K].T`` for a float layer; see the module docstring."""
+    why = dense_gemv_unsupported(x, weight)
+    if why is not None:
+        raise ValueError(f"dense_gemv: {why}")
+    if block_warps not in (0, 4, 8, 16):
+        raise ValueError(f"dense_gemv: block_warps must be 0, 4, 8 or 16, got {block_warps}")
+    return torch.ops.zephyr.dense_gemv(x, weight, block_warps)
 
 
 def _check_zk_weight(op: str, qweight, scales, zeros, bits: int) -> tuple[int, int]:

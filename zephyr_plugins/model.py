@@ -5,7 +5,8 @@ optional sliding window (exact at any length: the static cache keeps every
 position and the mask hides what lies outside the window), SwiGLU MLP and a
 tied or untied head. q/k/v and gate/up are each one matmul (fused at load
 time, :mod:`zephyr_plugins.model_loading`). Linears are ``QuantLinear`` or
-``nn.Linear``; speed comes from CUDA graphs and kernels, not from Python.
+:class:`Linear` (an ``nn.Linear``); speed comes from CUDA graphs and kernels,
+not from Python.
 
 Example::
 
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .kernel_ops import decode_attention
+from .kernel_ops import DENSE_GEMV_MAX_ROWS, decode_attention, dense_gemv_unsupported
 from .kv_cache import KVCache, prefill_attention
 from .model_ops import ModelOps
 
@@ -79,6 +81,27 @@ class ModelArgs:
             bos_token_id=cfg.bos_token_id,
             eos_token_ids=eos,
         )
+
+
+class Linear(nn.Linear):
+    """A float ``nn.Linear`` whose CUDA calls of up to ``gemv_rows`` rows (at most
+    ``DENSE_GEMV_MAX_ROWS``) go to the ``zephyr::dense_gemv`` kernel; the runtime sets
+    ``gemv_rows`` on the layers where that kernel measured faster than cuBLAS (see
+    :func:`zephyr_plugins.runtime.dense_gemv_rows`). Every other call, and every call on
+    the CPU, is ``F.linear``.
+    """
+
+    gemv_rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_rows and x.is_cuda and self.bias is None and x.dim() >= 1:
+            k = x.shape[-1]
+            m = x.numel() // k if k else 0
+            if 0 < m <= min(self.gemv_rows, DENSE_GEMV_MAX_ROWS):
+                x2 = x.reshape(m, k)
+                if dense_gemv_unsupported(x2, self.weight) is None:
+                    return torch.ops.zephyr.dense_gemv(x2, self.weight, 0).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Concat(nn.Module):

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointReader
 from .config import GPTQConfig
 from .errors import CheckpointError
 from .loader import mistral_config_from_dict, plan_layers, read_model_config
-from .model import Attention, Block, Concat, FeedForward, ModelArgs, RMSNorm, Transformer
+from .model import Attention, Block, Concat, FeedForward, Linear, ModelArgs, RMSNorm, Transformer
 from .quant_linear import QuantLinear
 from .reference import trivial_g_idx
 
@@ -92,7 +92,7 @@ def load_transformer(folder: str, device="cpu", dtype: Optional[torch.dtype] = N
                 return Concat([fused])
         if not any(n in quantized for n in full):
             w = torch.cat([tensor(f"{n}.weight") for n in full], dim=0)  # [sum N, K]
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            lin = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             lin.weight = nn.Parameter(w, requires_grad=False)
             return Concat([lin])
         return Concat([_single(n, quantized, reader, qcfg, device, tensor) for n in full])
@@ -112,12 +112,12 @@ def load_transformer(folder: str, device="cpu", dtype: Optional[torch.dtype] = N
 
     embed = nn.Parameter(tensor("model.embed_tokens.weight"), requires_grad=False)
     if args.tie_word_embeddings:
-        output = nn.Linear(args.dim, args.vocab_size, bias=False, device="meta")
+        output = Linear(args.dim, args.vocab_size, bias=False, device="meta")
         output.weight = embed
     elif "lm_head" in quantized:
         output = _single("lm_head", quantized, reader, qcfg, device, tensor)
     else:
-        output = nn.Linear(args.dim, args.vocab_size, bias=False, device="meta")
+        output = Linear(args.dim, args.vocab_size, bias=False, device="meta")
         output.weight = nn.Parameter(tensor("lm_head.weight"), requires_grad=False)
     with torch.device("meta"):
         model = Transformer(args, layers, output)
@@ -137,7 +137,7 @@ def _layer_tensors(name: str, reader: CheckpointReader, device) -> dict[str, tor
 def _single(name, quantized, reader, qcfg, device, tensor) -> nn.Module:
     if name not in quantized:
         w = tensor(f"{name}.weight")
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(w, requires_grad=False)
         return lin
     k, n, has_bias = quantized[name]

@@ -50,6 +50,43 @@ def _fused_attention_ok(args, dtype: torch.dtype, device: torch.device) -> bool:
         return False
     return device.type == "cuda" and ensure_built()[0]
 
+
+# Float layers whose decode calls go to zephyr::dense_gemv: weights of at most this many bytes, calls of at
+# most DENSE_GEMV_ROWS rows. H100, fp16, same run (benchmarks/dense_gemv.py, 16-warp blocks): the kernel
+# beat cuBLAS on Mistral-7B's 32 MB o projection at M = 1-4 (14.8 vs 16.2-16.4 us) but not at M = 8
+# (15.0 vs 14.2), nor on the larger layers (qkv 50 MB: 22.0 vs 20.8; gate_up 88 vs 82; head 98.7 vs 98.2).
+DENSE_GEMV_MAX_BYTES = 40 << 20
+DENSE_GEMV_ROWS = 4
+
+
+def dense_gemv_rows(layer, dtype: torch.dtype) -> int:
+    """Rows up to which a float ``model.Linear`` should use ``zephyr::dense_gemv`` (0: never).
+    ``ZEPHYR_DENSE_GEMV_MAX_MB`` overrides the weight-size limit (for measurements)."""
+    from .kernel_ops import DENSE_GEMV_K_MULTIPLE
+
+    limit = os.environ.get("ZEPHYR_DENSE_GEMV_MAX_MB")
+    max_bytes = float(limit) * 2**20 if limit else DENSE_GEMV_MAX_BYTES
+    ok = (layer.bias is None and layer.in_features % DENSE_GEMV_K_MULTIPLE == 0 and dtype in (torch.float16, torch.bfloat16)
+          and layer.weight.dtype == dtype and layer.weight.numel() * layer.weight.element_size() <= max_bytes)  # fmt: skip
+    return DENSE_GEMV_ROWS if ok else 0
+
+
+def _enable_dense_gemv(model, dtype: torch.dtype, device: torch.device) -> int:
+    """Route the model's float linears' decode calls to ``zephyr::dense_gemv`` where :func:`dense_gemv_rows`
+    says so (CUDA, kernels built); returns how many layers now use it."""
+    from .kernel_build import ensure_built
+    from .model import Linear
+
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not ensure_built()[0]:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.gemv_rows = dense_gemv_rows(m, dtype)
+            n += m.gemv_rows > 0
+    return n
+
+
 # Tokens per prefill chunk: bounds activation memory (a 4096-token chunk of a
 # 7B model needs ~0.5 GB of activations) while keeping the GEMMs large.
 PREFILL_TOKENS = 4096
@@ -64,7 +101,8 @@ class Zephyr:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                  dtype: Optional[torch.dtype] = None, cuda_graphs: Optional[bool] = None,
                  template: PromptTemplate = ZEPHYR, backend: Optional[str] = None, compile: Optional[bool] = None,
-                 fused_attention: Optional[bool] = None, permuted_inputs: Optional[bool] = None):
+                 fused_attention: Optional[bool] = None, permuted_inputs: Optional[bool] = None,
+                 dense_gemv: Optional[bool] = None):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_seq_len={max_seq_len} >= 2")
         self.model = model
@@ -88,6 +126,10 @@ class Zephyr:
             permuted_inputs = self.device.type == "cuda" and os.environ.get("ZEPHYR_PERMUTED_INPUTS", "1") != "0"
         # act-order layers' inputs written in their row order by the norms / SwiGLU in decode steps
         self.permuted_layers = model.fold_permutations() if permuted_inputs else 0
+        # float (unquantized) layers at decode batch sizes through zephyr::dense_gemv (model.Linear)
+        if dense_gemv is None:
+            dense_gemv = self.device.type == "cuda" and os.environ.get("ZEPHYR_DENSE_GEMV", "1") != "0"
+        self.dense_gemv_layers = _enable_dense_gemv(model, self.dtype, self.device) if dense_gemv else 0
         model.ops = ModelOps(compile=compile, fused_decode=self.fused_attention,
                              permuted_inputs=self.permuted_layers > 0)  # fmt: skip
         model.setup_cache(max_batch_size, max_seq_len, self.dtype)
@@ -104,7 +146,7 @@ class Zephyr:
                         max_seq_len: int = 4096, backend: Optional[str] = None, revision: Optional[str] = None,
                         cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
                         fused_attention: Optional[bool] = None, permuted_inputs: Optional[bool] = None,
-                        tokenizer=None) -> "Zephyr":
+                        dense_gemv: Optional[bool] = None, tokenizer=None) -> "Zephyr":
         """Load a GPTQ or float checkpoint: a folder, ``repo`` or ``repo:branch``.
 
         ``device`` defaults to CUDA when present; ``dtype`` to fp16 on CUDA and fp32
@@ -112,7 +154,9 @@ class Zephyr:
         allocated for ``max_batch_size`` rows of ``max_seq_len`` tokens.
         ``fused_attention`` (decode attention as one kernel) and ``permuted_inputs``
         (act-order layers fed inputs in their own row order) default to on with CUDA;
-        ``ZEPHYR_FUSED_ATTENTION=0`` / ``ZEPHYR_PERMUTED_INPUTS=0`` turn them off.
+        ``dense_gemv`` (float layers' decode-sized calls through ``zephyr::dense_gemv``) also
+        defaults to on with CUDA. ``ZEPHYR_FUSED_ATTENTION=0`` / ``ZEPHYR_PERMUTED_INPUTS=0`` /
+        ``ZEPHYR_DENSE_GEMV=0`` turn them off.
         """
         folder = resolve_checkpoint(ref, revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,7 +164,7 @@ class Zephyr:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    dtype=dtype, cuda_graphs=cuda_graphs, backend=backend, compile=compile,
-                   fused_attention=fused_attention, permuted_inputs=permuted_inputs)
+                   fused_attention=fused_attention, permuted_inputs=permuted_inputs, dense_gemv=dense_gemv)
 
     # ----------------------------------------------------------------- user API
     def chat(self, messages: Messages, cancel=None, **sampling) -> str:
