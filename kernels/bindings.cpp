@@ -22,6 +22,8 @@
 //                            int n_heads, int n_kv_heads, int kv_len, int window,
 //                            int block_keys=0, Tensor? out_index=None) -> Tensor
 //   zephyr::dense_gemv(Tensor x, Tensor weight, int block_warps=0) -> Tensor
+//   zephyr::add_rms_norm_permuted(Tensor x, Tensor h, Tensor weight, float eps, Tensor perm)
+//                                 -> (Tensor, Tensor)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -47,6 +49,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                                  int64_t kv_len, int64_t window, int64_t block_keys,
                                  const c10::optional<at::Tensor>& out_index);
 at::Tensor dense_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t block_warps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_permuted_cuda(const at::Tensor& x, const at::Tensor& h,
+                                                              const at::Tensor& weight, double eps,
+                                                              const at::Tensor& perm);
 }  // namespace zephyr
 
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
@@ -57,4 +62,5 @@ TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
   m.impl("gptq_linear", &zephyr::gptq_linear_cuda);
   m.impl("decode_attention", &zephyr::decode_attention_cuda);
   m.impl("dense_gemv", &zephyr::dense_gemv_cuda);
+  m.impl("add_rms_norm_permuted", &zephyr::add_rms_norm_permuted_cuda);
 }

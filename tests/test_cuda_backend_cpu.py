@@ -458,3 +458,31 @@ def test_model_linear_is_plain_on_cpu():
     assert torch.equal(lin(x), F.linear(x, lin.weight))
     model = torch.nn.Sequential(lin)
     assert _enable_dense_gemv(model, torch.float16, torch.device("cpu")) == 0
+
+
+def test_add_rms_norm_permuted_cpu_fake_opcheck_and_refusals():
+    """zephyr::add_rms_norm_permuted on the CPU is model_ops.add_rms_norm with the permutation; the fake
+    gives two tensors like x; bad arguments raise ValueError naming the problem."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zephyr_plugins import model_ops
+
+    g = torch.Generator().manual_seed(12)
+    x, h = torch.randn(3, 1, 64, generator=g).half(), torch.randn(3, 1, 64, generator=g).half()
+    w, perm = torch.rand(64, generator=g).half() + 0.5, torch.randperm(64, generator=g)
+    s, y = kernel_ops.add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    ws, wy = model_ops.add_rms_norm(x, h, w, 1e-5, perm)
+    assert torch.equal(s, ws) and torch.equal(y, wy) and y.is_contiguous()
+    torch.library.opcheck(torch.ops.zephyr.add_rms_norm_permuted.default, (x, h, w, 1e-5, perm))
+    with FakeTensorMode() as mode:
+        fs, fy = kernel_ops.add_rms_norm_permuted(*(mode.from_tensor(t) for t in (x, h, w)), 1e-5, mode.from_tensor(perm))
+        assert fs.shape == fy.shape == x.shape and fy.dtype == torch.float16
+    for words, args in {
+        "multiples of 8": (x[..., :60].contiguous(), h[..., :60].contiguous(), w[:60], perm[:60]),
+        "int64": (x, h, w, perm.int()),
+        "one shape": (x, h[:1], w, perm),
+        "one for all": (x, h, w.float(), perm),
+        "must be \\[64\\]": (x, h, w[:32], perm),
+    }.items():
+        with pytest.raises(ValueError, match=words):
+            kernel_ops.add_rms_norm_permuted(*args[:3], 1e-5, args[3])

@@ -104,6 +104,19 @@ Ops:
     - ``block_warps``: 0 plans it (16), 4, 8 or 16 force the warps of a block (benchmarks).
 
     Returns ``x.dtype [M, N]``; the CPU implementation is ``dense_gemv_reference``.
+
+``zephyr::add_rms_norm_permuted(x, h, weight, eps, perm) -> (Tensor, Tensor)``
+    The residual add and the RMSNorm after it, the normalized row written in an
+    act-order layer's row order (``kernels/add_rms_norm.cu``, one block per row):
+    ``s = x + h`` and ``rms_norm(s, weight, eps)[..., perm]``, the arithmetic of
+    ``model_ops.add_rms_norm`` (its CPU implementation).
+
+    - ``x``, ``h``: float16/bfloat16 ``[..., D]`` of one shape, contiguous; ``D`` a
+      multiple of 8, at most 16384.
+    - ``weight``: ``x.dtype [D]``. ``perm``: int64 ``[D]``, a permutation of ``range(D)``.
+    - All 16-byte aligned.
+
+    Returns ``(s, y)``, both like ``x``.
 """
 
 from __future__ import annotations
@@ -141,6 +154,7 @@ _LIB.define(
     "Tensor? out_index=None) -> Tensor"
 )
 _LIB.define("dense_gemv(Tensor x, Tensor weight, int block_warps=0) -> Tensor")
+_LIB.define("add_rms_norm_permuted(Tensor x, Tensor h, Tensor weight, float eps, Tensor perm) -> (Tensor, Tensor)")
 _LIB.define(
     "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset) -> Tensor"
 )
@@ -196,6 +210,14 @@ def dense_gemv_reference(x, weight, block_warps: int = 0):
     return (x.float() @ weight.float().t()).to(x.dtype)
 
 
+def add_rms_norm_permuted_reference(x, h, weight, eps: float, perm):
+    """The CPU implementation of ``zephyr::add_rms_norm_permuted``: ``model_ops.add_rms_norm`` with ``perm``."""
+    from .model_ops import add_rms_norm
+
+    s, y = add_rms_norm(x, h, weight, eps, perm)
+    return s, y.contiguous()
+
+
 # The CUDA implementations come from kernels/bindings.cpp once built.
 _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
@@ -204,6 +226,7 @@ _LIB.impl("gptq_linear", _linear_cpu, "CPU")
 _LIB.impl("gptq_dequantize_repacked", _dequantize_repacked_cpu, "CPU")
 _LIB.impl("decode_attention", decode_attention_reference, "CPU")
 _LIB.impl("dense_gemv", dense_gemv_reference, "CPU")
+_LIB.impl("add_rms_norm_permuted", add_rms_norm_permuted_reference, "CPU")
 
 
 @torch.library.register_fake("zephyr::gptq_gemm_repacked")
@@ -248,6 +271,44 @@ def _dense_gemv_fake(x, weight, block_warps=0):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
     torch._check(x.shape[0] <= DENSE_GEMV_MAX_ROWS, lambda: f"dense_gemv serves M <= {DENSE_GEMV_MAX_ROWS}")
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("zephyr::add_rms_norm_permuted")
+def _add_rms_norm_permuted_fake(x, h, weight, eps, perm):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+NORM_MAX_DIM = 16384  # kNormMaxDim in kernels/add_rms_norm.cu
+
+
+def add_rms_norm_permuted_unsupported(x, h, weight, perm) -> str | None:
+    """Why ``zephyr::add_rms_norm_permuted`` cannot take these tensors, or None."""
+    if x.dim() < 1 or x.shape != h.shape:
+        return f"x {tuple(x.shape)} and h {tuple(h.shape)} must have one shape"
+    if x.dtype not in (torch.float16, torch.bfloat16) or h.dtype != x.dtype or weight.dtype != x.dtype:
+        return f"dtypes {x.dtype} / {h.dtype} / {weight.dtype} (served: float16 or bfloat16, one for all)"
+    d = x.shape[-1]
+    if d % 8 or not 0 < d <= NORM_MAX_DIM:
+        return f"last dimension {d} (served: multiples of 8 up to {NORM_MAX_DIM})"
+    if weight.dim() != 1 or weight.shape[0] != d:
+        return f"weight {tuple(weight.shape)} must be [{d}]"
+    if perm.dim() != 1 or perm.shape[0] != d or perm.dtype != torch.int64:
+        return f"perm must be int64 [{d}], got {perm.dtype} {tuple(perm.shape)}"
+    if not all(t.is_contiguous() for t in (x, h, weight, perm)):
+        return "x, h, weight and perm must be contiguous"
+    if any(t.device != x.device for t in (h, weight, perm)):
+        return f"all tensors must be on {x.device}"
+    if x.is_cuda and not is_fake(x) and any(t.data_ptr() % 16 for t in (x, h, weight, perm)):
+        return "x, h, weight and perm must start at 16-byte aligned addresses"
+    return None
+
+
+def add_rms_norm_permuted(x, h, weight, eps: float, perm):
+    """``(x + h, rms_norm(x + h, weight, eps)[..., perm])`` in one kernel; see the module docstring."""
+    why = add_rms_norm_permuted_unsupported(x, h, weight, perm)
+    if why is not None:
+        raise ValueError(f"add_rms_norm_permuted: {why}")
+    return torch.ops.zephyr.add_rms_norm_permuted(x, h, weight, eps, perm)
 
 
 def dense_gemv_unsupported(x, weight) -> str | None:

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from typing import Optional
@@ -166,13 +167,28 @@ class ModelOps:
 
 
 def _with_norm_kernel(fallback):
-    """``add_rms_norm`` through the Triton kernel (:mod:`.norm_kernel`) for CUDA rows without a permutation,
-    else ``fallback`` (the compiled version)."""
+    """``add_rms_norm`` on CUDA through one kernel: the Triton one (:mod:`.norm_kernel`) without a
+    permutation, ``zephyr::add_rms_norm_permuted`` (CUDA, ``kernels/add_rms_norm.cu``) with one;
+    else ``fallback`` (the compiled version). ``ZEPHYR_PERMUTED_NORM_KERNEL=0`` keeps the compiled
+    version for permuted rows."""
     from . import norm_kernel
+    from .kernel_ops import add_rms_norm_permuted_unsupported
+
+    permuted_kernel = os.environ.get("ZEPHYR_PERMUTED_NORM_KERNEL", "1") != "0"
+
+    def permuted_ok(x, h, weight, perm) -> bool:
+        if not (permuted_kernel and x.is_cuda) or add_rms_norm_permuted_unsupported(x, h, weight, perm) is not None:
+            return False
+        from .kernel_build import ensure_built
+
+        return ensure_built()[0]
 
     def add_rms_norm_fused(x, h, weight, eps, perm=None):
-        if perm is None and norm_kernel.available(x, weight):
-            return norm_kernel.add_rms_norm(x, h, weight, eps)
+        if perm is None:
+            if norm_kernel.available(x, weight):
+                return norm_kernel.add_rms_norm(x, h, weight, eps)
+        elif permuted_ok(x, h, weight, perm):
+            return torch.ops.zephyr.add_rms_norm_permuted(x, h, weight, eps, perm)
         return fallback(x, h, weight, eps, perm)
 
     return add_rms_norm_fused

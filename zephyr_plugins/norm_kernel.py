@@ -6,10 +6,13 @@ program of 4 warps per row reading the row once, takes 1.6-1.9 us
 (``benchmarks/results/ab_H100_2026-11-27/norm_kernel.log``, rows 1-32).
 
 With an act-order permutation (decode steps of up to 8 rows write the norm's
-output in the order of the layer that reads it) the compiled version stays:
-Inductor makes two kernels of it (3.7 us for one row), and both ways of doing
-it here measured no better: gathering x and h at the permuted positions
-3.6-3.8 us, scattering the output through the inverse permutation 6.3 us.
+output in the order of the layer that reads it) this Triton kernel is not
+used: Inductor makes two kernels of it (3.7 us for one row), and both ways of
+doing it in Triton measured no better: gathering x and h at the permuted
+positions 3.6-3.8 us, scattering the output through the inverse permutation
+6.3 us. The CUDA kernel ``zephyr::add_rms_norm_permuted``
+(``kernels/add_rms_norm.cu``) serves those rows instead: it stages the
+normalized row in shared memory and gathers from there.
 
 The arithmetic is the reference's (``model_ops.add_rms_norm``): the sum
 rounded to the activation type, the mean of squares in fp32, the normalized

@@ -1,4 +1,5 @@
-"""GPU tests of the one-kernel residual add + RMSNorm, ``zephyr_plugins.norm_kernel``.
+"""GPU tests of the one-kernel residual add + RMSNorm: ``zephyr_plugins.norm_kernel`` (Triton, no
+permutation) and ``zephyr::add_rms_norm_permuted`` (CUDA, output in an act-order layer's row order).
 
 Against the model's plain ``add_rms_norm`` (the arithmetic the CPU runs) on
 fresh random data, in the activation dtype: the sum bit for bit, the
@@ -10,10 +11,16 @@ on CUDA without a permutation, the compiled version otherwise).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from zephyr_plugins import model_ops, norm_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_helpers import cuda_with_kernels, poison_allocator  # noqa: E402
+
+from zephyr_plugins import model_ops, norm_kernel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -72,17 +79,79 @@ def test_graph_replay_equals_eager():
 
 
 def test_model_ops_route():
-    _cuda()
+    cuda_with_kernels()
     ops = model_ops.ModelOps(compile=True)
     x, h, w = _inputs((2, 1, 576), torch.float16, seed=5)
     got = ops.add_rms_norm(x, h, w, 1e-5)
     want = norm_kernel.add_rms_norm(x, h, w, 1e-5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     perm = torch.randperm(576, device="cuda")
-    s, y = ops.add_rms_norm(x, h, w, 1e-5, perm)  # the compiled version, permuted
+    s, y = ops.add_rms_norm(x, h, w, 1e-5, perm)  # permuted: the CUDA kernel
+    ws, wy = torch.ops.zephyr.add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    assert torch.equal(s, ws) and torch.equal(y, wy)
     ws, wy = model_ops.add_rms_norm(x, h, w, 1e-5, perm)
     assert torch.equal(s, ws)
     assert float((y.float() - wy.float()).abs().max()) <= 2 * 2**-10 * float(wy.float().abs().max())
+    odd = torch.randperm(572, device="cuda")  # 572 is no multiple of 8: the compiled version serves it
+    xo, ho, wo = _inputs((1, 1, 572), torch.float16, seed=6)
+    assert torch.equal(ops.add_rms_norm(xo, ho, wo, 1e-5, odd)[0], model_ops.add_rms_norm(xo, ho, wo, 1e-5, odd)[0])
     assert not norm_kernel.available(x.float(), w.float())  # fp32: the compiled version serves it
     assert not norm_kernel.available(x, w[:100])  # a weight that does not fit the rows
     assert not norm_kernel.available(x[:0], w)  # no rows
+
+
+def _ulps_ok(got, want, dtype):
+    diff = (got.float() - want.float()).abs()
+    ulp = want.float().abs() * (2 * 2**-10 if dtype == torch.float16 else 2 * 2**-7) + 1e-6
+    return bool((diff <= ulp).all()) and float((got != want).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (8, 1, 4096), (3, 1, 576), (2, 5, 960), (1, 1, 16384), (1, 1, 8)])
+def test_permuted_kernel_matches_plain_add_rms_norm(dtype, shape):
+    from zephyr_plugins.kernel_ops import add_rms_norm_permuted
+
+    cuda_with_kernels()
+    x, h, w = _inputs(shape, dtype, seed=shape[-1] + 3 * shape[0])
+    perm = torch.randperm(shape[-1], device="cuda", generator=torch.Generator(device="cuda").manual_seed(shape[-1]))
+    want_s, want_y = model_ops.add_rms_norm(x, h, w, 1e-5, perm)
+    poison_allocator()
+    got_s, got_y = add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    torch.cuda.synchronize()
+    assert got_s.shape == x.shape and got_y.shape == x.shape and got_y.dtype == dtype
+    assert torch.equal(got_s, want_s)
+    assert _ulps_ok(got_y, want_y, dtype)
+    # the permutation really is applied: the identity gives the unpermuted row
+    ident = torch.arange(shape[-1], device="cuda")
+    assert _ulps_ok(add_rms_norm_permuted(x, h, w, 1e-5, ident)[1], model_ops.add_rms_norm(x, h, w, 1e-5)[1], dtype)
+
+
+def test_permuted_kernel_graph_opcheck_and_refusals():
+    from zephyr_plugins.kernel_ops import add_rms_norm_permuted
+
+    cuda_with_kernels()
+    x, h, w = _inputs((4, 1, 4096), torch.float16, seed=9)
+    perm = torch.randperm(4096, device="cuda")
+    eager = add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    want = add_rms_norm_permuted(x, h, w, 1e-5, perm)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1]) and not torch.equal(out[1], eager[1])
+    torch.library.opcheck(torch.ops.zephyr.add_rms_norm_permuted.default, (x[:2], h[:2], w, 1e-5, perm))
+    for words, args in {
+        "multiples of 8": (x[..., :100].contiguous(), h[..., :100].contiguous(), w[:100], perm[:100]),
+        "int64": (x, h, w, perm.int()),
+        "one shape": (x, h[:2], w, perm),
+        "aligned": (x.view(-1)[4:4100].view(1, 1, 4096), h[:1], w, perm),
+    }.items():
+        with pytest.raises(ValueError, match=words):
+            add_rms_norm_permuted(*args[:3], 1e-5, args[3])
