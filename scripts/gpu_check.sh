@@ -15,7 +15,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 GPU_TESTS=(tests/gpu)
-BENCHMARKS=(benchmarks/kernels.py benchmarks/attention.py benchmarks/e2e.py)
+BENCHMARKS=(benchmarks/kernels.py benchmarks/dense_gemv.py benchmarks/attention.py benchmarks/e2e.py)
 BENCHMARKS+=(benchmarks/quantize.py)  # GPTQ time of Mistral-7B-shaped blocks (quantization helper)
 # Real vLLM side by side on a full 7B (only where vLLM is installed: see README, "vLLM on the GPU").
 if ${PYTHON:-python3} -c "import vllm" >/dev/null 2>&1; then BENCHMARKS+=(benchmarks/vllm_gpu_7b.py); fi
