@@ -486,3 +486,22 @@ def test_add_rms_norm_permuted_cpu_fake_opcheck_and_refusals():
     }.items():
         with pytest.raises(ValueError, match=words):
             kernel_ops.add_rms_norm_permuted(*args[:3], 1e-5, args[3])
+
+
+def test_dense_gemv_rows_rule(monkeypatch):
+    """Which float layers the runtime sends to zephyr::dense_gemv: small fp16/bf16 ones without a bias,
+    K a multiple of 32; the size limit can be moved (for measurements) and a bad value is named."""
+    from zephyr_plugins.model import Linear
+    from zephyr_plugins.runtime import DENSE_GEMV_ROWS, dense_gemv_rows
+
+    small = Linear(4096, 4096, bias=False, dtype=torch.float16, device="meta")  # 32 MB: Mistral's o
+    big = Linear(4096, 6144, bias=False, dtype=torch.float16, device="meta")  # 48 MB: qkv
+    assert dense_gemv_rows(small, torch.float16) == DENSE_GEMV_ROWS and dense_gemv_rows(big, torch.float16) == 0
+    assert dense_gemv_rows(small, torch.float32) == 0  # the weight's dtype must be the runtime's fp16/bf16
+    assert dense_gemv_rows(Linear(100, 8, bias=False, dtype=torch.float16, device="meta"), torch.float16) == 0
+    assert dense_gemv_rows(Linear(64, 8, bias=True, dtype=torch.float16, device="meta"), torch.float16) == 0
+    monkeypatch.setenv("ZEPHYR_DENSE_GEMV_MAX_MB", "60")
+    assert dense_gemv_rows(big, torch.float16) == DENSE_GEMV_ROWS
+    monkeypatch.setenv("ZEPHYR_DENSE_GEMV_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="ZEPHYR_DENSE_GEMV_MAX_MB"):
+        dense_gemv_rows(big, torch.float16)

@@ -325,10 +325,10 @@ def dense_gemv_unsupported(x, weight) -> str | None:
         return f"K={x.shape[1]} (served: multiples of {DENSE_GEMV_K_MULTIPLE})"
     if not (x.is_contiguous() and weight.is_contiguous()):
         return "x and weight must be contiguous"
-    if x.is_cuda and not is_fake(x) and (x.data_ptr() % 16 or weight.data_ptr() % 16):  # the kernel's 16-byte loads
-        return "x and weight must start at 16-byte aligned addresses"
     if x.device != weight.device:
         return f"weight is on {weight.device} but x is on {x.device}"
+    if x.is_cuda and not is_fake(x) and (x.data_ptr() % 16 or weight.data_ptr() % 16):  # the kernel's 16-byte loads
+        return "x and weight must start at 16-byte aligned addresses"
     return None
 
 

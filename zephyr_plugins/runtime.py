@@ -65,7 +65,10 @@ def dense_gemv_rows(layer, dtype: torch.dtype) -> int:
     from .kernel_ops import DENSE_GEMV_K_MULTIPLE
 
     limit = os.environ.get("ZEPHYR_DENSE_GEMV_MAX_MB")
-    max_bytes = float(limit) * 2**20 if limit else DENSE_GEMV_MAX_BYTES
+    try:
+        max_bytes = float(limit) * 2**20 if limit else DENSE_GEMV_MAX_BYTES
+    except ValueError:
+        raise ValueError(f"ZEPHYR_DENSE_GEMV_MAX_MB={limit!r} is not a number of megabytes") from None
     ok = (layer.bias is None and layer.in_features % DENSE_GEMV_K_MULTIPLE == 0 and dtype in (torch.float16, torch.bfloat16)
           and layer.weight.dtype == dtype and layer.weight.numel() * layer.weight.element_size() <= max_bytes)  # fmt: skip
     return DENSE_GEMV_ROWS if ok else 0
