@@ -21,6 +21,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "gptq_kernels.cuh"  // Traits<T>: conversions to and from fp32
 
 namespace zephyr {
 
@@ -29,29 +32,12 @@ namespace {
 constexpr int kNormThreads = 512;
 constexpr int kNormMaxDim = 16384;  // the staged row: 32 KB of shared memory at 16 bits
 
-template <typename T>
-struct NormTraits;
-template <>
-struct NormTraits<__half> {
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-  __device__ static __half add(__half a, __half b) { return __hadd(a, b); }
-  __device__ static __half mul(__half a, __half b) { return __hmul(a, b); }
-};
-template <>
-struct NormTraits<__nv_bfloat16> {
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __nv_bfloat16 add(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
-  __device__ static __nv_bfloat16 mul(__nv_bfloat16 a, __nv_bfloat16 b) { return __hmul(a, b); }
-};
-
 // Rows of D (a multiple of 8) values; 16-byte aligned x, h, weight, s and y.
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
     const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ weight,
     const int64_t* __restrict__ perm, T* __restrict__ s_out, T* __restrict__ y_out, int D, float eps) {
-  using Tr = NormTraits<T>;
+  using Tr = Traits<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* row_buf = reinterpret_cast<T*>(smem_raw);  // [D]: s, then the normalized row
   __shared__ float warp_sums[kNormThreads / 32];
@@ -82,7 +68,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
     T* se = reinterpret_cast<T*>(&sv);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      se[e] = Tr::add(xe[e], he[e]);
+      se[e] = __hadd(xe[e], he[e]);  // rounded to T, as the reference's x + h
       const float f = Tr::to_float(se[e]);
       ss += f * f;
     }
@@ -105,7 +91,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
     T* se = reinterpret_cast<T*>(&sv);
     const T* we = reinterpret_cast<const T*>(&wv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) se[e] = Tr::mul(Tr::from_float(Tr::to_float(se[e]) * rstd), we[e]);
+    for (int e = 0; e < 8; ++e) se[e] = __hmul(Tr::from_float(Tr::to_float(se[e]) * rstd), we[e]);
     reinterpret_cast<uint4*>(row_buf)[v] = sv;
   }
   __syncthreads();
@@ -158,17 +144,17 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_permuted_cuda(const at::Tensor& 
   TORCH_CHECK(rows <= INT32_MAX, "add_rms_norm_permuted: too many rows");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = size_t(D) * x.element_size();
+  auto launch = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    add_rms_norm_permuted_kernel<T><<<unsigned(rows), kNormThreads, smem, stream>>>(
+        static_cast<const T*>(x.data_ptr()), static_cast<const T*>(h.data_ptr()),
+        static_cast<const T*>(weight.data_ptr()), perm.data_ptr<int64_t>(), static_cast<T*>(s.data_ptr()),
+        static_cast<T*>(y.data_ptr()), int(D), float(eps));
+  };
   if (x.scalar_type() == at::kHalf)
-    add_rms_norm_permuted_kernel<__half><<<unsigned(rows), kNormThreads, smem, stream>>>(
-        reinterpret_cast<const __half*>(x.data_ptr()), reinterpret_cast<const __half*>(h.data_ptr()),
-        reinterpret_cast<const __half*>(weight.data_ptr()), perm.data_ptr<int64_t>(),
-        reinterpret_cast<__half*>(s.data_ptr()), reinterpret_cast<__half*>(y.data_ptr()), int(D), float(eps));
+    launch(static_cast<__half*>(nullptr));
   else
-    add_rms_norm_permuted_kernel<__nv_bfloat16><<<unsigned(rows), kNormThreads, smem, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()),
-        reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), perm.data_ptr<int64_t>(),
-        reinterpret_cast<__nv_bfloat16*>(s.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), int(D),
-        float(eps));
+    launch(static_cast<__nv_bfloat16*>(nullptr));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {s, y};
 }

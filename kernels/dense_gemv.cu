@@ -24,6 +24,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "device_info.cuh"
 #include "gptq_kernels.cuh"
 
@@ -128,18 +130,15 @@ at::Tensor dense_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, int64_
   const int slices = int(K / kDenseSliceK);
   const int per_warp = (slices + warps - 1) / warps;
   const dim3 grid(unsigned((N + kDenseRows - 1) / kDenseRows));
-  auto launch = [&](auto tag, auto kernel4, auto kernel8, auto kernel16) {
-    using T = decltype(tag);
-    auto* k = warps == 4 ? kernel4 : (warps == 8 ? kernel8 : kernel16);
-    return launch_kernel(k, grid, dim3(warps * 32), stream, false, reinterpret_cast<const T*>(x.data_ptr()),
-                         reinterpret_cast<const T*>(weight.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), int(M),
-                         int(N), int(K), per_warp);
+  auto launch = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    auto* k = warps == 4 ? dense_gemv_kernel<T, 4> : (warps == 8 ? dense_gemv_kernel<T, 8> : dense_gemv_kernel<T, 16>);
+    return launch_kernel(k, grid, dim3(warps * 32), stream, false, static_cast<const T*>(x.data_ptr()),
+                         static_cast<const T*>(weight.data_ptr()), static_cast<T*>(out.data_ptr()), int(M), int(N),
+                         int(K), per_warp);
   };
-  const cudaError_t err =
-      x.scalar_type() == at::kHalf
-          ? launch(__half(), dense_gemv_kernel<__half, 4>, dense_gemv_kernel<__half, 8>, dense_gemv_kernel<__half, 16>)
-          : launch(__nv_bfloat16(), dense_gemv_kernel<__nv_bfloat16, 4>, dense_gemv_kernel<__nv_bfloat16, 8>,
-                   dense_gemv_kernel<__nv_bfloat16, 16>);
+  const cudaError_t err = x.scalar_type() == at::kHalf ? launch(static_cast<__half*>(nullptr))
+                                                       : launch(static_cast<__nv_bfloat16*>(nullptr));
   C10_CUDA_CHECK(err);
   return out;
 }
