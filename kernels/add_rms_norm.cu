@@ -23,7 +23,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "gptq_kernels.cuh"  // Traits<T>: conversions to and from fp32
+#include "device_info.cuh"   // pdl_chain
+#include "gptq_kernels.cuh"  // Traits<T>: conversions to and from fp32; launch_kernel_smem, pdl_wait
 
 namespace zephyr {
 
@@ -54,9 +55,14 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
       p[2 * q + 1] = pp.y;
     }
   };
+  // Launched as a programmatic dependent (pdl_chain in device_info.cuh), this kernel may start
+  // while the kernel that writes h still runs, and the layer after it may be scheduled as soon as
+  // this one starts: only the permutation (fixed) is read before the wait.
+  pdl_launch_dependents();
   const bool one_vec = vecs <= kNormThreads;
   int64_t pre[8];
   if (one_vec && int(threadIdx.x) < vecs) load_perm(threadIdx.x, pre);
+  pdl_wait();
 
   float ss = 0.f;
   for (int v = threadIdx.x; v < vecs; v += kNormThreads) {
@@ -144,18 +150,17 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_permuted_cuda(const at::Tensor& 
   TORCH_CHECK(rows <= INT32_MAX, "add_rms_norm_permuted: too many rows");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = size_t(D) * x.element_size();
+  const bool pdl = pdl_chain(x.get_device());
   auto launch = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    add_rms_norm_permuted_kernel<T><<<unsigned(rows), kNormThreads, smem, stream>>>(
-        static_cast<const T*>(x.data_ptr()), static_cast<const T*>(h.data_ptr()),
-        static_cast<const T*>(weight.data_ptr()), perm.data_ptr<int64_t>(), static_cast<T*>(s.data_ptr()),
-        static_cast<T*>(y.data_ptr()), int(D), float(eps));
+    return launch_kernel_smem(add_rms_norm_permuted_kernel<T>, dim3(unsigned(rows)), dim3(kNormThreads), smem,
+                              stream, pdl, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(h.data_ptr()),
+                              static_cast<const T*>(weight.data_ptr()), perm.data_ptr<int64_t>(),
+                              static_cast<T*>(s.data_ptr()), static_cast<T*>(y.data_ptr()), int(D), float(eps));
   };
-  if (x.scalar_type() == at::kHalf)
-    launch(static_cast<__half*>(nullptr));
-  else
-    launch(static_cast<__nv_bfloat16*>(nullptr));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t err = x.scalar_type() == at::kHalf ? launch(static_cast<__half*>(nullptr))
+                                                       : launch(static_cast<__nv_bfloat16*>(nullptr));
+  C10_CUDA_CHECK(err);
   return {s, y};
 }
 

@@ -40,8 +40,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "device_info.cuh"
+#include "gptq_kernels.cuh"  // launch_kernel, pdl_wait, pdl_launch_dependents
 
 namespace zephyr {
 
@@ -110,6 +112,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   constexpr int kStep = GMAX <= 4 ? 64 : 32;
   constexpr int kPasses = kStep / kKeysPerPass;
   static_assert(kPasses >= 1 && kStep % kKeysPerPass == 0, "a step must be whole passes of the block");
+  // Launched as a programmatic dependent (pdl_chain in device_info.cuh), the kernel may be scheduled
+  // while the kernel that writes qkv still runs: it waits before reading anything. The output
+  // projection after it may be scheduled as soon as every block of this one has started.
+  pdl_launch_dependents();
+  pdl_wait();
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.G, BK = a.block_keys;
@@ -394,23 +401,27 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                 scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
-#define ZK_ATTN_T(T, D, GM)                                                                  \
-  if (threads == 256) decode_attention_kernel<T, D, GM, 256><<<grid, 256, 0, stream>>>(args); \
-  else decode_attention_kernel<T, D, GM, 128><<<grid, 128, 0, stream>>>(args)
-#define ZK_ATTN(T, D)   \
-  if (gmax == 4) {      \
-    ZK_ATTN_T(T, D, 4); \
-  } else {              \
-    ZK_ATTN_T(T, D, 8); \
-  }
+  // The instantiation for (dtype, head dim); group bound and threads chosen here.
+  auto launch = [&](auto* type, auto head_dim) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    constexpr int D = decltype(head_dim)::value;
+    void (*k)(AttnArgs);
+    if (gmax == 4)
+      k = threads == 256 ? decode_attention_kernel<T, D, 4, 256> : decode_attention_kernel<T, D, 4, 128>;
+    else
+      k = threads == 256 ? decode_attention_kernel<T, D, 8, 256> : decode_attention_kernel<T, D, 8, 128>;
+    return launch_kernel(k, grid, dim3(threads), stream, pdl_chain(qkv.get_device()), args);
+  };
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
   const bool half = qkv.scalar_type() == at::kHalf;
-  if (half && HD == 128) { ZK_ATTN(__half, 128); }
-  else if (half) { ZK_ATTN(__half, 64); }
-  else if (HD == 128) { ZK_ATTN(__nv_bfloat16, 128); }
-  else { ZK_ATTN(__nv_bfloat16, 64); }
-#undef ZK_ATTN
-#undef ZK_ATTN_T
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaError_t err;
+  if (half)
+    err = HD == 128 ? launch(static_cast<__half*>(nullptr), D128{}) : launch(static_cast<__half*>(nullptr), D64{});
+  else
+    err = HD == 128 ? launch(static_cast<__nv_bfloat16*>(nullptr), D128{})
+                    : launch(static_cast<__nv_bfloat16*>(nullptr), D64{});
+  C10_CUDA_CHECK(err);
   return out;
 }
 

@@ -64,6 +64,10 @@ __global__ void __launch_bounds__(WARPS * 32) dense_gemv_kernel(const T* __restr
     const uint32_t fb[4] = {a0.z, a1.z, a0.w, a1.w};
     Tr::mma(acc, fb, b.z, b.w);
   };
+  // Launched as a programmatic dependent (pdl_chain in device_info.cuh), the kernel may start while
+  // the kernel that writes x still runs: the first weight loads go out before the wait, x is read
+  // and the output written only after it.
+  pdl_launch_dependents();
   int s = s_begin;
   for (; s + kDenseUnroll <= s_end; s += kDenseUnroll) {
     uint4 a0[kDenseUnroll], a1[kDenseUnroll], b[kDenseUnroll];
@@ -72,6 +76,7 @@ __global__ void __launch_bounds__(WARPS * 32) dense_gemv_kernel(const T* __restr
       a0[u] = load_stream(w0 + (size_t)(s + u) * kStride);
       a1[u] = load_stream(w1 + (size_t)(s + u) * kStride);
     }
+    if (s == s_begin) pdl_wait();
 #pragma unroll
     for (int u = 0; u < kDenseUnroll; ++u) b[u] = has_x ? __ldg(xr + (s + u) * kStride) : make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -79,10 +84,12 @@ __global__ void __launch_bounds__(WARPS * 32) dense_gemv_kernel(const T* __restr
   }
   for (; s < s_end; ++s) {
     const uint4 a0 = load_stream(w0 + (size_t)s * kStride), a1 = load_stream(w1 + (size_t)s * kStride);
+    pdl_wait();  // returns at once after the first time
     const uint4 b = has_x ? __ldg(xr + s * kStride) : make_uint4(0, 0, 0, 0);
     mma_slice(a0, a1, b);
   }
 
+  pdl_wait();  // a warp without slices still must not write before the wait
   // C fragment: acc[e] is W row g + 8 * (e >> 1), x row 2c + (e & 1).
 #pragma unroll
   for (int e = 0; e < 4; ++e) red[warp][(g + 8 * (e >> 1)) * kDenseMaxM + 2 * c + (e & 1)] = acc[e];
@@ -133,7 +140,7 @@ at::Tensor dense_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, int64_
   auto launch = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     auto* k = warps == 4 ? dense_gemv_kernel<T, 4> : (warps == 8 ? dense_gemv_kernel<T, 8> : dense_gemv_kernel<T, 16>);
-    return launch_kernel(k, grid, dim3(warps * 32), stream, false, static_cast<const T*>(x.data_ptr()),
+    return launch_kernel(k, grid, dim3(warps * 32), stream, pdl_chain(x.get_device()), static_cast<const T*>(x.data_ptr()),
                          static_cast<const T*>(weight.data_ptr()), static_cast<T*>(out.data_ptr()), int(M), int(N),
                          int(K), per_warp);
   };

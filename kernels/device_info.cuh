@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace zephyr {
 
 // Device attribute A of `device`, queried once per device (`fallback` for an id beyond the cache).
@@ -28,5 +31,19 @@ inline int cc_major(int device) { return cached_attribute<cudaDevAttrComputeCapa
 
 // Compute capability minor.
 inline int cc_minor(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMinor>(device, 0); }
+
+// Whether the decode-step kernels (GEMV, dense GEMV, permuted norm, decode attention) launch as
+// programmatic dependents of the kernel before them (sm_90+): each may then be scheduled while its
+// predecessor still runs and stream what does not depend on it (its weights) until it reaches
+// griddepcontrol.wait, and each lets its own dependents launch as soon as it starts.
+// ZEPHYR_PDL=0 turns that off (read once per process); the act-order gather kernel's dependent
+// launch stays on either way, as before.
+inline bool pdl_chain(int device) {
+  static const bool off = [] {
+    const char* v = std::getenv("ZEPHYR_PDL");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  return !off && cc_major(device) >= 9;
+}
 
 }  // namespace zephyr

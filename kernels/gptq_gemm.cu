@@ -356,6 +356,7 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   }
   bool pdl = false;
   const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  pdl = pdl || pdl_chain(x.get_device());
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,

@@ -234,7 +234,11 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   };
 
   // Double-buffered stream over this warp's units. Weights do not depend on
-  // x: the first unit is requested before waiting for the gather kernel.
+  // x: the first unit is requested before waiting for the kernel that wrote x
+  // (launched as its programmatic dependent, this kernel may start while that
+  // one runs; see pdl_chain in device_info.cuh). Nothing is written before the
+  // wait. The next kernel may be scheduled as soon as every block has started.
+  pdl_launch_dependents();
   uint4 wa[8], wb[8];
   if (nu > 0) load_unit(wa, u_begin);
   pdl_wait();
