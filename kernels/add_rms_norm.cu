@@ -57,11 +57,15 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
   };
   // Launched as a programmatic dependent (pdl_chain in device_info.cuh), this kernel may start
   // while the kernel that writes h still runs, and the layer after it may be scheduled as soon as
-  // this one starts: only the permutation (fixed) is read before the wait.
+  // this one starts: only the permutation and the weight (fixed) are read before the wait.
   pdl_launch_dependents();
   const bool one_vec = vecs <= kNormThreads;
   int64_t pre[8];
-  if (one_vec && int(threadIdx.x) < vecs) load_perm(threadIdx.x, pre);
+  uint4 w_pre = make_uint4(0, 0, 0, 0);
+  if (one_vec && int(threadIdx.x) < vecs) {
+    load_perm(threadIdx.x, pre);
+    w_pre = __ldg(reinterpret_cast<const uint4*>(weight) + threadIdx.x);
+  }
   pdl_wait();
 
   float ss = 0.f;
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
   // Each thread rescales the vectors it staged itself (no barrier needed before).
   for (int v = threadIdx.x; v < vecs; v += kNormThreads) {
     uint4 sv = reinterpret_cast<uint4*>(row_buf)[v];
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(weight) + v);
+    const uint4 wv = one_vec ? w_pre : __ldg(reinterpret_cast<const uint4*>(weight) + v);
     T* se = reinterpret_cast<T*>(&sv);
     const T* we = reinterpret_cast<const T*>(&wv);
 #pragma unroll
