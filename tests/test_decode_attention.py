@@ -131,8 +131,11 @@ def test_runtime_fused_decode_equals_unfused(gptq_act_order_ckpt, fused, permute
         llm.model(tokens, 0, pad, kv_len=64)
         runs[flags] = [llm.steps(torch.randint(3, 32000, (2,), generator=g), 20 + i, pad).clone() for i in range(6)]
         runs[flags].append(llm.model.layers[0].attention.kv_cache.k[:2, :, :26].clone())
+    # Permuted inputs reorder the fp32 sums over K of the act-order layers: the logits move by rounding
+    # (up to 1.1e-5 seen in CI for one of 64,000, with 1e-5 allowed); a wrong permutation or mask moves
+    # them by O(1).
     for a, b in zip(runs[(False, False)], runs[(fused, permuted)]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5)
 
 
 @pytest.fixture(scope="module")
