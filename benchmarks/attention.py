@@ -20,7 +20,6 @@ Needs a CUDA GPU with the kernels built.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import git_commit, time_graph  # noqa: E402  (the kernel benchmark's graph timing)
+from kernels import kernels_unavailable, run_meta, time_graph  # noqa: E402  (the kernel benchmark's shared pieces)
 
 H, HKV, HD, LAYERS = 32, 8, 128, 32
 
@@ -59,16 +58,12 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", default="540,2000,4000", help="cache slot of the new token (context length - 1)")
     ap.add_argument("--sweep", action="store_true", help="also time every forced block_keys")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("attention benchmark: needs a CUDA GPU", file=sys.stderr)
+    why = kernels_unavailable()
+    if why:
+        print(f"attention benchmark: {why}", file=sys.stderr)
         return 1
-    from zephyr_plugins.kernel_build import ensure_built
     from zephyr_plugins.kernel_ops import decode_attention, decode_attention_reference
 
-    ok, why = ensure_built()
-    if not ok:
-        print(f"attention benchmark: kernels not built ({why})", file=sys.stderr)
-        return 1
     card = torch.cuda.get_device_name()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -102,11 +97,10 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        date = _dt.datetime.now(_dt.timezone.utc).isoformat()
-        path = os.path.join(args.out, f"attention_{card.replace(' ', '_')}_{date[:10]}.json")
+        meta = run_meta()
+        path = os.path.join(args.out, f"attention_{card.replace(' ', '_')}_{meta['date'][:10]}.json")
         with open(path, "w") as fh:
-            json.dump({"card": card, "date": date, "commit": git_commit(), "torch": torch.__version__,
-                       "rows": rows}, fh, indent=2)  # fmt: skip
+            json.dump({**meta, "rows": rows}, fh, indent=2)
         print(f"wrote {path}")
     return 0
 

@@ -19,7 +19,6 @@ Writes ``dense_gemv_<card>_<date>.json`` and ``.png`` into DIR (default
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import copies_for, copy_bandwidth, git_commit, time_graph  # noqa: E402
+from kernels import copies_for, copy_bandwidth, kernels_unavailable, run_meta, time_graph  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "head": (4096, 32000)}  # fmt: skip
@@ -43,20 +42,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--sweep", action="store_true", help="also time 4 and 16 warps per block")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    why = kernels_unavailable()
+    if why:
+        print(f"dense_gemv benchmark: {why}")
         return 1
-    from zephyr_plugins.kernel_build import ensure_built
     from zephyr_plugins.kernel_ops import dense_gemv
 
-    ok, why = ensure_built()
-    if not ok:
-        print(f"kernels not built: {why}")
-        return 1
     ms = [int(m) for m in args.ms.split(",")]
-    card = torch.cuda.get_device_name()
-    meta = {"card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+    meta = run_meta()
+    card = meta["card"]
     meta["copy_GBps"] = copy_bandwidth()
     print(f"{card}: device copy {meta['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     rows = []

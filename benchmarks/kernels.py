@@ -60,6 +60,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def kernels_unavailable() -> str | None:
+    """Why our CUDA kernels cannot be timed here (no CUDA device, or the build failed and why), else None.
+
+    Shared by the kernel benchmarks (this one, ``dense_gemv.py``, ``attention.py``); each keeps its own
+    exit status."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from zephyr_plugins.kernel_build import ensure_built
+
+    ok, why = ensure_built()
+    return None if ok else f"CUDA kernels unavailable: {why}"
+
+
+def run_meta() -> dict:
+    """The header of a result file: card, date (UTC, seconds), commit, torch and CUDA versions."""
+    return {"card": torch.cuda.get_device_name(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+
+
 def time_graph(calls, min_iters: int = 20, replays: int = 15) -> float:
     """Median microseconds per call of ``calls`` (closures cycled in order) inside a CUDA graph."""
     iters = len(calls) * max(1, math.ceil(min_iters / len(calls)))
@@ -146,16 +166,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=None, help="comma-separated M values (overrides --quick)")
     ap.add_argument("--sweep", action="store_true", help="time forced GEMV launch plans at M = 1 and 8")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device; nothing to benchmark")
-        return 0
-    from zephyr_plugins.kernel_build import ensure_built
+    why = kernels_unavailable()
+    if why:
+        print(f"{why}; nothing to benchmark")
+        return 1 if torch.cuda.is_available() else 0  # no device: nothing to do; a failed build: an error
     from zephyr_plugins.kernel_ops import GEMV_MAX_ROWS, gptq_dequantize, gptq_gemm_repacked, gptq_gemv_repacked
 
-    ok, why = ensure_built()
-    if not ok:
-        print(f"CUDA kernels unavailable: {why}")
-        return 1
     torch.backends.cuda.matmul.allow_tf32 = False
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 64, 256] if args.quick else MS)
     dtype = torch.float16
@@ -246,11 +262,7 @@ def main(argv=None) -> int:
 
     summary = summarize(rows, ms)
     meta = {
-        "card": card,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **run_meta(),
         "copy_GBps": bw,
         "dtype": "float16",
         "method": "median of CUDA-graph replays, weight copies rotated to exceed L2",
