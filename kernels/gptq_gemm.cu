@@ -88,6 +88,21 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
   return ZkShape{M, K, N, Kp, Np, G, group_rows, has_z};
 }
 
+// Most rows of x for which the GEMV kernel gathers x itself (GX, see gptq_gemv.cuh) rather than
+// after a gather_pad_kernel launch: 1. H100, sums over the four Mistral shapes, 4-bit g128
+// act-order, same run: M = 1 52.4 us vs 58.5 with the gather kernel (in order: 52.5), but M = 2
+// 60.0 vs 59.0, M = 4 63.3 vs 60.9, M = 8 83.2 vs 63.9 (8-bit M = 8: 112.7 vs 90.7): every column
+// block gathers its own copy of x, M scattered loads per element. ZEPHYR_GEMV_GX_MAX_M overrides it
+// (0: never; at most kGemvGxMaxM; read once per process), for A/B runs and tests.
+int gemv_gx_max_m() {
+  static const int v = [] {
+    const char* e = std::getenv("ZEPHYR_GEMV_GX_MAX_M");
+    if (e == nullptr || *e == '\0') return 1;
+    return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
+  }();
+  return v;
+}
+
 // x as the kernels read it: [M, Kp] rows of 16-byte aligned, zero-padded,
 // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
 // Returns the tensor to read and sets `pdl` when the kernel that follows may
@@ -103,16 +118,19 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
   at::Tensor xg = at::empty({M, Kp}, x.options());
   dim3 grid(ceil_div(Kp, 256), M);
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
+  // A programmatic dependent of the kernel before it where the decode-step chain is on.
+  const bool dep = pdl_chain(x.get_device());
+  cudaError_t err;
   if (x.scalar_type() == at::kHalf) {
     auto* k = zk ? gather_pad_kernel<__half, true> : gather_pad_kernel<__half, false>;
-    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), p,
-                                reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
+    err = launch_kernel(k, grid, dim3(256), stream, dep, reinterpret_cast<const __half*>(x.data_ptr()), p,
+                        reinterpret_cast<__half*>(xg.data_ptr()), K, Kp);
   } else {
     auto* k = zk ? gather_pad_kernel<__nv_bfloat16, true> : gather_pad_kernel<__nv_bfloat16, false>;
-    k<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
-                                reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
+    err = launch_kernel(k, grid, dim3(256), stream, dep, reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+                        reinterpret_cast<__nv_bfloat16*>(xg.data_ptr()), K, Kp);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(err);
   pdl = cc_major(x.get_device()) >= 9;
   return xg;
 }
@@ -354,14 +372,32 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
       if (splits) break;
     }
   }
+  // x gathered in the kernel (GX) instead of by gather_pad_kernel, where x is not readable in place
+  // (act-order, K not a multiple of 128, or misaligned), M is small enough and the warps' regions fit
+  // in the shared memory the block can have without fewer blocks per SM.
+  const bool direct = perm.numel() == 0 && z.K == z.Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
+  const int xs_chunks = std::min(gemv_gx_chunks(upw, int(bits)), z.Kp / kChunkK);
+  bool gx = false;
+  if (!direct && z.M <= gemv_gx_max_m() && reinterpret_cast<uintptr_t>(perm.numel() ? perm.data_ptr() : nullptr) % 16 == 0) {
+    const long bytes = long(W) * z.M * xs_chunks * kChunkK * x.element_size();
+    int cap;
+    if (half)
+      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__half, 4>(z.M, W, z.has_z, scale_after)
+                      : gptq_gemv_gx_smem_cap<__half, 8>(z.M, W, z.has_z, scale_after);
+    else
+      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(z.M, W, z.has_z, scale_after)
+                      : gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(z.M, W, z.has_z, scale_after);
+    gx = bytes <= cap;
+  }
   bool pdl = false;
-  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl);
+  const at::Tensor xg = gx ? x : gather_x(x, perm, z.K, z.Kp, stream, pdl);
   pdl = pdl || pdl_chain(x.get_device());
   at::Tensor partial;
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
-  GemvArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
-                S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, pdl, stream};
+  GemvArgs args{xg.data_ptr(), gx && perm.numel() ? perm.data_ptr<int>() : nullptr, qweight.data_ptr(),
+                scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
+                locks.data_ptr<int>(), out.data_ptr(), z.M, z.N, z.K, z.Kp, z.Np, z.G, z.group_rows, upw, S, W,
+                scale_after, gx, xs_chunks, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);

@@ -25,7 +25,20 @@
 //   split S over blocks and W come from a small planner (gptq_gemm.cu).
 //   Warps are summed in shared memory in a fixed order, blocks through the
 //   same deterministic partial + lock scheme as the fused kernel.
+// - GX ("gather x in the kernel", M <= 8; used at M = 1, see gemv_gx_max_m): x is read as the caller passed it
+//   ([M, K], any alignment, act-order columns not yet gathered) instead of
+//   as a gathered, padded copy written by gather_pad_kernel. Each warp gathers
+//   the x columns of its own K-slice (x[:, perm[k]], zeros past K) into its
+//   own region of shared memory once, after griddepcontrol.wait (the perm
+//   entries are requested before it, like the first weight unit: they are
+//   fixed), and its main loop reads x there. That saves a kernel and its
+//   dependency link per act-order layer at decode batches (vLLM calls the op
+//   with x in the checkpoint's column order), at the price of every column
+//   block gathering its own copy: M x K scalar loads per column block, so
+//   only small M pays off (the host's gemv_gx_max_m).
 #pragma once
+
+#include <type_traits>
 
 #include "gptq_kernels.cuh"
 
@@ -38,22 +51,33 @@ constexpr int kGemvMaxWarps = 16;
 __host__ __device__ constexpr int gemv_tiles(int m) { return m <= 8 ? 1 : (m <= 16 ? 2 : 4); }
 // Most warps per block at NT x tiles: 16 at one tile (<= 128 registers a thread), else 8.
 __host__ __device__ constexpr int gemv_max_warps(int nt) { return nt == 1 ? 16 : 8; }
+// Rows of x up to which the GX variant (x gathered in the kernel) is instantiated: one x tile.
+constexpr int kGemvGxMaxM = 8;
+// 16-byte units (8 elements) of one 128-column chunk of an x row.
+constexpr int kGemvXUnits = kChunkK / 8;
+// Unit u (0..15) of a chunk of x row r lives at unit gemv_x_swizzle(r, u) in the GX region: the 8
+// lanes of a quarter-warp (rows r, r + 1; c = 0..3: units 4c + q) then hit 8 different 16-byte bank
+// groups (bit 3 of u into bit 1, bit 0 of r into bit 0), as in the tiled kernel's x stages.
+__device__ __forceinline__ int gemv_x_swizzle(int r, int u) { return u ^ ((r & 1) | ((u >> 2) & 2)); }
+
 // Warp slots of the shared-memory reduction buffer (slots x 8*NT x 64 floats, 32 KB): with
 // more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
 __host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 1 ? 16 : (nt == 2 ? 8 : 4); }
 
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT>
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool GX>
 __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
-    const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies)
+    const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies); GX: [M, K] as given
+    const int* __restrict__ perm,       // GX: [K] act-order permutation (x column of zk row k), or null
     const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32, zk layout
     const T* __restrict__ scales,       // [G, Np] shuffled
     const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
     float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
     int* __restrict__ locks,            // [Np/64]
     T* __restrict__ out,                // [M, N]
-    int M, int N, int Kp, int Np, int G, int group_rows, int upw, int S) {
+    int M, int N, int K, int Kp, int Np, int G, int group_rows, int upw, int S, int xs_chunks) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
+  static_assert(!GX || NT == 1, "the GX variant serves one x tile (M <= 8)");
   constexpr int VPS = BITS / 4;  // 16-byte vectors per lane per 16-row step
   constexpr int SPU = 8 / VPS;   // steps per unit
   constexpr int UPC = VPS;       // units per 128-row chunk
@@ -83,6 +107,12 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     has_row[j] = 8 * j + g < M;
     xrow[j] = x + (size_t)(has_row[j] ? 8 * j + g : 0) * Kp + c * 32;
   }
+  // GX: this warp's region of dynamic shared memory holds rows [0, M) x chunks [ch0, ch0 + nch) of
+  // gathered x (row stride xs_chunks chunks, units swizzled by gemv_x_swizzle).
+  extern __shared__ uint4 gx_smem[];
+  const int ch0 = u_begin / UPC;
+  const int nch = nu > 0 ? (u_begin + nu - 1) / UPC - ch0 + 1 : 0;
+  uint4* xs = gx_smem + (size_t)warp * M * xs_chunks * kGemvXUnits;
 
   float acc[NT][4][4];
 #pragma unroll
@@ -111,6 +141,11 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     // x^T B fragments of this unit, tile j: row 8j + g, k = chunk*128 + 32c + [4*step0, +4*SPU).
     // With NT > 1 they are loaded two steps at a time (registers), from L1/L2.
     auto load_x = [&](int j, int q) {
+      if constexpr (GX) {
+        const int r = 8 * j + g;
+        return has_row[j] ? xs[(r * xs_chunks + chunk - ch0) * kGemvXUnits + gemv_x_swizzle(r, 4 * c + step0 / 2 + q)]
+                          : make_uint4(0, 0, 0, 0);
+      }
       return has_row[j] ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + chunk * kChunkK) + step0 / 2 + q)
                         : make_uint4(0, 0, 0, 0);
     };
@@ -241,7 +276,52 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   pdl_launch_dependents();
   uint4 wa[8], wb[8];
   if (nu > 0) load_unit(wa, u_begin);
-  pdl_wait();
+  if constexpr (GX) {
+    // Unit t of this lane is unit lane + 32 t of the region's nch * 16 (8 x columns each, all rows).
+    // Its 8 source columns: perm[k] for zk rows k < K, -1 (zero) for the padding past K.
+    auto gx_cols = [&](int t, int (&col)[8]) {
+      const int ui = lane + 32 * t;
+      const int k0 = (ch0 + ui / kGemvXUnits) * kChunkK + (ui % kGemvXUnits) * 8;
+      if (perm != nullptr && k0 + 8 <= K) {
+        const int4 a = __ldg(reinterpret_cast<const int4*>(perm + k0));
+        const int4 b = __ldg(reinterpret_cast<const int4*>(perm + k0) + 1);
+        col[0] = a.x, col[1] = a.y, col[2] = a.z, col[3] = a.w, col[4] = b.x, col[5] = b.y, col[6] = b.z, col[7] = b.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) col[e] = k0 + e < K ? (perm != nullptr ? __ldg(perm + k0 + e) : k0 + e) : -1;
+      }
+    };
+    auto gx_store = [&](int t, const int (&col)[8]) {
+      const int ui = lane + 32 * t;
+      if (ui >= nch * kGemvXUnits) return;
+      const int cl = ui / kGemvXUnits, uc = ui % kGemvXUnits;
+      for (int r = 0; r < M; ++r) {
+        const T* xr = x + (size_t)r * K;
+        uint4 pack;
+        T* v = reinterpret_cast<T*>(&pack);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = col[e] >= 0 ? xr[col[e]] : Tr::from_float(0.f);
+        xs[(r * xs_chunks + cl) * kGemvXUnits + gemv_x_swizzle(r, uc)] = pack;
+      }
+    };
+    // The first two units' columns are requested before the wait (the permutation is fixed data).
+    constexpr int kPre = 2;
+    int col[kPre][8];
+#pragma unroll
+    for (int t = 0; t < kPre; ++t)
+      if (lane + 32 * t < nch * kGemvXUnits) gx_cols(t, col[t]);
+    pdl_wait();
+#pragma unroll
+    for (int t = 0; t < kPre; ++t) gx_store(t, col[t]);
+    for (int t = kPre; 32 * t < nch * kGemvXUnits; ++t) {
+      int cn[8];
+      gx_cols(t, cn);
+      gx_store(t, cn);
+    }
+    __syncwarp();
+  } else {
+    pdl_wait();
+  }
   for (int it = 0; it < nu; it += 2) {
     if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
     compute_unit(wa, u_begin + it);
@@ -312,52 +392,73 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
 }
 
 struct GemvArgs {
-  const void* x;  // [M, Kp]
+  const void* x;      // [M, Kp]; GX: [M, K] as given
+  const int* perm;    // GX: [K] or null (in order)
   const void* qweight;
   const void* scales;
   const void* zeros;  // null: every zero point is 2^(bits-1)
   float* partial;     // null when S == 1
   int* locks;
   void* out;
-  int M, N, Kp, Np, G, group_rows, upw, S, warps;
+  int M, N, K, Kp, Np, G, group_rows, upw, S, warps;
   bool scale_after;  // group_rows is a multiple of 128 (or one group)
+  bool gx;           // gather x in the kernel (M <= kGemvGxMaxM)
+  int xs_chunks;     // GX: chunks of x per warp region (gemv_gx_chunks)
   bool pdl;
   cudaStream_t stream;
 };
 
 template <typename T>
-using GemvKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
-                            int, int, int);
+using GemvKernel = void (*)(const T*, const int*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int,
+                            int, int, int, int, int, int, int);
+
+// Chunks of 128 x columns a warp's region must hold: its `upw` units may straddle one more chunk
+// than they fill when a chunk has two units (8-bit weights).
+__host__ __device__ constexpr int gemv_gx_chunks(int upw, int bits) {
+  return (upw + 2 * (bits / 4) - 2) / (bits / 4);
+}
 
 // The kernel instantiation for M rows: NT from M; scale_after is honoured for
-// M <= 16 only (one or two x tiles), larger M scale in the dequantization.
+// M <= 16 only (one or two x tiles), larger M scale in the dequantization; gx for M <= 8 only.
 template <typename T, int BITS>
-GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after) {
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx) {
+  auto pick = [&](auto nt_c, auto gx_c) -> GemvKernel<T> {
+    constexpr int NT = decltype(nt_c)::value;
+    constexpr bool GXV = decltype(gx_c)::value;
+    if constexpr (NT == 4) {
+      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false> : gptq_gemv_kernel<T, BITS, false, false, 4, false>;
+    } else {
+      if (has_z)
+        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV>
+                           : gptq_gemv_kernel<T, BITS, true, false, NT, GXV>;
+      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV>
+                         : gptq_gemv_kernel<T, BITS, false, false, NT, GXV>;
+    }
+  };
+  using F = std::false_type;
+  using Tr = std::true_type;
   switch (gemv_tiles(m)) {
-    case 4: return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4> : gptq_gemv_kernel<T, BITS, false, false, 4>;
-    case 2:
-      if (has_z)
-        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 2> : gptq_gemv_kernel<T, BITS, true, false, 2>;
-      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 2> : gptq_gemv_kernel<T, BITS, false, false, 2>;
-    default:
-      if (has_z)
-        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1> : gptq_gemv_kernel<T, BITS, true, false, 1>;
-      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1> : gptq_gemv_kernel<T, BITS, false, false, 1>;
+    case 4: return pick(std::integral_constant<int, 4>{}, F{});
+    case 2: return pick(std::integral_constant<int, 2>{}, F{});
+    default: return gx ? pick(std::integral_constant<int, 1>{}, Tr{}) : pick(std::integral_constant<int, 1>{}, F{});
   }
 }
 
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
-  if (a.warps > gemv_max_warps(gemv_tiles(a.M))) return cudaErrorInvalidValue;
-  return launch_kernel(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after), dim3(a.Np / kBlockN, a.S),
-                       dim3(a.warps * 32), a.stream, a.pdl, static_cast<const T*>(a.x),
-                       static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-                       static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N, a.Kp,
-                       a.Np, a.G, a.group_rows, a.upw, a.S);
+  if (a.warps > gemv_max_warps(gemv_tiles(a.M)) || (a.gx && a.M > kGemvGxMaxM)) return cudaErrorInvalidValue;
+  const size_t smem = a.gx ? size_t(a.warps) * a.M * a.xs_chunks * kChunkK * sizeof(T) : 0;
+  return launch_kernel_smem(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx),
+                            dim3(a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream, a.pdl,
+                            static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
+                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
+                            static_cast<T*>(a.out), a.M, a.N, a.K, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S,
+                            a.xs_chunks);
 }
 
-// Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached).
+// Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached), without
+// dynamic shared memory.
 template <typename T, int BITS>
 int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   const int nt = gemv_tiles(m);
@@ -366,18 +467,54 @@ int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
   int& v = occ[nt / 2][has_z][scale_after][warps];
   if (v == 0) {
     int r = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after), warps * 32,
-                                                      0) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after, false),
+                                                      warps * 32, 0) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
   return v;
 }
 
+// Bytes of dynamic shared memory the GX kernel for M rows may use per `warps`-warp block and keep
+// as many blocks resident per SM as without it (cached per kernel and block size, for the current
+// device: one kind of card per process is assumed, as for the other cached occupancies; 0 if none
+// or on error). Also raises the kernel's dynamic shared memory limit (a function attribute, once).
+template <typename T, int BITS>
+int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after) {
+  if (m > kGemvGxMaxM || warps < 1 || warps > gemv_max_warps(1)) return 0;
+  static int cap[2][2][kGemvMaxWarps + 1] = {};  // [has_z][scale_after][warps], value + 1
+  int& v = cap[has_z][scale_after][warps];
+  if (v == 0) {
+    const GemvKernel<T> k = gemv_kernel_for<T, BITS>(m, has_z, scale_after, true);
+    // The kernel's dynamic shared memory limit is first raised to all a block may have (the
+    // occupancy query honours the limit: at the default 48 KB less the 32 KB reduction buffer,
+    // M = 2 at 16 warps would not fit), then the query says what keeps the blocks per SM.
+    int device = 0, optin = 0, blocks = 0;
+    cudaFuncAttributes fa{};
+    size_t bytes = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaFuncGetAttributes(&fa, k) != cudaSuccess || optin <= int(fa.sharedSizeBytes) ||
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, warps * 32, 0) != cudaSuccess || blocks < 1 ||
+        cudaOccupancyAvailableDynamicSMemPerBlock(&bytes, k, blocks, warps * 32) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the sticky error of a failed query; GX is then not used
+      bytes = 0;
+    }
+    v = int(bytes) + 1;
+  }
+  return v - 1;
+}
+
 extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool);
 extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool);
 extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool);
 extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__half, 4>(int, int, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__half, 8>(int, int, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(int, int, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(int, int, bool, bool);
 extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);

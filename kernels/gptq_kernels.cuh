@@ -168,6 +168,8 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
 // ZK: in "zk order" for the wgmma kernel (gptq_tiled.cuh): output column
 // 128*chunk + 16*i + j holds chunk column 32*c + 4*i + q, with c = (j % 8) / 2
 // and q = j % 2 + 2*(j / 8): step i's 16 k in the order of the mma k index.
+// Launched as a programmatic dependent of the kernel before it (pdl_chain), it reads the
+// permutation (fixed data) before griddepcontrol.wait and x, which that kernel may write, after it.
 template <typename T, bool ZK>
 __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xg, int K,
                                   int Kp) {
@@ -177,9 +179,9 @@ __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict
   if (k >= Kp) return;
   const int j = k & 15, i = (k >> 4) & 7;
   const int src = ZK ? (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3) : k;
-  T v = Traits<T>::from_float(0.f);
-  if (src < K) v = x[(size_t)m * K + (perm ? __ldg(perm + src) : src)];
-  xg[(size_t)m * Kp + k] = v;
+  const int col = src < K ? (perm ? __ldg(perm + src) : src) : -1;
+  pdl_wait();
+  xg[(size_t)m * Kp + k] = col >= 0 ? x[(size_t)m * K + col] : Traits<T>::from_float(0.f);
 }
 
 // ---------------------------------------------------------------------------

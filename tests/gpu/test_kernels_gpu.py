@@ -464,6 +464,54 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+_GX_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_kernels_gpu as t
+outs = {{}}
+for k, n in [(4096, 4096), (14336, 4096), (704, 200)]:
+    for bits, gs, act, sym, dtype in [(4, 128, True, True, torch.float16), (8, 128, True, False, torch.float16),
+                                      (4, 32, True, False, torch.bfloat16), (8, -1, True, True, torch.bfloat16),
+                                      (4, 64, False, True, torch.float16)]:
+        layer, w, _ = t._layer(k, n, bits, gs, act, sym, dtype)
+        for m in (1, 2, 3, 5, 8, 9):
+            gen = torch.Generator(device="cuda").manual_seed(7000 + m)
+            buf = torch.randn(m * k + 1, generator=gen, device="cuda").to(dtype)
+            for name, x in (("aligned", buf[:-1].view(m, k)), ("misaligned", buf[1:].view(m, k))):
+                for bw, sp in ((0, 0), (4, 3), (8, 1), (16, 2)):
+                    if bw == 16 and m > 8:
+                        continue
+                    t.poison_allocator()
+                    y = t._gemv(layer, x, bw, sp)
+                    t._check_out(y, x, w, dtype)
+                    outs[(k, n, bits, gs, act, m, name, bw, sp)] = y.cpu()
+torch.save(outs, sys.argv[1])
+print("ok", len(outs))
+"""
+
+
+def test_gemv_gather_in_kernel_equals_gather_kernel(tmp_path):
+    """x gathered by the GEMV kernel itself (GX: act-order, K not a multiple of 128, misaligned x) gives
+    bit for bit what the kernel gives on a copy gathered by gather_pad_kernel: the same x values meet the
+    same weights in the same order. ZEPHYR_GEMV_GX_MAX_M (read once per process): 0 turns GX off, 8 puts
+    M = 2..8 on it too (the default is M = 1); every plan and both dtypes, poisoned workspaces."""
+    import os
+
+    cuda_with_kernels()
+    code = _GX_CODE.format(here=str(Path(__file__).resolve().parent))
+    results = {}
+    for gx in ("0", "8"):
+        path = tmp_path / f"gx{gx}.pt"
+        env = {**os.environ, "ZEPHYR_GEMV_GX_MAX_M": gx}
+        res = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+        results[gx] = torch.load(path)
+    assert results["0"].keys() == results["8"].keys() and len(results["0"]) > 100
+    for key, y in results["0"].items():
+        assert torch.equal(y, results["8"][key]), f"GX and gathered x differ at {key}"
+
+
 def test_prepared_layer_holds_one_copy_and_saves_the_checkpoint():
     """On the GPU the prepared layer frees the checkpoint's qweight and rebuilds it bit for bit on demand."""
     dev = cuda_with_kernels()
