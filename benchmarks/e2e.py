@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=4096)
-    ap.add_argument("--workdir", default=None, help="where the random checkpoints are written (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the random checkpoints are written (default: a temp dir); one found there is reused")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -350,8 +351,11 @@ def main(argv=None) -> int:
                 continue
         folder = os.path.join(work, name)
         t = time.perf_counter()
-        write_random_checkpoint(folder, layout)
-        print(f"{name}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+        if args.workdir and os.path.exists(os.path.join(folder, "config.json")):  # written (atomically) by an earlier run
+            print(f"{name}: checkpoint reused from {folder}", flush=True)
+        else:
+            write_random_checkpoint(folder, layout)
+            print(f"{name}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         try:
             r = bench_runtime(folder, batches, args.prompt, args.new_tokens, args.prefill, args.quick,
                               ablate=not args.quick and name == args.configs.split(",")[0])

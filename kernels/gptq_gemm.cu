@@ -103,6 +103,23 @@ int gemv_gx_max_m() {
   return v;
 }
 
+// The same for x in order (no permutation; in our runtime's decode steps every layer's input is, the
+// act-order permutations being folded into the producers), where staging costs contiguous loads
+// only: 4 for 4-bit weights, 0 for 8-bit. H100, same machine (ZEPHYR_GEMV_GX_INORDER_MAX_M 8 vs 0):
+// 4-bit g128 sums over the Mistral shapes M = 1 48.2 vs 52.8 / 53.8 us, M = 2 50.8 vs 54.5, M = 4
+// 52.4 vs 55.2 / 56.2, M = 8 57.8 vs 58.0 / 59.5; end to end (benchmarks/e2e.py --quick) 4-bit
+// batch 1 420.6 / 419.3 vs 389.4 / 404.5 tok/s, but batch 8 2,511 / 2,520 vs 2,613 / 2,613 and
+// 8-bit batch 1 286.5 / 287.7 vs 290.8 / 290.4, batch 8 1,915 vs 2,039 / 2,045.
+// ZEPHYR_GEMV_GX_INORDER_MAX_M overrides it for both (0: x read in place, or copied if it must be padded).
+int gemv_gx_inorder_max_m(int bits) {
+  static const int v = [] {
+    const char* e = std::getenv("ZEPHYR_GEMV_GX_INORDER_MAX_M");
+    if (e == nullptr || *e == '\0') return -1;
+    return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
+  }();
+  return v >= 0 ? v : (bits == 4 ? 4 : 0);
+}
+
 // x as the kernels read it: [M, Kp] rows of 16-byte aligned, zero-padded,
 // act-order-gathered columns. Only a plain, 128-aligned x is read in place.
 // Returns the tensor to read and sets `pdl` when the kernel that follows may
@@ -372,13 +389,14 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
       if (splits) break;
     }
   }
-  // x gathered in the kernel (GX) instead of by gather_pad_kernel, where x is not readable in place
-  // (act-order, K not a multiple of 128, or misaligned), M is small enough and the warps' regions fit
-  // in the shared memory the block can have without fewer blocks per SM.
-  const bool direct = perm.numel() == 0 && z.K == z.Kp && reinterpret_cast<uintptr_t>(x.data_ptr()) % kXAlign == 0;
+  // x staged by the kernel itself (GX: each warp gathers or copies its K-slice into shared memory once)
+  // instead of read in place (in order) or from a copy gathered by gather_pad_kernel, where M is small
+  // enough for the case (act-order: scattered loads, gemv_gx_max_m; in order: contiguous ones) and the
+  // warps' regions fit in the shared memory the block can have without fewer blocks per SM.
   const int xs_chunks = std::min(gemv_gx_chunks(upw, int(bits)), z.Kp / kChunkK);
   bool gx = false;
-  if (!direct && z.M <= gemv_gx_max_m() && reinterpret_cast<uintptr_t>(perm.numel() ? perm.data_ptr() : nullptr) % 16 == 0) {
+  const int gx_max = perm.numel() ? gemv_gx_max_m() : gemv_gx_inorder_max_m(int(bits));
+  if (z.M <= gx_max && reinterpret_cast<uintptr_t>(perm.numel() ? perm.data_ptr() : nullptr) % 16 == 0) {
     const long bytes = long(W) * z.M * xs_chunks * kChunkK * x.element_size();
     int cap;
     if (half)

@@ -25,9 +25,9 @@
 //   split S over blocks and W come from a small planner (gptq_gemm.cu).
 //   Warps are summed in shared memory in a fixed order, blocks through the
 //   same deterministic partial + lock scheme as the fused kernel.
-// - GX ("gather x in the kernel", M <= 8; used at M = 1, see gemv_gx_max_m): x is read as the caller passed it
+// - GX ("gather x in the kernel", M <= 8; see gemv_gx_max_m): x is read as the caller passed it
 //   ([M, K], any alignment, act-order columns not yet gathered) instead of
-//   as a gathered, padded copy written by gather_pad_kernel. Each warp gathers
+//   as a gathered, padded copy written by gather_pad_kernel (or, in order, in place). Each warp gathers
 //   the x columns of its own K-slice (x[:, perm[k]], zeros past K) into its
 //   own region of shared memory once, after griddepcontrol.wait (the perm
 //   entries are requested before it, like the first weight unit: they are
@@ -298,9 +298,13 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
       for (int r = 0; r < M; ++r) {
         const T* xr = x + (size_t)r * K;
         uint4 pack;
-        T* v = reinterpret_cast<T*>(&pack);
+        if (perm == nullptr && col[7] >= 0 && reinterpret_cast<uintptr_t>(xr + col[0]) % 16 == 0) {
+          pack = __ldg(reinterpret_cast<const uint4*>(xr + col[0]));  // in order: 8 contiguous columns
+        } else {
+          T* v = reinterpret_cast<T*>(&pack);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = col[e] >= 0 ? xr[col[e]] : Tr::from_float(0.f);
+          for (int e = 0; e < 8; ++e) v[e] = col[e] >= 0 ? xr[col[e]] : Tr::from_float(0.f);
+        }
         xs[(r * xs_chunks + cl) * kGemvXUnits + gemv_x_swizzle(r, uc)] = pack;
       }
     };

@@ -491,10 +491,11 @@ print("ok", len(outs))
 
 
 def test_gemv_gather_in_kernel_equals_gather_kernel(tmp_path):
-    """x gathered by the GEMV kernel itself (GX: act-order, K not a multiple of 128, misaligned x) gives
-    bit for bit what the kernel gives on a copy gathered by gather_pad_kernel: the same x values meet the
-    same weights in the same order. ZEPHYR_GEMV_GX_MAX_M (read once per process): 0 turns GX off, 8 puts
-    M = 2..8 on it too (the default is M = 1); every plan and both dtypes, poisoned workspaces."""
+    """x staged by the GEMV kernel itself (GX: act-order, in order, K not a multiple of 128, misaligned x)
+    gives bit for bit what the kernel gives on x read in place or on a copy gathered by gather_pad_kernel:
+    the same x values meet the same weights in the same order. ZEPHYR_GEMV_GX_MAX_M and
+    ZEPHYR_GEMV_GX_INORDER_MAX_M (read once per process): 0 turns GX off, 8 puts M <= 8 on it (the
+    defaults: act-order M = 1, in order M <= 4 for 4-bit weights); every plan, both dtypes, poisoned workspaces."""
     import os
 
     cuda_with_kernels()
@@ -502,7 +503,7 @@ def test_gemv_gather_in_kernel_equals_gather_kernel(tmp_path):
     results = {}
     for gx in ("0", "8"):
         path = tmp_path / f"gx{gx}.pt"
-        env = {**os.environ, "ZEPHYR_GEMV_GX_MAX_M": gx}
+        env = {**os.environ, "ZEPHYR_GEMV_GX_MAX_M": gx, "ZEPHYR_GEMV_GX_INORDER_MAX_M": gx}
         res = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
