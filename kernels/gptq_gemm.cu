@@ -88,19 +88,21 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
   return ZkShape{M, K, N, Kp, Np, G, group_rows, has_z};
 }
 
-// Most rows of x for which the GEMV kernel gathers x itself (GX, see gptq_gemv.cuh) rather than
-// after a gather_pad_kernel launch: 1. H100, sums over the four Mistral shapes, 4-bit g128
-// act-order, same run: M = 1 52.4 us vs 58.5 with the gather kernel (in order: 52.5), but M = 2
-// 60.0 vs 59.0, M = 4 63.3 vs 60.9, M = 8 83.2 vs 63.9 (8-bit M = 8: 112.7 vs 90.7): every column
-// block gathers its own copy of x, M scattered loads per element. ZEPHYR_GEMV_GX_MAX_M overrides it
-// (0: never; at most kGemvGxMaxM; read once per process), for A/B runs and tests.
-int gemv_gx_max_m() {
+// Most rows of act-order x for which the GEMV kernel gathers x itself (GX, see gptq_gemv.cuh) rather
+// than after a gather_pad_kernel launch: 1 for 4-bit weights, none for 8-bit. H100, sums over the four
+// Mistral shapes, 4-bit g128 act-order, same run: M = 1 52.4 us vs 58.5 with the gather kernel (in
+// order, then: 52.5), but M = 2 60.0 vs 59.0, M = 4 63.3 vs 60.9, M = 8 83.2 vs 63.9 (8-bit M = 8: 112.7
+// vs 90.7): every column block gathers its own copy of x, M scattered loads per element. 8-bit at M = 1
+// gained nothing (87.2 / 87.6 vs 87.4 / 87.9) and in the full run at 7f267f6 read 90.7 us, against
+// 86.1 at M = 2 on the gather kernel. ZEPHYR_GEMV_GX_MAX_M overrides it for both (0: never; at most
+// kGemvGxMaxM; read once per process), for A/B runs and tests.
+int gemv_gx_max_m(int bits) {
   static const int v = [] {
     const char* e = std::getenv("ZEPHYR_GEMV_GX_MAX_M");
-    if (e == nullptr || *e == '\0') return 1;
+    if (e == nullptr || *e == '\0') return -1;
     return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
   }();
-  return v;
+  return v >= 0 ? v : (bits == 4 ? 1 : 0);
 }
 
 // The same for x in order (no permutation; in our runtime's decode steps every layer's input is, the
@@ -395,7 +397,7 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // warps' regions fit in the shared memory the block can have without fewer blocks per SM.
   const int xs_chunks = std::min(gemv_gx_chunks(upw, int(bits)), z.Kp / kChunkK);
   bool gx = false;
-  const int gx_max = perm.numel() ? gemv_gx_max_m() : gemv_gx_inorder_max_m(int(bits));
+  const int gx_max = perm.numel() ? gemv_gx_max_m(int(bits)) : gemv_gx_inorder_max_m(int(bits));
   if (z.M <= gx_max && reinterpret_cast<uintptr_t>(perm.numel() ? perm.data_ptr() : nullptr) % 16 == 0) {
     const long bytes = long(W) * z.M * xs_chunks * kChunkK * x.element_size();
     int cap;

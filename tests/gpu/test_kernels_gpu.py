@@ -495,7 +495,7 @@ def test_gemv_gather_in_kernel_equals_gather_kernel(tmp_path):
     gives bit for bit what the kernel gives on x read in place or on a copy gathered by gather_pad_kernel:
     the same x values meet the same weights in the same order. ZEPHYR_GEMV_GX_MAX_M and
     ZEPHYR_GEMV_GX_INORDER_MAX_M (read once per process): 0 turns GX off, 8 puts M <= 8 on it (the
-    defaults: act-order M = 1, in order M <= 4 for 4-bit weights); every plan, both dtypes, poisoned workspaces."""
+    defaults, for 4-bit weights only: act-order M = 1, in order M <= 4); every plan, both dtypes, poisoned workspaces."""
     import os
 
     cuda_with_kernels()
