@@ -40,7 +40,9 @@ Ops:
     The same product on the same arguments for decode batches, ``M <= 32``
     (``GEMV_MAX_ROWS``): a GEMV-style kernel (swapped-operand ``mma``, one
     dequantized weight fragment feeding the ``mma`` of up to four 8-row tiles
-    of x, register double-buffered weight stream, no shared-memory pipeline).
+    of x, register double-buffered weight stream, no shared-memory pipeline;
+    for 4-bit weights at the fewest rows each warp stages its slice of x in
+    shared memory first, gathering act-order columns itself).
     ``block_warps`` (4, 8, or 16 for ``M <= 8``) and
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
