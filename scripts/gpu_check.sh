@@ -10,7 +10,8 @@
 #
 # To add a step, append to GPU_TESTS (pytest paths, run with -m gpu) or
 # BENCHMARKS (scripts that take --out DIR). Keep what lands in $OUT to a few
-# files: logs at the top, benchmark results in $OUT/bench.
+# files: the build and test logs at the top; the benchmark results ($OUT/bench)
+# and their logs end up in one archive, $OUT/bench.tar.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -66,6 +67,12 @@ if [ $status -eq 0 ]; then
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     done
   fi
+fi
+# One archive of the benchmark results and their logs: a lent device returns at most 8 files from
+# $OUT, and bench/ alone holds more (GPU_CHECK_NO_PACK=1 keeps the files as they are).
+if [ -z "${GPU_CHECK_NO_PACK:-}" ] && [ -d "$OUT/bench" ]; then
+  (cd "$OUT" && tar cf bench.tar bench $(ls bench_*.log 2>/dev/null) && rm -rf bench bench_*.log) &&
+    echo "== results packed into $OUT/bench.tar (tar xf to read them)"
 fi
 echo "== gpu_check done, status $status"
 exit $status
