@@ -327,8 +327,9 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name()
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZEPHYR_") and "/" not in v}  # the switches
     result = {"card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "commit": git_commit(),
-              "torch": torch.__version__, "args": {**vars(args), "batches": batches}, "configs": {}}  # fmt: skip
+              "torch": torch.__version__, "env": env, "args": {**vars(args), "batches": batches}, "configs": {}}  # fmt: skip
     result["copy_gb_s"] = copy_bandwidth_gbs()
     print(f"{card}: device copy {result['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     if not args.no_baseline:

@@ -73,11 +73,18 @@ def kernels_unavailable() -> str | None:
     return None if ok else f"CUDA kernels unavailable: {why}"
 
 
+def zephyr_env() -> dict:
+    """The ``ZEPHYR_*`` environment variables set for this run (the kernels' switches, for A/B results);
+    paths (the kernel cache) are left out."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZEPHYR_") and "/" not in v}
+
+
 def run_meta() -> dict:
-    """The header of a result file: card, date (UTC, seconds), commit, torch and CUDA versions."""
+    """The header of a result file: card, date (UTC, seconds), commit, torch and CUDA versions, ZEPHYR_* switches."""
     return {"card": torch.cuda.get_device_name(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+            "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "env": zephyr_env()}  # fmt: skip
 
 
 def time_graph(calls, min_iters: int = 20, replays: int = 15) -> float:
