@@ -88,6 +88,14 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
   return ZkShape{M, K, N, Kp, Np, G, group_rows, has_z};
 }
 
+// A GX row override from environment variable `name`: its value clamped to [0, kGemvGxMaxM], or -1
+// when it is unset or empty (the callers below read it once per process).
+int gx_rows_from_env(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return -1;
+  return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
+}
+
 // Most rows of act-order x for which the GEMV kernel gathers x itself (GX, see gptq_gemv.cuh) rather
 // than after a gather_pad_kernel launch: 1 for 4-bit weights, none for 8-bit. H100, sums over the four
 // Mistral shapes, 4-bit g128 act-order, same run: M = 1 52.4 us vs 58.5 with the gather kernel (in
@@ -97,11 +105,7 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
 // 86.1 at M = 2 on the gather kernel. ZEPHYR_GEMV_GX_MAX_M overrides it for both (0: never; at most
 // kGemvGxMaxM; read once per process), for A/B runs and tests.
 int gemv_gx_max_m(int bits) {
-  static const int v = [] {
-    const char* e = std::getenv("ZEPHYR_GEMV_GX_MAX_M");
-    if (e == nullptr || *e == '\0') return -1;
-    return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
-  }();
+  static const int v = gx_rows_from_env("ZEPHYR_GEMV_GX_MAX_M");
   return v >= 0 ? v : (bits == 4 ? 1 : 0);
 }
 
@@ -114,11 +118,7 @@ int gemv_gx_max_m(int bits) {
 // 8-bit batch 1 286.5 / 287.7 vs 290.8 / 290.4, batch 8 1,915 vs 2,039 / 2,045.
 // ZEPHYR_GEMV_GX_INORDER_MAX_M overrides it for both (0: x read in place, or copied if it must be padded).
 int gemv_gx_inorder_max_m(int bits) {
-  static const int v = [] {
-    const char* e = std::getenv("ZEPHYR_GEMV_GX_INORDER_MAX_M");
-    if (e == nullptr || *e == '\0') return -1;
-    return std::max(0, std::min(kGemvGxMaxM, std::atoi(e)));
-  }();
+  static const int v = gx_rows_from_env("ZEPHYR_GEMV_GX_INORDER_MAX_M");
   return v >= 0 ? v : (bits == 4 ? 4 : 0);
 }
 
