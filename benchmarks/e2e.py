@@ -39,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernels import zephyr_env  # noqa: E402  (the ZEPHYR_* switches a result file records)
 
 ZEPHYR_7B = dict(
     model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
@@ -327,9 +329,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name()
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZEPHYR_") and "/" not in v}  # the switches
     result = {"card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "commit": git_commit(),
-              "torch": torch.__version__, "env": env, "args": {**vars(args), "batches": batches}, "configs": {}}  # fmt: skip
+              "torch": torch.__version__, "env": zephyr_env(), "args": {**vars(args), "batches": batches}, "configs": {}}  # fmt: skip
     result["copy_gb_s"] = copy_bandwidth_gbs()
     print(f"{card}: device copy {result['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     if not args.no_baseline:
