@@ -93,6 +93,29 @@ def cuda_backend_ok(bits: int, group_size: int) -> tuple[bool, str]:
     return False, "; ".join(reasons) or "no CUDA kernel backend registered"
 
 
+def reusable_checkpoint(folder: str, layout, config: dict = ZEPHYR_7B) -> bool:
+    """Whether ``folder`` holds a checkpoint an earlier run wrote for ``layout`` and ``config`` (writes are
+    atomic, so one with a config.json is complete). Raises ``ValueError`` when it holds another layout or
+    model shape."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        return False
+    with open(os.path.join(folder, "config.json")) as fh:
+        cfg = json.load(fh)
+    qc_path = os.path.join(folder, "quantize_config.json")
+    found = None
+    if os.path.exists(qc_path):
+        with open(qc_path) as fh:
+            qc = json.load(fh)
+        found = (qc.get("bits"), qc.get("group_size"), qc.get("desc_act"))
+    want = None if layout is None else tuple(layout)
+    shape = {k: cfg.get(k) for k in config}
+    if found != want or shape != config:
+        raise ValueError(f"{folder} holds another checkpoint (layout {found}, want {want}"
+                         f"{'' if shape == config else '; its config.json differs from the model written here'}); "
+                         "remove it or pass another --workdir")
+    return True
+
+
 def write_random_checkpoint(folder: str, layout, device: str = "cuda", config: dict = ZEPHYR_7B) -> str:
     """A Zephyr-7B-shaped checkpoint of random weights: GPTQ codes (``layout = (bits, group, act_order)``) or fp16."""
     from zephyr_plugins.config import GPTQConfig
@@ -323,6 +346,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    try:  # checkpoints already in --workdir are checked before anything runs
+        reuse = {n: bool(args.workdir) and reusable_checkpoint(os.path.join(args.workdir, n), CONFIGS[n]) for n in names}
+    except ValueError as exc:
+        ap.error(str(exc))
     if not torch.cuda.is_available():
         print("e2e benchmark: needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -343,7 +374,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, stem + ".json"), "w") as fh:
             json.dump(result, fh, indent=2)
 
-    for name in args.configs.split(","):
+    for name in names:
         layout = CONFIGS[name]
         if layout is not None:
             ok, why = cuda_backend_ok(layout[0], layout[1])
@@ -353,14 +384,14 @@ def main(argv=None) -> int:
                 continue
         folder = os.path.join(work, name)
         t = time.perf_counter()
-        if args.workdir and os.path.exists(os.path.join(folder, "config.json")):  # written (atomically) by an earlier run
+        if reuse[name]:
             print(f"{name}: checkpoint reused from {folder}", flush=True)
         else:
             write_random_checkpoint(folder, layout)
             print(f"{name}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         try:
             r = bench_runtime(folder, batches, args.prompt, args.new_tokens, args.prefill, args.quick,
-                              ablate=not args.quick and name == args.configs.split(",")[0])
+                              ablate=not args.quick and name == names[0])
         except Exception as exc:  # keep the other configs' numbers
             import traceback
 
