@@ -32,12 +32,12 @@ inline int cc_major(int device) { return cached_attribute<cudaDevAttrComputeCapa
 // Compute capability minor.
 inline int cc_minor(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMinor>(device, 0); }
 
-// Whether the decode-step kernels (GEMV, dense GEMV, permuted norm, decode attention) launch as
-// programmatic dependents of the kernel before them (sm_90+): each may then be scheduled while its
-// predecessor still runs and stream what does not depend on it (its weights) until it reaches
-// griddepcontrol.wait, and each lets its own dependents launch as soon as it starts.
-// ZEPHYR_PDL=0 turns that off (read once per process); the act-order gather kernel's dependent
-// launch stays on either way, as before.
+// Whether the decode-step kernels (GEMV, dense GEMV, permuted norm, decode attention, the act-order
+// gather) launch as programmatic dependents of the kernel before them (sm_90+): each may then be
+// scheduled while its predecessor still runs and read what does not depend on it (weights, the
+// permutation) until it reaches griddepcontrol.wait, and each lets its own dependents launch as soon
+// as it starts. ZEPHYR_PDL=0 turns that off (read once per process); the kernel after a gather kernel
+// still launches as the gather's dependent either way, as before.
 inline bool pdl_chain(int device) {
   static const bool off = [] {
     const char* v = std::getenv("ZEPHYR_PDL");
