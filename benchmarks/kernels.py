@@ -2,9 +2,11 @@
 
 For the four Mistral-7B linear shapes and M in {1, ..., 4096}, times in one
 run: our backend (what ``QuantLinear`` dispatches to: the GEMV kernel for
-M <= 24, the tiled kernel up to the backend's FUSED_MAX_M, dequantize + cuBLAS
-above), the GEMV, fused small-M and tiled kernels (the tiled one on mma.sync,
-``tiled_us``, and on Hopper also on wgmma, ``wgmma_us``) and the dequantize +
+M <= 24, the tiled kernel up to the backend's FUSED_MAX_M (FUSED_MAX_M_WS for
+4-bit layers on Hopper, where the tiled kernel is its WS variant), dequantize +
+cuBLAS above), the GEMV, fused small-M and tiled kernels (the tiled one on mma.sync,
+``tiled_us``, and on Hopper also on wgmma, ``wgmma_us``, and its warp-specialized
+wgmma variant at M >= 16, ``ws_us``) and the dequantize +
 cuBLAS path separately where they apply, cuBLAS fp16 ``x @ W``, and torch's
 ``_weight_int4pack_mm`` (g128, bf16). Each measurement is the median over
 replays of a CUDA graph that runs the op over several weight copies in turn,
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-MS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 384, 512, 1024, 4096]
 LAYOUTS = {  # name: (bits, group_size, act_order)
     "u4g128_act": (4, 128, True),
     "u4g128": (4, 128, False),
@@ -229,6 +231,10 @@ def main(argv=None) -> int:
                         row["wgmma_us"] = time_graph(
                             [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
                                                             L._zk_locks, bits, gs, n, 3) for L in layers])  # fmt: skip
+                if m >= 16 and wgmma:  # the warp-specialized wgmma variant (WS) on its own, at any M
+                    row["ws_us"] = time_graph(
+                        [lambda L=L: gptq_gemm_repacked(x, L._zk_qweight, L._zk_scales, L._zk_zeros, L._zk_perm,
+                                                        L._zk_locks, bits, gs, n, 4) for L in layers])  # fmt: skip
                 if args.sweep and m in (1, 8) and act:
                     for bw in (4, 8, 16) if m <= 8 else (4, 8):
                         for sp in (1, 2, 4, 8, 16, 32):
@@ -260,6 +266,7 @@ def main(argv=None) -> int:
                     + (f"  fused {row['fused_us']:7.1f}" if "fused_us" in row else "")
                     + (f"  tiled {row['tiled_us']:7.1f}" if "tiled_us" in row else "")
                     + (f"  wgmma {row['wgmma_us']:7.1f}" if "wgmma_us" in row else "")
+                    + (f"  ws {row['ws_us']:7.1f}" if "ws_us" in row else "")
                     + (f"  deq+cublas {row['dequant_cublas_us']:7.1f}" if "dequant_cublas_us" in row else "")
                     + (f"  ckpt-deq {row['ckpt_dequant_cublas_us']:7.1f}" if "ckpt_dequant_cublas_us" in row else ""),
                     flush=True,
@@ -301,7 +308,15 @@ def summarize(rows, ms):
                 "speedup": fp16 / ours, "int4pack_speedup": fp16 / int4 if int4 else None,
                 "ours_GBps": wbytes / ours / 1e3,
             })  # fmt: skip
+            # Each path timed on its own, summed where every shape has it (its speedup vs fp16 beside it).
+            for key in PATH_KEYS:
+                if all(key in r for r in sel):
+                    out[-1][key] = sum(r[key] for r in sel)
+                    out[-1][key.replace("_us", "_speedup")] = fp16 / out[-1][key]
     return out
+
+
+PATH_KEYS = ("gemv_us", "fused_us", "tiled_us", "wgmma_us", "ws_us", "dequant_cublas_us")
 
 
 def print_table(summary, meta):
@@ -310,9 +325,10 @@ def print_table(summary, meta):
     print(f"{'layout':12s} {'M':>5s} {'ours us':>9s} {'fp16 us':>9s} {'x fp16':>7s} {'GB/s':>6s} {'int4pack x':>10s}")
     for s in summary:
         i4 = f"{s['int4pack_speedup']:.2f}" if s["int4pack_speedup"] else "-"
+        paths = "".join(f"  {k[:-3]} {s[k]:.1f} ({s[k.replace('_us', '_speedup')]:.2f}x)" for k in PATH_KEYS if k in s)
         print(
             f"{s['layout']:12s} {s['M']:5d} {s['ours_us']:9.1f} {s['fp16_us']:9.1f} {s['speedup']:7.2f} "
-            f"{s['ours_GBps']:6.0f} {i4:>10s}"
+            f"{s['ours_GBps']:6.0f} {i4:>10s}{paths}"
         )
 
 

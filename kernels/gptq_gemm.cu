@@ -154,6 +154,33 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
   return xg;
 }
 
+// x as the WS kernel reads it: its x tiles of `rows` rows (gather_tiles_kernel), a copy always.
+// Sets `pdl` as gather_x does.
+at::Tensor gather_x_tiles(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, int rows, cudaStream_t stream,
+                          bool& pdl) {
+  const int M = x.size(0);
+  const long padded = long(ceil_div(M, rows)) * rows;
+  TORCH_CHECK(padded * Kp / 8 < INT_MAX, "gptq_gemm_repacked: x has too many elements for the WS kernel (", M, " x ",
+              Kp, ")");
+  at::Tensor xt = at::empty({padded, Kp}, x.options());
+  const int units = int(padded * Kp / 8);
+  const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
+  const bool dep = pdl_chain(x.get_device());
+  const dim3 grid(unsigned(ceil_div(units, 256)));
+  cudaError_t err;
+  if (x.scalar_type() == at::kHalf)
+    err = launch_kernel(gather_tiles_kernel<__half>, grid, dim3(256), stream, dep,
+                        reinterpret_cast<const __half*>(x.data_ptr()), p, reinterpret_cast<__half*>(xt.data_ptr()), M,
+                        K, Kp, rows, units);
+  else
+    err = launch_kernel(gather_tiles_kernel<__nv_bfloat16>, grid, dim3(256), stream, dep,
+                        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+                        reinterpret_cast<__nv_bfloat16*>(xt.data_ptr()), M, K, Kp, rows, units);
+  C10_CUDA_CHECK(err);
+  pdl = cc_major(x.get_device()) >= 9;
+  return xt;
+}
+
 }  // namespace
 
 namespace {
@@ -170,28 +197,30 @@ bool tiled_wgmma_available(int device) {
 #endif
 }
 
-// The tiled kernel (gptq_tiled.cuh) for any M; wg: its wgmma variant.
+// The tiled kernel (gptq_tiled.cuh) for any M; variant: kTiledMma, kTiledWg or kTiledWs.
 // splits: 0 = planned, else forced (benchmarks).
 at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int bits, int splits,
-                      bool wg) {
+                      int variant) {
+  const bool wg = variant != kTiledMma;  // the wgmma variants: row tiles of 32 or 64 rows
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty({z.M, z.N}, x.options());
   if (z.M == 0 || z.N == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == at::kHalf;
-  // ZEPHYR_TILED_MT=1/2/4 (benchmarks) forces the row tile (16 x that many rows) where M allows it.
+  // ZEPHYR_TILED_MT=1/2/4/8 (benchmarks) forces the row tile (16 x that many rows) where M allows it
+  // (8: the WS variant's two warpgroups of 64 rows).
   static const int force_mt = [] {
     const char* e = std::getenv("ZEPHYR_TILED_MT");
     const int v = e ? std::atoi(e) : 0;
-    return (v == 1 || v == 2 || v == 4) ? v : 0;
+    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
   }();
   auto occupancy = [&](int mt) {
     if (half)
-      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, wg)
-                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, wg);
-    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, wg)
-                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, wg);
+      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, variant)
+                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, variant);
+    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, variant)
+                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, variant);
   };
   // Plan: row tile (16*MT rows) and split S along K. Cost in microseconds,
   // calibrated on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced):
@@ -203,16 +232,23 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   // tile, column group).
   const int chunks = z.Kp / kChunkK, groups = ceil_div(z.Np / kBlockN, kTiledWarps);
   const int sms = sm_count(x.get_device());
-  // The wgmma variant has row tiles of 32 or 64 rows.
-  const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, tiled_mt(z.M)) : tiled_mt(z.M));
+  // The wgmma variants have row tiles of 32 or 64 rows, WS also of 128 (two warpgroups) above 64 rows.
+  const int mt_fit = variant == kTiledWs && z.M > 64 ? 8 : tiled_mt(z.M);
+  const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, mt_fit) : mt_fit);
   int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
   double best = -1;
-  for (int mt_try : {4, 2, 1}) {
+  for (int mt_try : {8, 4, 2, 1}) {
     if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
     const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
     const int slots = sms * occupancy(mt_try);
-    const double t_chunk = mt_try == 4 ? 3.2 : 2.3, t_split = mt_try == 4 ? 2.0 : 1.5;
-    const int s_max = (chunks > 1 && tiles <= locks.size(0)) ? std::min(chunks, 64) : 1;
+    // WS, from its forced row tiles at M = 1024 (gate_up, 4-bit, H100): a block's chunk takes ~3.7 us
+    // at 32 rows (2 blocks per SM), ~1.75 at 64 and ~3.0 at 128 (one block per SM each); with these the
+    // plan picks 64-row tiles at M = 64 and 128-row tiles above, the fastest forced choice at M = 64-4096.
+    const double t_chunk = variant == kTiledWs ? (mt_try == 8 ? 3.0 : mt_try == 4 ? 1.75 : 3.7)
+                                               : (mt_try == 4 ? 3.2 : 2.3);
+    const double t_split = mt_try >= 4 ? 2.0 : 1.5;
+    // A lock per (64- or 32-row tile, column group): two per 128-row tile.
+    const int s_max = (chunks > 1 && tiles * (mt_try == 8 ? 2 : 1) <= locks.size(0)) ? std::min(chunks, 64) : 1;
     for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
@@ -222,7 +258,8 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     }
   }
   bool pdl = false;
-  const at::Tensor xg = gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
+  const at::Tensor xg = variant == kTiledWs ? gather_x_tiles(x, perm, z.K, z.Kp, 16 * mt, stream, pdl)
+                                            : gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
   // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
   at::Tensor partial;
   if (S > 1)
@@ -230,7 +267,7 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
                         x.options().dtype(at::kFloat));
   TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                  S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, wg, pdl, stream};
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, variant, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);
@@ -245,26 +282,30 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
 // kernel: 0 = planned (the fused small-M kernel for M <= kSmallMaxM, else the tiled one: its wgmma
 // variant where available), 1 = the fused small-M kernel (M <= 64), 2 = the tiled kernel (mma.sync),
-// 3 = its wgmma variant (sm_90a). splits (tiled kernels only): 0 = planned, else forced.
+// 3 = its wgmma variant (sm_90a), 4 = its warp-specialized wgmma variant (WS, sm_90a). splits (tiled
+// kernels only): 0 = planned, else forced.
 at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t kernel,
                                    int64_t splits) {
-  TORCH_CHECK(kernel >= 0 && kernel <= 3,
-              "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small), 2 (tiled) or 3 (tiled, wgmma), got ", kernel);
-  TORCH_CHECK(kernel != 3 || !x.is_cuda() || tiled_wgmma_available(x.get_device()),
-              "gptq_gemm_repacked: kernel=3 (wgmma) needs an sm_90 card and kernels built for sm_90a "
-              "(ZEPHYR_CUDA_ARCHS with 90a)");
+  TORCH_CHECK(kernel >= 0 && kernel <= 4,
+              "gptq_gemm_repacked: kernel must be 0 (planned), 1 (small), 2 (tiled), 3 (tiled, wgmma) or 4 (tiled, "
+              "warp-specialized wgmma), got ", kernel);
+  TORCH_CHECK(kernel < 3 || !x.is_cuda() || tiled_wgmma_available(x.get_device()), "gptq_gemm_repacked: kernel=",
+              kernel, " (wgmma) needs an sm_90 card and kernels built for sm_90a (ZEPHYR_CUDA_ARCHS with 90a)");
   TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemm_repacked: splits must be in [0, 256], got ", splits);
   TORCH_CHECK(x.dim() == 2, "gptq_gemm_repacked: x must be 2-D [M, K], got ", x.sizes());
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  // Planned: the wgmma variant for 4-bit weights above 64 rows, where it measured faster on the H100
-  // (M = 128, summed over the Mistral shapes: 237 vs 252 us); at M <= 64 the two are even for 4-bit and
-  // mma.sync is faster for 8-bit at every M measured (benchmarks/kernels.py, kernels/README.md).
-  const bool wg = kernel == 3 || (kernel == 0 && bits == 4 && z.M > 64 && tiled_wgmma_available(x.get_device()));
-  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), wg);
+  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) for 4-bit weights
+  // above 32 rows. H100, sums over the Mistral shapes, 4-bit g128 act-order, same run: M = 64 149.9 us
+  // (64-row tiles) against 170.5 on wgmma and ~163 on mma.sync; M = 128 220.7 (128-row tiles) against
+  // 238.4; at M = 32 the mma.sync kernel stays ahead (130 vs 140). 8-bit weights: mma.sync, which was
+  // faster than both wgmma variants at every M measured (kernels/README.md).
+  const bool ws_planned = kernel == 0 && bits == 4 && z.M > 32 && tiled_wgmma_available(x.get_device());
+  const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);
+  if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), variant);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
   const bool has_z = z.has_z;
   const c10::cuda::OptionalCUDAGuard guard(x.device());

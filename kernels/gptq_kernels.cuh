@@ -122,6 +122,75 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
+// ---- mbarriers and bulk copies (sm_90: the TMA engine copies global to
+// shared memory without registers, counting completed bytes on an mbarrier).
+// Other targets compile these to nothing; the host launches the kernels that
+// use them only on sm_90 (gptq_gemm.cu).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ZEPHYR_DEVICE_BULK 1
+#endif
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// A barrier completing a phase once `count` threads arrived (and the bytes they announced landed).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+// Makes the initialized barriers visible to the other threads and to the async proxy (the copies).
+__device__ __forceinline__ void mbar_init_fence() {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+// mbar_arrive where `pred` holds, without a branch (the WS kernel calls it between asynchronous wgmma,
+// where ptxas serializes them around control flow).
+__device__ __forceinline__ void mbar_arrive_if(uint64_t* bar, bool pred) {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   smem_addr(bar)),
+               "r"(int(pred))
+               : "memory");
+#endif
+}
+// Arrives on `bar` announcing `bytes` that bulk copies will complete.
+__device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, uint32_t bytes) {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` to shared
+// `dst`, completing them on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+#endif
+}
+// Waits until phase `parity` (0/1) of `bar` has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#ifdef ZEPHYR_DEVICE_BULK
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+#endif
+}
+
 // Programmatic dependent launch (Hopper): the gather kernel lets the fused
 // kernel start early; the fused kernel waits only before it reads x.
 __device__ __forceinline__ void pdl_launch_dependents() {
@@ -182,6 +251,36 @@ __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict
   const int col = src < K ? (perm ? __ldg(perm + src) : src) : -1;
   pdl_wait();
   xg[(size_t)m * Kp + k] = col >= 0 ? x[(size_t)m * K + col] : Traits<T>::from_float(0.f);
+}
+
+// x [M, K] -> xt, the WS kernel's x tiles (gptq_tiled.cuh) exactly as they lie
+// in its shared memory, so that one bulk copy moves a (row tile, chunk):
+// [row tiles][chunks][16 units][rows][8 values], where unit u of a chunk holds
+// its zk-ordered columns 8u .. 8u + 7 (as gather_pad_kernel<T, true> writes
+// them) and rows past M are zeros. One 16-byte unit per thread (units < 2^31);
+// a programmatic dependent like gather_pad_kernel.
+template <typename T>
+__global__ void gather_tiles_kernel(const T* __restrict__ x, const int* __restrict__ perm, T* __restrict__ xt,
+                                    int M, int K, int Kp, int rows, int units) {
+  pdl_launch_dependents();
+  const int o = blockIdx.x * blockDim.x + threadIdx.x;
+  if (o >= units) return;
+  const int chunks = Kp / kChunkK;
+  const int r = o % rows, q = o / rows;
+  const int u = q & 15, ch = (q >> 4) % chunks, rt = (q >> 4) / chunks;
+  const int m = rt * rows + r, i = u >> 1;  // mma k index j = 8 * (u & 1) + e of step i
+  int cols[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int j = 8 * (u & 1) + e;
+    const int src = ch * kChunkK + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3);
+    cols[e] = src < K && m < M ? (perm ? __ldg(perm + src) : src) : -1;
+  }
+  pdl_wait();
+  alignas(16) T v[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = cols[e] >= 0 ? x[(size_t)m * K + cols[e]] : Traits<T>::from_float(0.f);
+  reinterpret_cast<uint4*>(xt)[o] = *reinterpret_cast<const uint4*>(v);
 }
 
 // ---------------------------------------------------------------------------

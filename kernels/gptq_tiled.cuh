@@ -179,6 +179,177 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t 
 #undef ZEPHYR_WG_N32
 #undef ZEPHYR_WG_N64
 
+// Dequantization of zk steps for the tiled kernels. set() takes a chunk's
+// scales and zero points for the lane's 8 tiles (t: 8 columns each of the
+// warp's 64); frag() turns a step's weight vectors into mma A fragment p:
+// a[0], a[2] from tile 2p (b0, b1 halves), a[1], a[3] from tile 2p + 1.
+template <typename T, int BITS, bool HAS_Z>
+struct ZkDequant {
+  using Tr = Traits<T>;
+  using T2 = typename Tr::T2;
+  static constexpr int VPS = BITS / 4;
+  static constexpr bool kF16 = Tr::kMagicF == 1024.f;
+  static constexpr int kDefaultZero = 1 << (BITS - 1);
+  T2 sc2[8], zlo2[8], zhi2[8];
+  float sf[8], zf[8];
+
+  __device__ __forceinline__ void set(const uint4& sv, const uint4& zv) {
+    const T* sp = reinterpret_cast<const T*>(&sv);
+    const T* zp = reinterpret_cast<const T*>(&zv);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
+      if (BITS == 4 || kF16) {
+        sc2[t] = Tr::bcast(sp[t]);
+        zlo2[t] = Tr::bcast(Tr::from_float(Tr::kMagicF + z));
+        zhi2[t] = Tr::bcast(Tr::from_float(-(Tr::kMagicF / 16.f + z)));
+      } else {
+        sf[t] = Tr::to_float(sp[t]);
+        zf[t] = 8388608.f + z;  // 2^23 + z: byte q in the fp32 mantissa is 2^23 + q
+      }
+    }
+  }
+
+  __device__ __forceinline__ void frag(const uint4 (&cur)[VPS], int p, uint32_t (&a)[4]) const {
+    const uint32_t kLo = 0x000f000fu, kHi = 0x00f000f0u, kMagic = Tr::kMagic;
+    const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
+#pragma unroll
+    for (int ab = 0; ab < 2; ++ab) {
+      const int t = 2 * p + ab;
+      T2 lo, hi;
+      if constexpr (BITS == 4) {
+        const uint32_t w4 = reinterpret_cast<const uint32_t*>(&cur[0])[p];
+        const uint32_t wv = ab ? (w4 >> 8) : w4;
+        lo = __hsub2(bit_cast_to<T2>(lop3_and_or(wv, kLo, kMagic)), zlo2[t]);
+        if constexpr (kF16) {
+          hi = __hfma2(bit_cast_to<T2>(lop3_and_or(wv, kHi, kMagic)), inv16, zhi2[t]);
+        } else {
+          hi = __hsub2(bit_cast_to<T2>(lop3_and_or(wv >> 4, kLo, kMagic)), zlo2[t]);
+        }
+        lo = __hmul2(lo, sc2[t]);
+        hi = __hmul2(hi, sc2[t]);
+      } else {
+        // 8-bit: vector t/4 of the step, word t%4; byte h*2 + e is element (h, e).
+        const uint32_t w8 = reinterpret_cast<const uint32_t*>(&cur[t / 4])[t % 4];
+        if constexpr (kF16) {  // byte q into the fp16 mantissa: 1024 + q, exact
+          lo = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4140)), zlo2[t]), sc2[t]);
+          hi = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4342)), zlo2[t]), sc2[t]);
+        } else {
+          const float q0 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7440)) - zf[t];
+          const float q1 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7441)) - zf[t];
+          const float q2 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7442)) - zf[t];
+          const float q3 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7443)) - zf[t];
+          lo = Tr::pack(q0 * sf[t], q1 * sf[t]);
+          hi = Tr::pack(q2 * sf[t], q3 * sf[t]);
+        }
+      }
+      a[ab] = bit_cast_to<uint32_t>(lo);
+      a[2 + ab] = bit_cast_to<uint32_t>(hi);
+    }
+  }
+};
+
+// The tiled kernels' output, from the accumulators of one warpgroup (4 MMA
+// warps): stored directly (S == 1), or summed over the K split. NAMED: the
+// block has other threads (the WS kernel's producer warp, a second
+// warpgroup), so the 128 synchronize on a named barrier instead of
+// __syncthreads.
+// Element (j, p, e) of a lane: tile row 8j + 2*cl + (e & 1), column
+// 64*nb + 16p + 8*(e >> 1) + r0 of the output.
+// tid: the thread among the 128; tile / tiles: this warpgroup's output tile
+// and their count (partial slots), lock: its split-K counter; bar: the named
+// barrier of its 128 threads (NAMED).
+template <typename T, int MT, bool NAMED>
+__device__ __forceinline__ void tiled_epilogue(float (&acc)[2 * MT][4][4], float* __restrict__ partial,
+                                               int* __restrict__ locks, T* __restrict__ out, int M, int N, int m0,
+                                               int nb, bool active, int s, int S, int* is_last, int tid, size_t tile,
+                                               size_t tiles, int lock, int bar) {
+  using Tr = Traits<T>;
+  constexpr int NX = 2 * MT;
+  const int lane = tid & 31;
+  const int r0 = lane >> 2, cl = lane & 3;
+  auto sync = [bar] {
+    if constexpr (NAMED)
+      asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+    else
+      __syncthreads();
+  };
+  const int n0 = nb * kBlockN + r0;
+  auto row_of = [&](int j, int e) { return m0 + 8 * j + 2 * cl + (e & 1); };
+  auto col_of = [&](int p, int e) { return n0 + 16 * p + 8 * (e >> 1); };
+  auto store = [&](int j, int p, int e, float v) {
+    const int row = row_of(j, e), col = col_of(p, e);
+    if (row < M && col < N) out[(size_t)row * N + col] = Tr::from_float(v);
+  };
+  if (S == 1) {
+    if (!active) return;
+#pragma unroll
+    for (int j = 0; j < NX; ++j)
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) store(j, p, e, acc[j][p][e]);
+    return;
+  }
+  // Split-K. Each block stores its accumulators as they lie in registers:
+  // float4 v = (j, p) = acc[v / 4][v % 4][0..3] of every thread, thread-minor
+  // (coalesced 16-byte stores), [S][tiles][NV][threads]. The last block of
+  // the tile to arrive sums the S partials in order (deterministic: the same
+  // order whichever block is last), loading Q float4 of up to 4 slices at
+  // once (16-32 loads in flight per thread: the sum is latency-bound, not
+  // bandwidth-bound), and writes the output.
+  constexpr int NV = NX * 4;
+  constexpr int Q = MT == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
+  constexpr int kT = kTiledWarps * 32;
+  float4* part4 = reinterpret_cast<float4*>(partial);
+  auto slot = [&](int ss, int v) { return part4 + (((size_t)ss * tiles + tile) * NV + v) * kT + tid; };
+#pragma unroll
+  for (int j = 0; j < NX; ++j)
+#pragma unroll
+    for (int p = 0; p < 4; ++p) __stcg(slot(s, j * 4 + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
+  __threadfence();  // this block's partial is visible before it counts itself in
+  sync();
+  if (tid == 0) *is_last = (atomicAdd(locks + lock, 1) == S - 1);
+  sync();
+  if (!*is_last) return;
+  __threadfence();
+#pragma unroll
+  for (int v0 = 0; v0 < NV; v0 += Q) {
+    float4 r[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) r[q] = __ldcg(slot(0, v0 + q));
+    for (int ss = 1; ss < S; ss += 4) {
+      float4 t[4][Q];
+#pragma unroll
+      for (int h = 0; h < 4; ++h)
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (ss + h < S) t[h][q] = __ldcg(slot(ss + h, v0 + q));
+#pragma unroll
+      for (int h = 0; h < 4; ++h)
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (ss + h < S) {
+            r[q].x += t[h][q].x;
+            r[q].y += t[h][q].y;
+            r[q].z += t[h][q].z;
+            r[q].w += t[h][q].w;
+          }
+    }
+    if (active) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int j = (v0 + q) / 4, p = (v0 + q) % 4;
+        store(j, p, 0, r[q].x);
+        store(j, p, 1, r[q].y);
+        store(j, p, 2, r[q].z);
+        store(j, p, 3, r[q].w);
+      }
+    }
+  }
+  if (tid == 0) locks[lock] = 0;  // ready for the next call (and graph replay)
+}
+
 // WG (sm_90a): the same block, weight stream and dequantization, but the 4
 // warps (one warpgroup) multiply with wgmma: per 16-row step, 4 instructions
 // m64 n(16*MT) k16, instruction p taking from each warp its A fragment p
@@ -201,11 +372,9 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
     T* __restrict__ out,                // [M, N]
     int M, int N, int Kp, int Np, int G, int group_rows, int cpb, int S) {
   using Tr = Traits<T>;
-  using T2 = typename Tr::T2;
   constexpr int VPS = BITS / 4;  // 16-byte weight vectors per lane per step
   constexpr int kRows = 16 * MT;
   constexpr int kTileUnits = kRows * kTiledUnits;
-  constexpr int kDefaultZero = 1 << (BITS - 1);
   constexpr int kStages = tiled_stages(WG);
   constexpr int kAhead = WG ? kStages - 2 : kStages - 1;  // chunks requested ahead of the one computed
   // mma.sync: [kStages][kRows][kTiledUnits] swizzled; WG: [kStages][8 steps][2][kRows] (core matrices).
@@ -285,7 +454,6 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   // reads for its row. acc[j][p][e]: x row 8j + 2*cl + (e & 1) of the tile,
   // column 16p + 8*(e >> 1) + r0 of the warp's 64.
   constexpr int NX = 2 * MT;  // 8-row x tiles per row tile
-  constexpr bool kF16 = Tr::kMagicF == 1024.f;
   float acc[NX][4][4];
 #pragma unroll
   for (int j = 0; j < NX; ++j)
@@ -294,7 +462,6 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
   if constexpr (WG) wgmma_fence_acc(acc);
-  const uint32_t kLo = 0x000f000fu, kHi = 0x00f000f0u, kMagic = Tr::kMagic;
 
   for (int c = 0; c < c_count; ++c) {
     cp_async_wait<kAhead - 1>();  // chunk c's stage has landed (this thread's copies)
@@ -310,23 +477,8 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
     uint4 sn = sv, zn = zv;
     if (more && active) load_sz(sn, zn, c_begin + c + 1);
 
-    const T* sp = reinterpret_cast<const T*>(&sv);
-    const T* zp = reinterpret_cast<const T*>(&zv);
-    T2 sc2[8], zlo2[8], zhi2[8];
-    float sf[8], zf[8];
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
-      if (BITS == 4 || kF16) {
-        sc2[t] = Tr::bcast(sp[t]);
-        zlo2[t] = Tr::bcast(Tr::from_float(Tr::kMagicF + z));
-        zhi2[t] = Tr::bcast(Tr::from_float(-(Tr::kMagicF / 16.f + z)));
-      } else {
-        sf[t] = Tr::to_float(sp[t]);
-        zf[t] = 8388608.f + z;  // 2^23 + z: byte q in the fp32 mantissa is 2^23 + q
-      }
-    }
-    const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
+    ZkDequant<T, BITS, HAS_Z> dq;
+    dq.set(sv, zv);
     // This lane's row r0 in this stage; the other 8-row tiles are immediate
     // offsets. Unit 4*cl + j sits at 4*cl + (j ^ swz) (tiled_swizzle).
     const uint4* xl = xs + (c % kStages) * kTileUnits + r0 * kTiledUnits + cl * 4;
@@ -352,41 +504,8 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
       uint32_t aw[4][4];  // WG: the step's 4 A fragments, all dequantized before the wgmma
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        // a[0], a[2]: tile 2p (b0, b1 halves); a[1], a[3]: tile 2p + 1.
         uint32_t(&a)[4] = aw[p];
-#pragma unroll
-        for (int ab = 0; ab < 2; ++ab) {
-          const int t = 2 * p + ab;
-          T2 lo, hi;
-          if constexpr (BITS == 4) {
-            const uint32_t w4 = reinterpret_cast<const uint32_t*>(&cur[0])[p];
-            const uint32_t wv = ab ? (w4 >> 8) : w4;
-            lo = __hsub2(bit_cast_to<T2>(lop3_and_or(wv, kLo, kMagic)), zlo2[t]);
-            if constexpr (kF16) {
-              hi = __hfma2(bit_cast_to<T2>(lop3_and_or(wv, kHi, kMagic)), inv16, zhi2[t]);
-            } else {
-              hi = __hsub2(bit_cast_to<T2>(lop3_and_or(wv >> 4, kLo, kMagic)), zlo2[t]);
-            }
-            lo = __hmul2(lo, sc2[t]);
-            hi = __hmul2(hi, sc2[t]);
-          } else {
-            // 8-bit: vector t/4 of the step, word t%4; byte h*2 + e is element (h, e).
-            const uint32_t w8 = reinterpret_cast<const uint32_t*>(&cur[t / 4])[t % 4];
-            if constexpr (kF16) {  // byte q into the fp16 mantissa: 1024 + q, exact
-              lo = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4140)), zlo2[t]), sc2[t]);
-              hi = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4342)), zlo2[t]), sc2[t]);
-            } else {
-              const float q0 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7440)) - zf[t];
-              const float q1 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7441)) - zf[t];
-              const float q2 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7442)) - zf[t];
-              const float q3 = __int_as_float(__byte_perm(w8, 0x4B000000u, 0x7443)) - zf[t];
-              lo = Tr::pack(q0 * sf[t], q1 * sf[t]);
-              hi = Tr::pack(q2 * sf[t], q3 * sf[t]);
-            }
-          }
-          a[ab] = bit_cast_to<uint32_t>(lo);
-          a[2 + ab] = bit_cast_to<uint32_t>(hi);
-        }
+        dq.frag(cur, p, a);
         if constexpr (!WG) {
 #pragma unroll
           for (int j = 0; j < NX; ++j) Tr::mma(acc[j][p], a, xb[j].x, xb[j].y);
@@ -414,95 +533,225 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   }
   cp_async_wait<0>();  // no copy may outlive the block (the last groups are empty)
 
-  // Element (j, p, e) of this lane: tile row 8j + 2*cl + (e & 1), column n0 + 16p + 8*(e >> 1) + r0.
-  const int n0 = nb * kBlockN + r0;
-  auto row_of = [&](int j, int e) { return m0 + 8 * j + 2 * cl + (e & 1); };
-  auto col_of = [&](int p, int e) { return n0 + 16 * p + 8 * (e >> 1); };
-  auto store = [&](int j, int p, int e, float v) {
-    const int row = row_of(j, e), col = col_of(p, e);
-    if (row < M && col < N) out[(size_t)row * N + col] = Tr::from_float(v);
-  };
-  if (S == 1) {
-    if (!active) return;
+  tiled_epilogue<T, MT, false>(acc, partial, locks, out, M, N, m0, nb, active, s, S, &is_last, threadIdx.x,
+                               (size_t)blockIdx.y * gridDim.x + blockIdx.x, (size_t)gridDim.x * gridDim.y,
+                               blockIdx.x * gridDim.y + blockIdx.y, 0);
+}
+
+// ---- WS (sm_90a): the WG kernel, warp-specialized.
+// Block = the 4 MMA warps (one warpgroup, the same column group, row tile and
+// K range as above) + 1 producer warp. One lane of the producer moves each
+// chunk into a ring of stages in shared memory with bulk copies (the TMA
+// engine): the 4 column blocks' weights (4 or 8 KB each, contiguous in the zk
+// layout) and the row tile's x, which gather_tiles_kernel laid out in global
+// memory exactly as the stage holds it (core matrices [step][half][row]). A
+// stage's "full" barrier completes when its bytes have landed; each MMA warp
+// waits on it, reads its weights with one LDS.128 per step (two at 8 bits),
+// dequantizes them into the 4 A fragments and issues the 4 wgmma as the WG
+// kernel does, then arrives on the stage's "empty" barrier once its wgmma
+// reading the stage have completed (one step into the next chunk), which
+// lets the producer refill it.
+// Why: the WG and mma.sync kernels stream the weights into registers, so each
+// MMA warp waits for its own loads, and with 8 warps per SM the loop is bound
+// by that latency (kernels/README.md). Here the copies run ahead by the whole
+// ring and the MMA warps only compute.
+// WGS = 2 (a 128-row tile): two MMA warpgroups take 64 rows each of the same
+// x tile and weights, so each weight byte and each dequantization serves
+// twice the rows, and the L2 traffic per flop drops (ncu: at M = 1024 the
+// 32-row WS kernel kept L2 78% busy at 97% hits while the tensor pipes idled).
+// Threads: the MMA warpgroups and one producer warp; with two warpgroups the producer is a whole
+// warpgroup (3 of its warps idle), which lets the block move registers from it to the MMA warpgroups
+// (setmaxnreg, warpgroup-wide): 40 for the producer, 232 for each MMA thread.
+__host__ __device__ constexpr int ws_threads(int wgs) { return wgs == 1 ? (kTiledWarps + 1) * 32 : (wgs + 1) * 128; }
+__host__ __device__ constexpr int ws_x_bytes(int mt) { return 16 * mt * kChunkK * 2; }
+__host__ __device__ constexpr int ws_w_bytes(int bits) { return 8 * (bits / 4) * 512; }  // one column block's chunk
+__host__ __device__ constexpr int ws_stage_bytes(int mt, int bits, int wgs) {
+  return wgs * ws_x_bytes(mt) + kTiledWarps * ws_w_bytes(bits);
+}
+// Blocks per SM: 2 at 32-row tiles, else 1 (the 128 accumulators of a 64-row warpgroup leave no room
+// for two blocks' registers). Stages: as many as fit, at most 6.
+__host__ __device__ constexpr int ws_blocks(int mt, int wgs) { return mt == 4 || wgs > 1 ? 1 : 2; }
+__host__ __device__ constexpr int ws_stages(int mt, int bits, int wgs) {
+  return (220 * 1024 / ws_blocks(mt, wgs)) / ws_stage_bytes(mt, bits, wgs) < 6
+             ? (220 * 1024 / ws_blocks(mt, wgs)) / ws_stage_bytes(mt, bits, wgs)
+             : 6;
+}
+__host__ __device__ constexpr int ws_smem(int mt, int bits, int wgs) {
+  return ws_stages(mt, bits, wgs) * ws_stage_bytes(mt, bits, wgs);
+}
+
+template <typename T, int BITS, bool HAS_Z, int MT, int WGS>
+__global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm_ws_kernel(
+    const T* __restrict__ xt,           // x tiles (gather_tiles_kernel, rows = 16*MT*WGS)
+    const uint4* __restrict__ qweight,  // [Np/64, Kp/16, 32*BITS] int32
+    const T* __restrict__ scales,       // [G, Np] shuffled
+    const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
+    float* __restrict__ partial,        // split-K partials, used when S > 1
+    int* __restrict__ locks,            // [>= row tiles x column groups x WGS] when S > 1
+    T* __restrict__ out,                // [M, N]
+    int M, int N, int Kp, int Np, int G, int group_rows, int cpb, int S) {
+#ifdef ZEPHYR_DEVICE_WGMMA
+  constexpr int VPS = BITS / 4;
+  constexpr int kRows = 16 * MT;          // per warpgroup
+  constexpr int kBlockRows = kRows * WGS;  // per block (the x tile)
+  constexpr int kStages = ws_stages(MT, BITS, WGS);
+  static_assert(kStages >= 2, "the ring needs two stages");
+  constexpr int kXBytes = WGS * ws_x_bytes(MT), kWBytes = ws_w_bytes(BITS);
+  constexpr int kStageBytes = ws_stage_bytes(MT, BITS, WGS);
+  constexpr int kConsumers = kTiledWarps * WGS;  // MMA warps
+  extern __shared__ uint4 ws_ring[];  // [kStages][x tile (kXBytes), 4 column blocks (kWBytes each)]
+  __shared__ uint64_t full[kStages], empty[kStages];
+  __shared__ int is_last[WGS];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int s = blockIdx.z;
+  const int chunks = Kp / kChunkK, KS = Kp / 16;
+  const int c_begin = s * cpb;
+  const int c_count = max(0, min(cpb, chunks - c_begin));
+  const int nb_first = blockIdx.y * kTiledWarps;
+  const int nb_count = min(kTiledWarps, Np / kBlockN - nb_first);  // the last column group may be partial
+  uint8_t* ring = reinterpret_cast<uint8_t*>(ws_ring);
+  if (threadIdx.x == 0) {
 #pragma unroll
-    for (int j = 0; j < NX; ++j)
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) store(j, p, e, acc[j][p][e]);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full[st], 1);
+      mbar_init(&empty[st], kConsumers);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if constexpr (WGS > 1) {
+    if (warp >= kConsumers)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    else
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  }
+  if (warp >= kConsumers) {  // the producer
+    if (warp == kConsumers && lane == 0 && c_count > 0) {
+      const uint8_t* wsrc = reinterpret_cast<const uint8_t*>(qweight);
+      const T* xsrc = xt + (size_t)blockIdx.x * chunks * kBlockRows * kChunkK;
+      auto load_w = [&](int c) {
+        uint8_t* dst = ring + (c % kStages) * kStageBytes + kXBytes;
+        uint64_t* bar = &full[c % kStages];
+        mbar_arrive_expect(bar, nb_count * kWBytes + kXBytes);
+        for (int w = 0; w < nb_count; ++w)
+          bulk_copy(dst + w * kWBytes, wsrc + ((size_t)(nb_first + w) * KS + (size_t)(c_begin + c) * 8) * VPS * 512,
+                    kWBytes, bar);
+      };
+      auto load_x = [&](int c) {
+        bulk_copy(ring + (c % kStages) * kStageBytes, xsrc + (size_t)(c_begin + c) * kBlockRows * kChunkK, kXBytes,
+                  &full[c % kStages]);
+      };
+      // Weights do not depend on the kernel before: request the first stages' before waiting for it.
+      const int pre = min(kStages, c_count);
+      for (int c = 0; c < pre; ++c) load_w(c);
+      pdl_wait();
+      for (int c = 0; c < pre; ++c) load_x(c);
+      for (int c = pre; c < c_count; ++c) {
+        mbar_wait(&empty[c % kStages], (c / kStages - 1) & 1);  // its previous chunk's wgmma are done
+        load_w(c);
+        load_x(c);
+      }
+    }
     return;
   }
-  // Split-K. Each block stores its accumulators as they lie in registers:
-  // float4 v = (j, p) = acc[v / 4][v % 4][0..3] of every thread, thread-minor
-  // (coalesced 16-byte stores), [S][tiles][NV][threads]. The last block of
-  // the tile to arrive sums the S partials in order (deterministic: the same
-  // order whichever block is last), loading Q float4 of up to 4 slices at
-  // once (16-32 loads in flight per thread: the sum is latency-bound, not
-  // bandwidth-bound), and writes the output.
-  constexpr int NV = NX * 4;
-  constexpr int Q = MT == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
-  constexpr int kT = kTiledWarps * 32;
-  const size_t tile = (size_t)blockIdx.y * gridDim.x + blockIdx.x, tiles = (size_t)gridDim.x * gridDim.y;
-  float4* part4 = reinterpret_cast<float4*>(partial);
-  auto slot = [&](int ss, int v) { return part4 + (((size_t)ss * tiles + tile) * NV + v) * kT + threadIdx.x; };
+
+  const int wg = warp / kTiledWarps, wwarp = warp % kTiledWarps;  // warpgroup, warp in it
+  const int m0 = blockIdx.x * kBlockRows + wg * kRows;
+  const int r0 = lane >> 2, cl = lane & 3;
+  const int nb = nb_first + wwarp;
+  const bool active = wwarp < nb_count;
+  const bool group_pow2 = (group_rows & (group_rows - 1)) == 0;
+  const int group_shift = __ffs(group_rows) - 1;
+  auto load_sz = [&](uint4& sc, uint4& zc, int chunk) {
+    const int row = chunk * kChunkK + cl * 32;
+    const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
+    const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
+    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
+    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
+  };
+  uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
+  if (active && c_count > 0) load_sz(sv, zv, c_begin);
+
+  constexpr int NX = 2 * MT;  // acc as in the WG kernel
+  float acc[NX][4][4];
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < 4; ++p) __stcg(slot(s, j * 4 + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
-  __threadfence();  // this block's partial is visible before it counts itself in
-  __syncthreads();
-  const int lock = blockIdx.x * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) is_last = (atomicAdd(locks + lock, 1) == S - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+    for (int p = 0; p < 4; ++p)
 #pragma unroll
-  for (int v0 = 0; v0 < NV; v0 += Q) {
-    float4 r[Q];
+      for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
+  wgmma_fence_acc(acc);
+
+  for (int c = 0; c < c_count; ++c) {
+    const int st = c % kStages;
+    uint4 sn = sv, zn = zv;
+    if (c + 1 < c_count && active) load_sz(sn, zn, c_begin + c + 1);
+    ZkDequant<T, BITS, HAS_Z> dq;
+    dq.set(sv, zv);
+    // This warpgroup's rows of the stage's x: core matrices (unit, 8-row group) at (unit * kBlockRows + row) * 16
+    // bytes; step i's descriptor is the chunk's plus i * 2 * kBlockRows * 16 bytes (in its 16-byte address field).
+    const uint64_t desc0 = wgmma_desc(reinterpret_cast<const uint4*>(ring + st * kStageBytes) + wg * kRows,
+                                      kBlockRows * 16, 128);
+    // A warp past the last column block reads the slot's stale bytes: they reach only its own rows of
+    // the wgmma (output columns that are never stored).
+    const uint4* wl = reinterpret_cast<const uint4*>(ring + st * kStageBytes + kXBytes + wwarp * kWBytes) + lane;
+    mbar_wait(&full[st], (c / kStages) & 1);
+    // Step i + 1's weights are read before step i's wgmma are issued (the asm's memory clobbers would
+    // otherwise keep the load behind them, and its latency in front of the dequantization).
+    uint4 next[VPS];
 #pragma unroll
-    for (int q = 0; q < Q; ++q) r[q] = __ldcg(slot(0, v0 + q));
-    for (int ss = 1; ss < S; ss += 4) {
-      float4 t[4][Q];
+    for (int h = 0; h < VPS; ++h) next[h] = wl[h * 32];
 #pragma unroll
-      for (int h = 0; h < 4; ++h)
+    for (int i = 0; i < 8; ++i) {
+      uint4 cur[VPS];
 #pragma unroll
-        for (int q = 0; q < Q; ++q)
-          if (ss + h < S) t[h][q] = __ldcg(slot(ss + h, v0 + q));
+      for (int h = 0; h < VPS; ++h) cur[h] = next[h];
+      if (i + 1 < 8) {
 #pragma unroll
-      for (int h = 0; h < 4; ++h)
-#pragma unroll
-        for (int q = 0; q < Q; ++q)
-          if (ss + h < S) {
-            r[q].x += t[h][q].x;
-            r[q].y += t[h][q].y;
-            r[q].z += t[h][q].z;
-            r[q].w += t[h][q].w;
-          }
-    }
-    if (active) {
-#pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const int j = (v0 + q) / 4, p = (v0 + q) % 4;
-        store(j, p, 0, r[q].x);
-        store(j, p, 1, r[q].y);
-        store(j, p, 2, r[q].z);
-        store(j, p, 3, r[q].w);
+        for (int h = 0; h < VPS; ++h) next[h] = wl[((i + 1) * VPS + h) * 32];
       }
+      uint32_t aw[4][4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) dq.frag(cur, p, aw[p]);
+      const uint64_t desc = desc0 + uint64_t((i * 2 * kBlockRows * 16) >> 4);
+      wgmma_fence();
+      wgmma_rs<T, NX, 0>(acc, aw[0], desc);
+      wgmma_rs<T, NX, 1>(acc, aw[1], desc);
+      wgmma_rs<T, NX, 2>(acc, aw[2], desc);
+      wgmma_rs<T, NX, 3>(acc, aw[3], desc);
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's group is done
+      // ... so the previous chunk's stage is no longer read: hand it back.
+      if (i == 0) mbar_arrive_if(&empty[(c + kStages - 1) % kStages], c > 0 && lane == 0);
     }
+    sv = sn;
+    zv = zn;
   }
-  if (threadIdx.x == 0) locks[lock] = 0;  // ready for the next call (and graph replay)
+  wgmma_wait<0>();
+  wgmma_fence_acc(acc);
+  // Output tile (row tile of 64 or 32 rows, column group): warpgroup wg of block (x, y).
+  const size_t tiles = (size_t)gridDim.x * gridDim.y * WGS;
+  const size_t tile = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * WGS + wg;
+  const int lock = (blockIdx.x * gridDim.y + blockIdx.y) * WGS + wg;
+  tiled_epilogue<T, MT, true>(acc, partial, locks, out, M, N, m0, nb, active, s, S, &is_last[wg],
+                              threadIdx.x - wg * kTiledWarps * 32, tile, tiles, lock, 1 + wg);
+#else
+  __trap();
+#endif
 }
 
 struct TiledArgs {
-  const void* x;  // [M, Kp] (zk order for the WG variant)
+  const void* x;  // [M, Kp] (zk order for the WG variant; x tiles for WS, gather_tiles_kernel)
   const void* qweight;
   const void* scales;
   const void* zeros;  // null: every zero point is 2^(bits-1)
   float* partial;     // null when S == 1
   int* locks;
   void* out;
-  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4)
-  bool wg;                                      // the wgmma variant (sm_90a builds on sm_90 only)
+  int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4; WS: 2, 4, 8)
+  int variant;                                  // kTiledMma, kTiledWg or kTiledWs (sm_90a builds on sm_90 only)
   bool pdl;
   cudaStream_t stream;
 };
@@ -510,6 +759,11 @@ struct TiledArgs {
 template <typename T>
 using TiledKernel = void (*)(const T*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int, int, int,
                              int, int, int);
+
+// The tiled kernel's variants (TiledArgs::variant).
+constexpr int kTiledMma = 0;  // mma.sync
+constexpr int kTiledWg = 1;   // wgmma (sm_90a)
+constexpr int kTiledWs = 2;   // wgmma, warp-specialized (sm_90a)
 
 template <typename T, int BITS, bool WG>
 TiledKernel<T> tiled_kernel_for_wg(int mt, bool has_z) {
@@ -524,23 +778,40 @@ TiledKernel<T> tiled_kernel_for_wg(int mt, bool has_z) {
 }
 
 template <typename T, int BITS>
-TiledKernel<T> tiled_kernel_for(int mt, bool has_z, bool wg) {
-  return wg ? tiled_kernel_for_wg<T, BITS, true>(mt, has_z) : tiled_kernel_for_wg<T, BITS, false>(mt, has_z);
+TiledKernel<T> tiled_kernel_for(int mt, bool has_z, int variant) {
+  if (variant == kTiledWs) {  // mt = 8: two warpgroups of 64 rows
+    if (mt == 2) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 2, 1> : gptq_gemm_ws_kernel<T, BITS, false, 2, 1>;
+    if (mt == 4) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 4, 1> : gptq_gemm_ws_kernel<T, BITS, false, 4, 1>;
+    if (mt == 8) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 4, 2> : gptq_gemm_ws_kernel<T, BITS, false, 4, 2>;
+    return nullptr;
+  }
+  if (mt == 8) return nullptr;
+  return variant == kTiledWg ? tiled_kernel_for_wg<T, BITS, true>(mt, has_z)
+                             : tiled_kernel_for_wg<T, BITS, false>(mt, has_z);
+}
+
+// Threads and dynamic shared memory of a block of a variant (WS: mt = 8 is two warpgroups of 4).
+inline int tiled_threads(int mt, int variant) {
+  return variant == kTiledWs ? ws_threads(mt == 8 ? 2 : 1) : kTiledWarps * 32;
+}
+template <int BITS>
+int tiled_block_smem(int mt, int variant) {
+  return variant == kTiledWs ? ws_smem(mt == 8 ? 4 : mt, BITS, mt == 8 ? 2 : 1) : tiled_smem(mt, variant == kTiledWg);
 }
 
 // Opts the instantiation into its dynamic shared memory (once) and returns the
-// resident blocks per SM (cached); 0 for a variant that does not exist (WG, mt = 1).
+// resident blocks per SM (cached); 0 for a variant that does not exist (WG, WS: mt = 1; mt = 8 is WS only).
 template <typename T, int BITS>
-int gptq_tiled_occupancy(int mt, bool has_z, bool wg) {
-  static int occ[3][2][2] = {};  // [MT 1/2/4][has_z][wg]
-  int& v = occ[mt / 2][has_z][wg];
+int gptq_tiled_occupancy(int mt, bool has_z, int variant) {
+  static int occ[4][2][3] = {};  // [MT 1/2/4/8][has_z][variant]
+  int& v = occ[mt == 8 ? 3 : mt / 2][has_z][variant];
   if (v == 0) {
-    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, wg);
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, variant);
     if (k == nullptr) return 0;
-    const int smem = tiled_smem(mt, wg);
+    const int smem = tiled_block_smem<BITS>(mt, variant);
     int r = 0;
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, kTiledWarps * 32, smem) != cudaSuccess)
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, tiled_threads(mt, variant), smem) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
@@ -551,20 +822,20 @@ int gptq_tiled_occupancy(int mt, bool has_z, bool wg) {
 template <typename T, int BITS>
 cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   const int mt = a.mt;
-  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.wg);
+  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.variant);
   if (k == nullptr) return cudaErrorInvalidValue;
-  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.wg);  // sets the shared-memory attribute
+  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_smem(k, grid, dim3(kTiledWarps * 32), tiled_smem(mt, a.wg), a.stream, a.pdl,
-                            static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
+  return launch_kernel_smem(k, grid, dim3(tiled_threads(mt, a.variant)), tiled_block_smem<BITS>(mt, a.variant),
+                            a.stream, a.pdl, static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
                             static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
                             static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
-extern template int gptq_tiled_occupancy<__half, 4>(int, bool, bool);
-extern template int gptq_tiled_occupancy<__half, 8>(int, bool, bool);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, bool);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, bool);
+extern template int gptq_tiled_occupancy<__half, 4>(int, bool, int);
+extern template int gptq_tiled_occupancy<__half, 8>(int, bool, int);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, int);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, int);
 extern template cudaError_t gptq_tiled_launch<__half, 4>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__half, 8>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__nv_bfloat16, 4>(const TiledArgs&);

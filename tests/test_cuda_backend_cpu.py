@@ -306,8 +306,8 @@ def test_wrappers_check_every_argument_first():
         assert kernel_ops.gptq_gemm_repacked(**big, bits=4, group_size=128, size_n=64, kernel=kernel).shape == (100, 64)
     with pytest.raises(ValueError, match="M <= 64"):
         kernel_ops.gptq_gemm_repacked(**big, bits=4, group_size=128, size_n=64, kernel=1)
-    for bad in (dict(kernel=4), dict(kernel=-1), dict(splits=-1), dict(splits=257)):
-        with pytest.raises(ValueError, match="kernel must be 0, 1, 2 or 3 and splits"):
+    for bad in (dict(kernel=5), dict(kernel=-1), dict(splits=-1), dict(splits=257)):
+        with pytest.raises(ValueError, match="kernel must be 0, 1, 2, 3 or 4 and splits"):
             kernel_ops.gptq_gemm_repacked(**good, bits=4, group_size=128, size_n=64, **bad)
     with pytest.raises(ValueError, match="qweight must be int32"):
         kernel_ops.gptq_dequantize(t["qweight"][:-1], t["qzeros"], t["scales"], t["g_idx"], 4, 1)

@@ -11,12 +11,14 @@ Ops:
 ``zephyr::gptq_gemm_repacked(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, kernel=0, splits=0) -> Tensor``
     Fused dequantize + matmul on the zk layout (:mod:`zephyr_plugins.repack`),
     on tensor cores, for any M. ``kernel``: 0 plans (the fused small-M kernel
-    for ``M <= 16``, else the tiled one: its wgmma variant on sm_90 cards
-    with an sm_90a build), 1 forces the fused small-M kernel (``M <= 64``),
+    for ``M <= 16``, else the tiled one; on sm_90 cards with an sm_90a build
+    its warp-specialized wgmma variant for 4-bit weights above 32 rows), 1 forces the fused small-M kernel (``M <= 64``),
     2 the tiled kernel (``kernels/gptq_tiled.cuh``: x staged in shared memory
     once per 256 columns, 64-row tiles, ``mma.sync``), 3 its wgmma variant
-    (Hopper warpgroup MMA; an error where unavailable). ``splits`` forces the
-    tiled kernel's split along K (0 plans it), for benchmarks.
+    (Hopper warpgroup MMA; an error where unavailable), 4 its warp-specialized
+    wgmma variant (a producer warp moves weights and x into a ring of shared
+    memory stages with bulk copies; same availability as 3). ``splits`` forces
+    the tiled kernel's split along K (0 plans it), for benchmarks.
 
     - ``x``: float16/bfloat16 ``[M, K]``, contiguous.
     - ``qweight``: int32 ``[Np/64, Kp/16, 32*bits]``, zk layout (Kp = K rounded
@@ -413,9 +415,9 @@ def gptq_gemm_repacked(
     x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int, kernel: int = 0, splits: int = 0
 ):
     """``x [M, K] @ W`` on the zk layout; see the module docstring for every argument."""
-    if kernel not in (0, 1, 2, 3) or not 0 <= splits <= 256:
+    if kernel not in (0, 1, 2, 3, 4) or not 0 <= splits <= 256:
         raise ValueError(
-            f"gptq_gemm_repacked: kernel must be 0, 1, 2 or 3 and splits in [0, 256], got {kernel}, {splits}"
+            f"gptq_gemm_repacked: kernel must be 0, 1, 2, 3 or 4 and splits in [0, 256], got {kernel}, {splits}"
         )
     check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
                   SMALL_MAX_ROWS if kernel == 1 else None)

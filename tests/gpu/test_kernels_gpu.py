@@ -247,12 +247,13 @@ def _wgmma_available() -> bool:
     return wgmma_available()
 
 
-# The tiled kernel on mma.sync (2) and its wgmma variant (3, skipped where unavailable).
-TILED = [pytest.param(2, id="mma"), pytest.param(3, id="wgmma")]
+# The tiled kernel on mma.sync (2), its wgmma variant (3) and its warp-specialized wgmma variant (4;
+# both skipped where unavailable).
+TILED = [pytest.param(2, id="mma"), pytest.param(3, id="wgmma"), pytest.param(4, id="ws")]
 
 
 def _need(kernel):
-    if kernel == 3 and not _wgmma_available():
+    if kernel >= 3 and not _wgmma_available():
         pytest.skip("the wgmma kernel needs an sm_90 card and an sm_90a build")
 
 
@@ -315,13 +316,14 @@ def test_tiled_opcheck(kernel):
         torch.library.opcheck(torch.ops.zephyr.gptq_gemm_repacked.default, args)
 
 
-def test_wgmma_refused_where_unavailable():
-    """kernel=3 on a card or build without wgmma: a clear error, not a crash."""
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_wgmma_refused_where_unavailable(kernel):
+    """kernel=3 or 4 on a card or build without wgmma: a clear error, not a crash."""
     if _wgmma_available():
         pytest.skip("wgmma is available here")
     layer, _, _ = _layer(576, 1536, 4, 128, True, False, torch.float16)
     with pytest.raises(RuntimeError, match="wgmma"):
-        _tiled(layer, torch.randn(40, 576, device="cuda", dtype=torch.float16), kernel=3)
+        _tiled(layer, torch.randn(40, 576, device="cuda", dtype=torch.float16), kernel=kernel)
 
 
 def test_gemv_opcheck_and_rejects_large_m():
@@ -335,6 +337,34 @@ def test_gemv_opcheck_and_rejects_large_m():
         _gemv(layer, torch.randn(33, 576, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="16 warps only for M <= 8"):
         _gemv(layer, torch.randn(9, 576, device="cuda", dtype=torch.float16), 16, 1)
+
+
+@pytest.mark.parametrize("kernel", TILED)
+def test_tiled_graph_replay_split(kernel):
+    """The tiled kernels in a CUDA graph on split plans (partials + self-resetting locks): bit for bit
+    with eager calls, replayed over new inputs."""
+    _need(kernel)
+    layer, w, _ = _layer(14336, 4096, 4, 128, True, False, torch.float16)
+    static_x = torch.randn(70, 14336, device="cuda", dtype=torch.float16)
+    eager = _tiled(layer, static_x, 5, kernel).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _tiled(layer, static_x, 5, kernel)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = _tiled(layer, static_x, 5, kernel)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, eager)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, _tiled(layer, static_x, 5, kernel))
+        _check_out(static_y, static_x, w, torch.float16)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 32])
@@ -511,6 +541,47 @@ def test_gemv_gather_in_kernel_equals_gather_kernel(tmp_path):
     assert results["0"].keys() == results["8"].keys() and len(results["0"]) > 100
     for key, y in results["0"].items():
         assert torch.equal(y, results["8"][key]), f"GX and gathered x differ at {key}"
+
+
+_WS_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_kernels_gpu as t
+n_checked = 0
+for k, n in [(4096, 4096), (14336, 4096), (704, 200)]:
+    for bits, gs, act, sym, dtype in [(4, 128, True, True, torch.float16), (8, 128, True, False, torch.float16),
+                                      (4, 32, True, False, torch.bfloat16), (8, -1, True, True, torch.bfloat16),
+                                      (4, 64, False, True, torch.float16)]:
+        layer, w, _ = t._layer(k, n, bits, gs, act, sym, dtype)
+        for m in (1, 17, 33, 64, 65, 129, 200, 257):
+            gen = torch.Generator(device="cuda").manual_seed(8000 + m)
+            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+            t.poison_allocator()
+            planned = t._tiled(layer, x, 0, 4)
+            t._check_out(planned, x, w, dtype)
+            for sp in (2, 7):
+                t.poison_allocator()
+                y = t._tiled(layer, x, sp, 4)
+                t._check_out(y, x, w, dtype)
+                if dtype == torch.float16:  # bf16 rounding of the same sums in another order moves ~2^-8
+                    t._assert_same_sums(y, planned)
+            n_checked += 3
+print("ok", n_checked)
+"""
+
+
+def test_ws_every_row_tile():
+    """The WS kernel (kernel=4) on each of its row tiles, forced through ZEPHYR_TILED_MT (read once per
+    process): 32 rows (2 blocks per SM), 64 rows, and 128 rows as two warpgroups sharing the weights (8),
+    with splits along K, partial row tiles and a partial last column group, both dtypes, 4 and 8 bits."""
+    import os
+
+    _need(4)
+    code = _WS_CODE.format(here=str(Path(__file__).resolve().parent))
+    for mt in ("2", "4", "8"):
+        env = {**os.environ, "ZEPHYR_TILED_MT": mt}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_TILED_MT={mt}: " + res.stderr[-6000:]
 
 
 def test_prepared_layer_holds_one_copy_and_saves_the_checkpoint():

@@ -4,9 +4,10 @@
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
-  64-row tiles) that streams the repacked weight once per row tile; on sm_90
-  cards (kernels built for sm_90a) its ``wgmma`` variant for 4-bit weights
-  above 64 rows.
+  64-row tiles) that streams the repacked weight once per row tile. On sm_90
+  cards (kernels built for sm_90a) 4-bit layers above 32 rows take its
+  warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
+  shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows.
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
@@ -32,6 +33,11 @@ from .base import KernelBackend, LayerSpec
 # Largest M sent to the fused kernels (above GEMV_MAX_M: the tiled tensor-core kernel, which
 # serves any M); above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) sets it.
 FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
+# The same for 4-bit layers where the WS kernel runs (sm_90 card, sm_90a build); ``ZEPHYR_CUDA_FUSED_MAX_M_WS``
+# sets it. H100, sums over the Mistral shapes, 4-bit g128 act-order, same run: WS at 128-row tiles 359.7 us
+# at M = 256 against ~431 for dequantize + cuBLAS, and 1177 against ~892 at M = 1024; the two lines
+# cross near M = 400.
+FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "384"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
@@ -74,6 +80,7 @@ class CudaGPTQBackend(KernelBackend):
         spec = self.spec
         self._fallback = False
         self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
+        self._fused_max_m = FUSED_MAX_M_WS if spec.bits == 4 and _ws_runs_on(layer.qweight.device) else FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
@@ -116,7 +123,7 @@ class CudaGPTQBackend(KernelBackend):
         # torch.compile a Python branch on M would be decided once, at the traced size.
         out = ops.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, FUSED_MAX_M,
+            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, self._fused_max_m,
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], spec.out_features)
 
@@ -137,7 +144,7 @@ class CudaGPTQBackend(KernelBackend):
         # torch.compile), so a branch on M in Python is safe here, unlike in apply().
         spec = self.spec
         x2 = x_perm.reshape(-1, spec.in_features)
-        if x2.shape[0] > FUSED_MAX_M:
+        if x2.shape[0] > self._fused_max_m:
             # Large M reads x in the checkpoint's order (cuBLAS sums K in that order): put x back, so
             # that the result equals apply(x) bit for bit.
             x = torch.empty_like(x_perm)
@@ -147,9 +154,17 @@ class CudaGPTQBackend(KernelBackend):
             x2 = x2.to(spec.dtype)
         out = torch.ops.zephyr.gptq_linear(
             x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros, layer._zk_no_perm, layer._zk_locks,
-            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, FUSED_MAX_M,
+            spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, self._fused_max_m,
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
+
+
+def _ws_runs_on(device: torch.device) -> bool:
+    """Whether ``gptq_gemm_repacked`` plans the WS kernel on ``device`` (``tiled_wgmma_available`` in
+    ``kernels/gptq_gemm.cu``): an sm_90 card and kernels built for sm_90a."""
+    from ..kernel_build import arch_defines
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and bool(arch_defines())
 
 
 def unrepack_layer(layer: torch.nn.Module, spec: LayerSpec) -> dict[str, torch.Tensor]:
