@@ -298,12 +298,14 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) for 4-bit weights
-  // above 32 rows. H100, sums over the Mistral shapes, 4-bit g128 act-order, same run: M = 64 149.9 us
-  // (64-row tiles) against 170.5 on wgmma and ~163 on mma.sync; M = 128 220.7 (128-row tiles) against
-  // 238.4; at M = 32 the mma.sync kernel stays ahead (130 vs 140). 8-bit weights: mma.sync, which was
-  // faster than both wgmma variants at every M measured (kernels/README.md).
-  const bool ws_planned = kernel == 0 && bits == 4 && z.M > 32 && tiled_wgmma_available(x.get_device());
+  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 32 rows for
+  // 4-bit weights and above 64 for 8-bit. H100, sums over the Mistral shapes, g128 act-order, same runs
+  // (kernels/README.md): 4-bit M = 64 144 us (64-row tiles) against 170 on wgmma and ~163 on mma.sync,
+  // M = 128 198 (128-row tiles) against 238, while at M = 32 mma.sync stays ahead (130 vs 140); 8-bit
+  // M = 128 228 against 253 on mma.sync and M = 256 348 against 503, but M = 48 and 64 177 / 181
+  // against 170 / 175.
+  const bool ws_planned =
+      kernel == 0 && z.M > (bits == 4 ? 32 : 64) && tiled_wgmma_available(x.get_device());
   const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);
   if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), variant);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;

@@ -5,8 +5,8 @@
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
-  cards (kernels built for sm_90a) 4-bit layers above 32 rows take its
-  warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
+  cards (kernels built for sm_90a) layers above 32 rows (4-bit; 8-bit: 64) take
+  its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
   shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows.
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
@@ -33,10 +33,10 @@ from .base import KernelBackend, LayerSpec
 # Largest M sent to the fused kernels (above GEMV_MAX_M: the tiled tensor-core kernel, which
 # serves any M); above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) sets it.
 FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
-# The same for 4-bit layers where the WS kernel runs (sm_90 card, sm_90a build); ``ZEPHYR_CUDA_FUSED_MAX_M_WS``
-# sets it. H100, sums over the Mistral shapes, 4-bit g128 act-order, same run: WS at 128-row tiles 359.7 us
-# at M = 256 against ~431 for dequantize + cuBLAS, and 1177 against ~892 at M = 1024; the two lines
-# cross near M = 400.
+# The same where the WS kernel runs (sm_90 card, sm_90a build); ``ZEPHYR_CUDA_FUSED_MAX_M_WS`` sets it.
+# H100, sums over the Mistral shapes, g128 act-order, same runs: 4-bit WS 336 us at M = 256 against ~431
+# for dequantize + cuBLAS, and 1118 against ~892 at M = 1024 (the lines cross near M = 420); 8-bit WS 348
+# at M = 256 against ~478.
 FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "384"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
@@ -80,7 +80,7 @@ class CudaGPTQBackend(KernelBackend):
         spec = self.spec
         self._fallback = False
         self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
-        self._fused_max_m = FUSED_MAX_M_WS if spec.bits == 4 and _ws_runs_on(layer.qweight.device) else FUSED_MAX_M
+        self._fused_max_m = FUSED_MAX_M_WS if _ws_runs_on(layer.qweight.device) else FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
