@@ -30,6 +30,9 @@
 //   stall samples of gate_up at M = 64 in that epilogue.
 // - WG (Hopper, sm_90a): the same kernel with the 4 warps as one warpgroup
 //   issuing wgmma (x from shared memory in zk order; see the kernel).
+// - WS (Hopper, sm_90a): a separate kernel, gptq_gemm_ws_kernel below: the WG
+//   kernel's MMA warpgroup(s) fed by a producer warp through a ring of shared
+//   memory stages filled by bulk copies; 32-, 64- or 128-row tiles.
 // A lane's x for step i is row r, columns 32*(l%4) + 4i + {0..3} of the chunk
 // (see the layout notes): 8 bytes in 16-byte unit 4*(l%4) + i/2. Units are
 // stored swizzled (tiled_swizzle) so that the 8 lanes of a quarter-warp hit 8
