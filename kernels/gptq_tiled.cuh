@@ -660,7 +660,9 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
     return;
   }
 
-  const int wg = warp / kTiledWarps, wwarp = warp % kTiledWarps;  // warpgroup, warp in it
+  // Warpgroup (made visibly warp-uniform by the shuffle, so that ptxas keeps the wgmma descriptors,
+  // which depend on it, in uniform registers instead of moving them there at every step) and warp in it.
+  const int wg = __shfl_sync(0xffffffffu, warp / kTiledWarps, 0), wwarp = warp % kTiledWarps;
   const int m0 = blockIdx.x * kBlockRows + wg * kRows;
   const int r0 = lane >> 2, cl = lane & 3;
   const int nb = nb_first + wwarp;
