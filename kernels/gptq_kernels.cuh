@@ -145,13 +145,8 @@ __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-#ifdef ZEPHYR_DEVICE_BULK
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-#endif
-}
-// mbar_arrive where `pred` holds, without a branch (the WS kernel calls it between asynchronous wgmma,
-// where ptxas serializes them around control flow).
+// Arrives on `bar` where `pred` holds, without a branch (the WS kernel calls it between asynchronous
+// wgmma, where ptxas serializes them around control flow).
 __device__ __forceinline__ void mbar_arrive_if(uint64_t* bar, bool pred) {
 #ifdef ZEPHYR_DEVICE_BULK
   asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(

@@ -182,6 +182,33 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t 
 #undef ZEPHYR_WG_N32
 #undef ZEPHYR_WG_N64
 
+// A lane's scales (and zero points) of one chunk for the tiled kernels: the 8
+// values of its column r0 in each 8-column tile of column block nb, for the
+// group of its 32 chunk rows (cl). Groups are a shift for power-of-two group
+// sizes (all the seed's), else a division.
+__device__ __forceinline__ int first_set_bit(int v) { return __ffs(v); }
+
+template <typename T, bool HAS_Z>
+struct ZkScales {
+  const T* scales;
+  const T* zeros;
+  int Np, G, group_rows, group_shift, cl;
+  bool group_pow2;
+  int col;  // nb * kBlockN + r0 * 8
+
+  __device__ __forceinline__ ZkScales(const T* s, const T* z, int np, int g, int rows, int nb, int lane)
+      : scales(s), zeros(z), Np(np), G(g), group_rows(rows), group_shift(first_set_bit(rows) - 1), cl(lane & 3),
+        group_pow2((rows & (rows - 1)) == 0), col(nb * kBlockN + (lane >> 2) * 8) {}
+
+  __device__ __forceinline__ void load(uint4& sc, uint4& zc, int chunk) const {
+    const int row = chunk * kChunkK + cl * 32;
+    const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
+    const size_t off = (size_t)g * Np + col;
+    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
+    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
+  }
+};
+
 // Dequantization of zk steps for the tiled kernels. set() takes a chunk's
 // scales and zero points for the lane's 8 tiles (t: 8 columns each of the
 // warp's 64); frag() turns a step's weight vectors into mma A fragment p:
@@ -414,16 +441,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 #pragma unroll
     for (int h = 0; h < VPS; ++h) w[h] = load_stream(wsrc + ((size_t)chunk * 8 + i) * VPS * 32 + h * 32);
   };
-  // Group of a chunk's rows: a shift for power-of-two group sizes (all the seed's), else a division.
-  const bool group_pow2 = (group_rows & (group_rows - 1)) == 0;
-  const int group_shift = __ffs(group_rows) - 1;
-  auto load_sz = [&](uint4& sc, uint4& zc, int chunk) {
-    const int row = chunk * kChunkK + cl * 32;
-    const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
-    const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
-    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
-    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
-  };
+  const ZkScales<T, HAS_Z> zk_scales(scales, zeros, Np, G, group_rows, nb, lane);
 
   // Ring of the next D steps' weights (16-32 registers; fewer with 64-row tiles, whose
   // accumulators take 128): step i is taken from
@@ -442,7 +460,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   if (active && c_count > 0) {
 #pragma unroll
     for (int i = 0; i < D; ++i) load_step(wq[i], c_begin, i);
-    load_sz(sv, zv, c_begin);
+    zk_scales.load(sv, zv, c_begin);
   }
   pdl_wait();
 #pragma unroll
@@ -478,7 +496,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
     if (!WG && !active) continue;
     const bool more = c + 1 < c_count;
     uint4 sn = sv, zn = zv;
-    if (more && active) load_sz(sn, zn, c_begin + c + 1);
+    if (more && active) zk_scales.load(sn, zn, c_begin + c + 1);
 
     ZkDequant<T, BITS, HAS_Z> dq;
     dq.set(sv, zv);
@@ -664,20 +682,11 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   // which depend on it, in uniform registers instead of moving them there at every step) and warp in it.
   const int wg = __shfl_sync(0xffffffffu, warp / kTiledWarps, 0), wwarp = warp % kTiledWarps;
   const int m0 = blockIdx.x * kBlockRows + wg * kRows;
-  const int r0 = lane >> 2, cl = lane & 3;
   const int nb = nb_first + wwarp;
   const bool active = wwarp < nb_count;
-  const bool group_pow2 = (group_rows & (group_rows - 1)) == 0;
-  const int group_shift = __ffs(group_rows) - 1;
-  auto load_sz = [&](uint4& sc, uint4& zc, int chunk) {
-    const int row = chunk * kChunkK + cl * 32;
-    const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
-    const size_t off = (size_t)g * Np + nb * kBlockN + r0 * 8;
-    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
-    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
-  };
+  const ZkScales<T, HAS_Z> zk_scales(scales, zeros, Np, G, group_rows, nb, lane);
   uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
-  if (active && c_count > 0) load_sz(sv, zv, c_begin);
+  if (active && c_count > 0) zk_scales.load(sv, zv, c_begin);
 
   constexpr int NX = 2 * MT;  // acc as in the WG kernel
   float acc[NX][4][4];
@@ -692,7 +701,7 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   for (int c = 0; c < c_count; ++c) {
     const int st = c % kStages;
     uint4 sn = sv, zn = zv;
-    if (c + 1 < c_count && active) load_sz(sn, zn, c_begin + c + 1);
+    if (c + 1 < c_count && active) zk_scales.load(sn, zn, c_begin + c + 1);
     ZkDequant<T, BITS, HAS_Z> dq;
     dq.set(sv, zv);
     // This warpgroup's rows of the stage's x: core matrices (unit, 8-row group) at (unit * kBlockRows + row) * 16
