@@ -411,9 +411,11 @@ def test_wgmma_available_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for cap, archs, want in [((9, 0), "90a", True), ((9, 0), "80;89;90a", True), ((9, 0), "90", False),
                              ((8, 0), "80;89;90a", False), ((10, 0), "90a", False)]:  # fmt: skip
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda c=cap: c)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
         monkeypatch.setenv("ZEPHYR_CUDA_ARCHS", archs)
         assert kernel_build.wgmma_available() is want, (cap, archs)
+        assert kernel_build.wgmma_available(torch.device("cuda", 0)) is want, (cap, archs)
+        assert kernel_build.wgmma_available(torch.device("cpu")) is False  # the backend asks for a layer's device
 
 
 def test_dense_gemv_cpu_fake_opcheck_and_refusals():

@@ -63,11 +63,16 @@ def arch_defines() -> list[str]:
     return ["-DZEPHYR_HAVE_SM90A"] if any("sm_90a" in f for f in arch_flags()) else []
 
 
-def wgmma_available() -> bool:
-    """Whether the tiled kernel's wgmma variant (``gptq_gemm_repacked(..., kernel=3)``) runs on the
-    current CUDA device: an sm_90 card and kernels built for sm_90a (the rule of
-    ``tiled_wgmma_available`` in ``kernels/gptq_gemm.cu``)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and bool(arch_defines())
+def wgmma_available(device=None) -> bool:
+    """Whether the tiled kernel's wgmma variants (``gptq_gemm_repacked(..., kernel=3 or 4)``) run on
+    ``device`` (default: the current CUDA device): an sm_90 card and kernels built for sm_90a (the
+    rule of ``tiled_wgmma_available`` in ``kernels/gptq_gemm.cu``)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    cap = torch.cuda.get_device_capability() if device is None else torch.cuda.get_device_capability(device)
+    return cap == (9, 0) and bool(arch_defines())
 
 
 def find_nvcc() -> Optional[str]:

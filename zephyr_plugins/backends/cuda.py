@@ -75,12 +75,14 @@ class CudaGPTQBackend(KernelBackend):
 
     def process_weights(self, layer: torch.nn.Module) -> None:
         from .. import kernel_ops  # noqa: F401 - op schemas
+        from ..kernel_build import wgmma_available
         from ..repack import repack
 
         spec = self.spec
         self._fallback = False
         self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
-        self._fused_max_m = FUSED_MAX_M_WS if _ws_runs_on(layer.qweight.device) else FUSED_MAX_M
+        # The WS kernel is planned where gptq_gemm_repacked can run wgmma (sm_90 card, sm_90a build).
+        self._fused_max_m = FUSED_MAX_M_WS if wgmma_available(layer.qweight.device) else FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
@@ -157,14 +159,6 @@ class CudaGPTQBackend(KernelBackend):
             spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, self._fused_max_m,
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
-
-
-def _ws_runs_on(device: torch.device) -> bool:
-    """Whether ``gptq_gemm_repacked`` plans the WS kernel on ``device`` (``tiled_wgmma_available`` in
-    ``kernels/gptq_gemm.cu``): an sm_90 card and kernels built for sm_90a."""
-    from ..kernel_build import arch_defines
-
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and bool(arch_defines())
 
 
 def unrepack_layer(layer: torch.nn.Module, spec: LayerSpec) -> dict[str, torch.Tensor]:
