@@ -226,6 +226,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
   return launch_kernel_smem(kernel, grid, block, 0, stream, pdl, args...);
 }
 
+// "zk order" of x within a 128-row chunk (the wgmma kernels): the chunk row that mma k index j
+// (0..15) of step i (0..7) reads, 32c + 4i + q with c = (j % 8) / 2 and q = j % 2 + 2 * (j / 8).
+__device__ __forceinline__ int zk_chunk_row(int i, int j) { return 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3); }
+
 // x [M, K] -> xg [M, Kp]: columns gathered through perm (act-order) or
 // copied, zero-padded to Kp, so the fused kernel reads x with aligned 16-byte
 // loads and never past the end. One launch per call, M*Kp elements.
@@ -242,7 +246,7 @@ __global__ void gather_pad_kernel(const T* __restrict__ x, const int* __restrict
   const int m = blockIdx.y;
   if (k >= Kp) return;
   const int j = k & 15, i = (k >> 4) & 7;
-  const int src = ZK ? (k & ~127) + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3) : k;
+  const int src = ZK ? (k & ~127) + zk_chunk_row(i, j) : k;
   const int col = src < K ? (perm ? __ldg(perm + src) : src) : -1;
   pdl_wait();
   xg[(size_t)m * Kp + k] = col >= 0 ? x[(size_t)m * K + col] : Traits<T>::from_float(0.f);
@@ -268,7 +272,7 @@ __global__ void gather_tiles_kernel(const T* __restrict__ x, const int* __restri
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     const int j = 8 * (u & 1) + e;
-    const int src = ch * kChunkK + 32 * ((j & 7) >> 1) + 4 * i + (j & 1) + 2 * (j >> 3);
+    const int src = ch * kChunkK + zk_chunk_row(i, j);
     cols[e] = src < K && m < M ? (perm ? __ldg(perm + src) : src) : -1;
   }
   pdl_wait();
