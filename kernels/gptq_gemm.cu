@@ -154,8 +154,39 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
   return xg;
 }
 
-// x as the WS kernel reads it: its x tiles of `rows` rows (gather_tiles_kernel), a copy always.
-// Sets `pdl` as gather_x does.
+// gather_tiles_smem_kernel where x's rows are 16-byte vectors and perm's pairs 8-byte aligned, else
+// gather_tiles_kernel. R rows per block: 8, or fewer where 8 do not fit in 116 KB (two blocks per SM)
+// or give fewer than two blocks per SM; then splits of the chunks up to two blocks per SM.
+template <typename T>
+cudaError_t launch_gather_tiles(const T* x, const int* perm, T* xt, int M, int K, int Kp, int rows, long padded,
+                                int sms, cudaStream_t stream, bool dep) {
+  const long target = 2L * sms;
+  int R = 8;
+  while (R > 1 && (long(R) * (K + 8) * 2 > 116 * 1024 || padded / R < target)) R /= 2;
+  const long row_blocks = padded / R;
+  const int chunks = Kp / kChunkK;
+  const int cps = ceil_div(chunks, int(std::min<long>(chunks, (target + row_blocks - 1) / row_blocks)));
+  const size_t smem = size_t(R) * (K + 8) * 2;
+  // The opt-in limit of the device (227 KB on the H100), set once as the kernel's limit.
+  static const int max_smem = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaFuncSetAttribute(gather_tiles_smem_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, v) != cudaSuccess)
+      v = 48 * 1024;
+    return v;
+  }();
+  const bool aligned = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(perm) % 8 == 0;
+  if (aligned && smem <= size_t(max_smem)) {
+    return launch_kernel_smem(gather_tiles_smem_kernel<T>, dim3(unsigned(row_blocks), unsigned(ceil_div(chunks, cps))),
+                              dim3(256), smem, stream, dep, x, perm, xt, M, K, Kp, rows, R, cps);
+  }
+  const int units = int(padded * Kp / 8);
+  return launch_kernel(gather_tiles_kernel<T>, dim3(unsigned(ceil_div(units, 256))), dim3(256), stream, dep, x, perm,
+                       xt, M, K, Kp, rows, units);
+}
+
+// x as the WS kernel reads it: its x tiles of `rows` rows, a copy always. Sets `pdl` as gather_x does.
 at::Tensor gather_x_tiles(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, int rows, cudaStream_t stream,
                           bool& pdl) {
   const int M = x.size(0);
@@ -163,19 +194,16 @@ at::Tensor gather_x_tiles(const at::Tensor& x, const at::Tensor& perm, int K, in
   TORCH_CHECK(padded * Kp / 8 < INT_MAX, "gptq_gemm_repacked: x has too many elements for the WS kernel (", M, " x ",
               Kp, ")");
   at::Tensor xt = at::empty({padded, Kp}, x.options());
-  const int units = int(padded * Kp / 8);
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
   const bool dep = pdl_chain(x.get_device());
-  const dim3 grid(unsigned(ceil_div(units, 256)));
-  cudaError_t err;
-  if (x.scalar_type() == at::kHalf)
-    err = launch_kernel(gather_tiles_kernel<__half>, grid, dim3(256), stream, dep,
-                        reinterpret_cast<const __half*>(x.data_ptr()), p, reinterpret_cast<__half*>(xt.data_ptr()), M,
-                        K, Kp, rows, units);
-  else
-    err = launch_kernel(gather_tiles_kernel<__nv_bfloat16>, grid, dim3(256), stream, dep,
-                        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
-                        reinterpret_cast<__nv_bfloat16*>(xt.data_ptr()), M, K, Kp, rows, units);
+  const int sms = sm_count(x.get_device());
+  const cudaError_t err =
+      x.scalar_type() == at::kHalf
+          ? launch_gather_tiles(reinterpret_cast<const __half*>(x.data_ptr()), p,
+                                reinterpret_cast<__half*>(xt.data_ptr()), M, K, Kp, rows, padded, sms, stream, dep)
+          : launch_gather_tiles(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
+                                reinterpret_cast<__nv_bfloat16*>(xt.data_ptr()), M, K, Kp, rows, padded, sms, stream,
+                                dep);
   C10_CUDA_CHECK(err);
   pdl = cc_major(x.get_device()) >= 9;
   return xt;
@@ -303,7 +331,8 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // (kernels/README.md): 4-bit M = 64 144 us (64-row tiles) against 170 on wgmma and ~163 on mma.sync,
   // M = 128 198 (128-row tiles) against 238, while at M = 32 mma.sync stays ahead (130 vs 140); 8-bit
   // M = 128 228 against 253 on mma.sync and M = 256 348 against 503, but M = 48 and 64 177 / 181
-  // against 170 / 175.
+  // against 170 / 175. (Since the column split and the shared-memory gather, WS 4-bit M = 128 takes
+  // ~182 us and 8-bit ~211.)
   const bool ws_planned =
       kernel == 0 && z.M > (bits == 4 ? 32 : 64) && tiled_wgmma_available(x.get_device());
   const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);

@@ -123,12 +123,12 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, u
 // Pins the accumulators in place around the wgmma sequence, so that the
 // compiler moves no other definition of them into it (which would make ptxas
 // serialize the wgmma).
-template <int NX>
-__device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][4][4]) {
+template <int NX, int NP>
+__device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][NP][4]) {
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
+    for (int p = 0; p < NP; ++p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[j][p][e])::"memory");
 }
@@ -138,17 +138,39 @@ __device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][4][4]) {
 #define ZEPHYR_WG_N64                                                                                         \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
   "%29,%30,%31}, {%32,%33,%34,%35}, %36, q, 1, 1, 0;\n}\n"
+#define ZEPHYR_WG_N128                                                                                          \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
+  "%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,"    \
+  "%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, q, 1, 1, 0;\n}\n"
 
 // D += A * B for one warpgroup: D is 64 x 8*NX (fp32, this warp's rows
 // 16*warp + [0, 16): acc[j][P][e] is element 4j + e of the warp's fragment,
-// as an mma.m16n8k16 C fragment of 8-column tile j), A is 64 x 16 in
-// registers (this warp's 16 rows: an mma.m16n8k16 A fragment), B is 16 x
-// 8*NX in shared memory, K-major, described by `desc`.
-template <typename T, int NX, int P>
-__device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t (&a)[4], uint64_t desc) {
+// as an mma.m16n8k16 C fragment of 8-column tile j; P: which of the NP
+// accumulators of the thread), A is 64 x 16 in registers (this warp's 16
+// rows: an mma.m16n8k16 A fragment), B is 16 x 8*NX in shared memory,
+// K-major, described by `desc`.
+template <typename T, int NX, int NP, int P>
+__device__ __forceinline__ void wgmma_rs(float (&acc)[NX][NP][4], const uint32_t (&a)[4], uint64_t desc) {
 #ifdef ZEPHYR_DEVICE_WGMMA
   constexpr bool kF16 = std::is_same<T, __half>::value;
-  if constexpr (NX == 8) {
+  if constexpr (NX == 16) {
+    if constexpr (kF16)
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " ZEPHYR_WG_N128
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
+                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7), ZEPHYR_WG_D4(8), ZEPHYR_WG_D4(9),
+                     ZEPHYR_WG_D4(10), ZEPHYR_WG_D4(11), ZEPHYR_WG_D4(12), ZEPHYR_WG_D4(13), ZEPHYR_WG_D4(14),
+                     ZEPHYR_WG_D4(15)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+    else
+      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ZEPHYR_WG_N128
+                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
+                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7), ZEPHYR_WG_D4(8), ZEPHYR_WG_D4(9),
+                     ZEPHYR_WG_D4(10), ZEPHYR_WG_D4(11), ZEPHYR_WG_D4(12), ZEPHYR_WG_D4(13), ZEPHYR_WG_D4(14),
+                     ZEPHYR_WG_D4(15)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+                   : "memory");
+  } else if constexpr (NX == 8) {
     if constexpr (kF16)
       asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " ZEPHYR_WG_N64
                    : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
@@ -162,7 +184,7 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t 
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
                    : "memory");
   } else {
-    static_assert(NX == 4, "wgmma_rs: 32 or 64 rows of x");
+    static_assert(NX == 4, "wgmma_rs: 32, 64 or 128 rows of x");
     if constexpr (kF16)
       asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " ZEPHYR_WG_N32
                    : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3)
@@ -181,53 +203,60 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][4][4], const uint32_t 
 #undef ZEPHYR_WG_D4
 #undef ZEPHYR_WG_N32
 #undef ZEPHYR_WG_N64
+#undef ZEPHYR_WG_N128
 
-// A lane's scales (and zero points) of one chunk for the tiled kernels: the 8
-// values of its column r0 in each 8-column tile of column block nb, for the
-// group of its 32 chunk rows (cl). Groups are a shift for power-of-two group
-// sizes (all the seed's), else a division.
+// A lane's scales (and zero points) of one chunk for the tiled kernels: the
+// NT values of its column r0 in 8-column tiles t0 .. t0 + NT - 1 of column
+// block nb (all 8 tiles, or the 4 of the WS kernel's column-split warps), for
+// the group of its 32 chunk rows (cl). Groups are a shift for power-of-two
+// group sizes (all the seed's), else a division. V: NT values of T.
 __device__ __forceinline__ int first_set_bit(int v) { return __ffs(v); }
 
-template <typename T, bool HAS_Z>
+template <typename T, bool HAS_Z, int NT = 8>
 struct ZkScales {
+  static_assert(NT == 8 || NT == 4, "ZkScales: 4 or 8 tiles");
+  using V = std::conditional_t<NT == 8, uint4, uint2>;
   const T* scales;
   const T* zeros;
   int Np, G, group_rows, group_shift, cl;
   bool group_pow2;
-  int col;  // nb * kBlockN + r0 * 8
+  int col;  // nb * kBlockN + r0 * 8 + t0
 
-  __device__ __forceinline__ ZkScales(const T* s, const T* z, int np, int g, int rows, int nb, int lane)
+  __device__ __forceinline__ ZkScales(const T* s, const T* z, int np, int g, int rows, int nb, int lane, int t0 = 0)
       : scales(s), zeros(z), Np(np), G(g), group_rows(rows), group_shift(first_set_bit(rows) - 1), cl(lane & 3),
-        group_pow2((rows & (rows - 1)) == 0), col(nb * kBlockN + (lane >> 2) * 8) {}
+        group_pow2((rows & (rows - 1)) == 0), col(nb * kBlockN + (lane >> 2) * 8 + t0) {}
 
-  __device__ __forceinline__ void load(uint4& sc, uint4& zc, int chunk) const {
+  __device__ __forceinline__ void load(V& sc, V& zc, int chunk) const {
     const int row = chunk * kChunkK + cl * 32;
     const int g = min(group_pow2 ? row >> group_shift : row / group_rows, G - 1);
     const size_t off = (size_t)g * Np + col;
-    sc = __ldg(reinterpret_cast<const uint4*>(scales + off));
-    if (HAS_Z) zc = __ldg(reinterpret_cast<const uint4*>(zeros + off));
+    sc = __ldg(reinterpret_cast<const V*>(scales + off));
+    if (HAS_Z) zc = __ldg(reinterpret_cast<const V*>(zeros + off));
   }
 };
 
 // Dequantization of zk steps for the tiled kernels. set() takes a chunk's
-// scales and zero points for the lane's 8 tiles (t: 8 columns each of the
-// warp's 64); frag() turns a step's weight vectors into mma A fragment p:
-// a[0], a[2] from tile 2p (b0, b1 halves), a[1], a[3] from tile 2p + 1.
-template <typename T, int BITS, bool HAS_Z>
+// scales and zero points for the lane's NT tiles (t: 8 columns each: all 8 of
+// the warp's 64, or 4 of them); frag() turns a step's weight words w into mma
+// A fragment p of those tiles: a[0], a[2] from tile 2p (b0, b1 halves), a[1],
+// a[3] from tile 2p + 1. Words: 4 bits, w[p] holds fragment p; 8 bits, w[t]
+// holds tile t.
+template <typename T, int BITS, bool HAS_Z, int NT = 8>
 struct ZkDequant {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  static constexpr int VPS = BITS / 4;
   static constexpr bool kF16 = Tr::kMagicF == 1024.f;
   static constexpr int kDefaultZero = 1 << (BITS - 1);
-  T2 sc2[8], zlo2[8], zhi2[8];
-  float sf[8], zf[8];
+  T2 sc2[NT], zlo2[NT], zhi2[NT];
+  float sf[NT], zf[NT];
 
-  __device__ __forceinline__ void set(const uint4& sv, const uint4& zv) {
+  template <typename V>
+  __device__ __forceinline__ void set(const V& sv, const V& zv) {
+    static_assert(sizeof(V) == NT * sizeof(T), "ZkDequant::set: NT scales");
     const T* sp = reinterpret_cast<const T*>(&sv);
     const T* zp = reinterpret_cast<const T*>(&zv);
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
+    for (int t = 0; t < NT; ++t) {
       const float z = HAS_Z ? Tr::to_float(zp[t]) : float(kDefaultZero);
       if (BITS == 4 || kF16) {
         sc2[t] = Tr::bcast(sp[t]);
@@ -240,7 +269,7 @@ struct ZkDequant {
     }
   }
 
-  __device__ __forceinline__ void frag(const uint4 (&cur)[VPS], int p, uint32_t (&a)[4]) const {
+  __device__ __forceinline__ void frag(const uint32_t* w, int p, uint32_t (&a)[4]) const {
     const uint32_t kLo = 0x000f000fu, kHi = 0x00f000f0u, kMagic = Tr::kMagic;
     const T2 inv16 = Tr::bcast(Tr::from_float(1.f / 16.f));
 #pragma unroll
@@ -248,8 +277,7 @@ struct ZkDequant {
       const int t = 2 * p + ab;
       T2 lo, hi;
       if constexpr (BITS == 4) {
-        const uint32_t w4 = reinterpret_cast<const uint32_t*>(&cur[0])[p];
-        const uint32_t wv = ab ? (w4 >> 8) : w4;
+        const uint32_t wv = ab ? (w[p] >> 8) : w[p];
         lo = __hsub2(bit_cast_to<T2>(lop3_and_or(wv, kLo, kMagic)), zlo2[t]);
         if constexpr (kF16) {
           hi = __hfma2(bit_cast_to<T2>(lop3_and_or(wv, kHi, kMagic)), inv16, zhi2[t]);
@@ -259,8 +287,8 @@ struct ZkDequant {
         lo = __hmul2(lo, sc2[t]);
         hi = __hmul2(hi, sc2[t]);
       } else {
-        // 8-bit: vector t/4 of the step, word t%4; byte h*2 + e is element (h, e).
-        const uint32_t w8 = reinterpret_cast<const uint32_t*>(&cur[t / 4])[t % 4];
+        // 8-bit: byte h*2 + e of word t is element (h, e).
+        const uint32_t w8 = w[t];
         if constexpr (kF16) {  // byte q into the fp16 mantissa: 1024 + q, exact
           lo = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4140)), zlo2[t]), sc2[t]);
           hi = __hmul2(__hsub2(bit_cast_to<T2>(__byte_perm(w8, 0x64646464u, 0x4342)), zlo2[t]), sc2[t]);
@@ -285,17 +313,17 @@ struct ZkDequant {
 // warpgroup), so the 128 synchronize on a named barrier instead of
 // __syncthreads.
 // Element (j, p, e) of a lane: tile row 8j + 2*cl + (e & 1), column
-// 64*nb + 16p + 8*(e >> 1) + r0 of the output.
+// 64*nb + 16*(p0 + p) + 8*(e >> 1) + r0 of the output (NX 8-row tiles, NP
+// fragments of 16 columns: 4 from p0 = 0, or the WS column-split warps' 2).
 // tid: the thread among the 128; tile / tiles: this warpgroup's output tile
 // and their count (partial slots), lock: its split-K counter; bar: the named
 // barrier of its 128 threads (NAMED).
-template <typename T, int MT, bool NAMED>
-__device__ __forceinline__ void tiled_epilogue(float (&acc)[2 * MT][4][4], float* __restrict__ partial,
+template <typename T, int NX, int NP, bool NAMED>
+__device__ __forceinline__ void tiled_epilogue(float (&acc)[NX][NP][4], float* __restrict__ partial,
                                                int* __restrict__ locks, T* __restrict__ out, int M, int N, int m0,
-                                               int nb, bool active, int s, int S, int* is_last, int tid, size_t tile,
-                                               size_t tiles, int lock, int bar) {
+                                               int nb, int p0, bool active, int s, int S, int* is_last, int tid,
+                                               size_t tile, size_t tiles, int lock, int bar) {
   using Tr = Traits<T>;
-  constexpr int NX = 2 * MT;
   const int lane = tid & 31;
   const int r0 = lane >> 2, cl = lane & 3;
   auto sync = [bar] {
@@ -304,7 +332,7 @@ __device__ __forceinline__ void tiled_epilogue(float (&acc)[2 * MT][4][4], float
     else
       __syncthreads();
   };
-  const int n0 = nb * kBlockN + r0;
+  const int n0 = nb * kBlockN + 16 * p0 + r0;
   auto row_of = [&](int j, int e) { return m0 + 8 * j + 2 * cl + (e & 1); };
   auto col_of = [&](int p, int e) { return n0 + 16 * p + 8 * (e >> 1); };
   auto store = [&](int j, int p, int e, float v) {
@@ -316,27 +344,28 @@ __device__ __forceinline__ void tiled_epilogue(float (&acc)[2 * MT][4][4], float
 #pragma unroll
     for (int j = 0; j < NX; ++j)
 #pragma unroll
-      for (int p = 0; p < 4; ++p)
+      for (int p = 0; p < NP; ++p)
 #pragma unroll
         for (int e = 0; e < 4; ++e) store(j, p, e, acc[j][p][e]);
     return;
   }
   // Split-K. Each block stores its accumulators as they lie in registers:
-  // float4 v = (j, p) = acc[v / 4][v % 4][0..3] of every thread, thread-minor
+  // float4 v = (j, p) = acc[v / NP][v % NP][0..3] of every thread, thread-minor
   // (coalesced 16-byte stores), [S][tiles][NV][threads]. The last block of
   // the tile to arrive sums the S partials in order (deterministic: the same
   // order whichever block is last), loading Q float4 of up to 4 slices at
   // once (16-32 loads in flight per thread: the sum is latency-bound, not
   // bandwidth-bound), and writes the output.
-  constexpr int NV = NX * 4;
-  constexpr int Q = MT == 4 ? 8 : 4;  // fewer registers where the block has 3 per SM
+  constexpr int NV = NX * NP;
+  constexpr int Q = NV == 32 ? 8 : 4;  // fewer registers where the block has 3 per SM
   constexpr int kT = kTiledWarps * 32;
   float4* part4 = reinterpret_cast<float4*>(partial);
   auto slot = [&](int ss, int v) { return part4 + (((size_t)ss * tiles + tile) * NV + v) * kT + tid; };
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < 4; ++p) __stcg(slot(s, j * 4 + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
+    for (int p = 0; p < NP; ++p)
+      __stcg(slot(s, j * NP + p), make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]));
   __threadfence();  // this block's partial is visible before it counts itself in
   sync();
   if (tid == 0) *is_last = (atomicAdd(locks + lock, 1) == S - 1);
@@ -369,7 +398,7 @@ __device__ __forceinline__ void tiled_epilogue(float (&acc)[2 * MT][4][4], float
     if (active) {
 #pragma unroll
       for (int q = 0; q < Q; ++q) {
-        const int j = (v0 + q) / 4, p = (v0 + q) % 4;
+        const int j = (v0 + q) / NP, p = (v0 + q) % NP;
         store(j, p, 0, r[q].x);
         store(j, p, 1, r[q].y);
         store(j, p, 2, r[q].z);
@@ -526,7 +555,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
         uint32_t(&a)[4] = aw[p];
-        dq.frag(cur, p, a);
+        dq.frag(reinterpret_cast<const uint32_t*>(cur), p, a);
         if constexpr (!WG) {
 #pragma unroll
           for (int j = 0; j < NX; ++j) Tr::mma(acc[j][p], a, xb[j].x, xb[j].y);
@@ -537,10 +566,10 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
         // ((i*2 + h)*kRows + 8*group)*16 bytes: K-direction offset kRows*16, N-direction 128.
         const uint64_t desc = wgmma_desc(xs + (c % kStages) * kTileUnits + i * 2 * kRows, kRows * 16, 128);
         wgmma_fence();  // the A registers were just written
-        wgmma_rs<T, NX, 0>(acc, aw[0], desc);
-        wgmma_rs<T, NX, 1>(acc, aw[1], desc);
-        wgmma_rs<T, NX, 2>(acc, aw[2], desc);
-        wgmma_rs<T, NX, 3>(acc, aw[3], desc);
+        wgmma_rs<T, NX, 4, 0>(acc, aw[0], desc);
+        wgmma_rs<T, NX, 4, 1>(acc, aw[1], desc);
+        wgmma_rs<T, NX, 4, 2>(acc, aw[2], desc);
+        wgmma_rs<T, NX, 4, 3>(acc, aw[3], desc);
         wgmma_commit();
         wgmma_wait<1>();  // the previous step's group is done: its A registers and stage reads
       }
@@ -554,7 +583,7 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
   }
   cp_async_wait<0>();  // no copy may outlive the block (the last groups are empty)
 
-  tiled_epilogue<T, MT, false>(acc, partial, locks, out, M, N, m0, nb, active, s, S, &is_last, threadIdx.x,
+  tiled_epilogue<T, NX, 4, false>(acc, partial, locks, out, M, N, m0, nb, 0, active, s, S, &is_last, threadIdx.x,
                                (size_t)blockIdx.y * gridDim.x + blockIdx.x, (size_t)gridDim.x * gridDim.y,
                                blockIdx.x * gridDim.y + blockIdx.y, 0);
 }
@@ -576,10 +605,14 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 // MMA warp waits for its own loads, and with 8 warps per SM the loop is bound
 // by that latency (kernels/README.md). Here the copies run ahead by the whole
 // ring and the MMA warps only compute.
-// WGS = 2 (a 128-row tile): two MMA warpgroups take 64 rows each of the same
-// x tile and weights, so each weight byte and each dequantization serves
-// twice the rows, and the L2 traffic per flop drops (ncu: at M = 1024 the
-// 32-row WS kernel kept L2 78% busy at 97% hits while the tensor pipes idled).
+// WGS = 2 (a 128-row tile): each weight byte serves twice the rows, and the
+// L2 traffic per flop drops (ncu: at M = 1024 the 32-row WS kernel kept L2
+// 78% busy at 97% hits while the tensor pipes idled). The two MMA warpgroups
+// split the columns, not the rows: warpgroup g multiplies column blocks 2g
+// and 2g + 1 by all 128 rows (two wgmma m64n128k16 per step), so every
+// weight is dequantized once per block. The first version split the rows (64
+// each, the 4 column blocks each) and so dequantized every weight twice; ncu
+// had its main loop stalled on the dequantization and the half2 pipe.
 // Threads: the MMA warpgroups and one producer warp; with two warpgroups the producer is a whole
 // warpgroup (3 of its warps idle), which lets the block move registers from it to the MMA warpgroups
 // (setmaxnreg, warpgroup-wide): 40 for the producer, 232 for each MMA thread.
@@ -620,6 +653,10 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   constexpr int kXBytes = WGS * ws_x_bytes(MT), kWBytes = ws_w_bytes(BITS);
   constexpr int kStageBytes = ws_stage_bytes(MT, BITS, WGS);
   constexpr int kConsumers = kTiledWarps * WGS;  // MMA warps
+  constexpr bool kColSplit = WGS > 1;            // two warpgroups: two column blocks each, all rows
+  constexpr int NP = kColSplit ? 2 : 4;          // wgmma per step (A fragments a warp dequantizes)
+  constexpr int NT = 2 * NP;                     // 8-column tiles of a lane's scales
+  constexpr int NX = kColSplit ? 2 * MT * WGS : 2 * MT;  // 8-row x tiles of a wgmma
   extern __shared__ uint4 ws_ring[];  // [kStages][x tile (kXBytes), 4 column blocks (kWBytes each)]
   __shared__ uint64_t full[kStages], empty[kStages];
   __shared__ int is_last[WGS];
@@ -681,60 +718,86 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   // Warpgroup (made visibly warp-uniform by the shuffle, so that ptxas keeps the wgmma descriptors,
   // which depend on it, in uniform registers instead of moving them there at every step) and warp in it.
   const int wg = __shfl_sync(0xffffffffu, warp / kTiledWarps, 0), wwarp = warp % kTiledWarps;
-  const int m0 = blockIdx.x * kBlockRows + wg * kRows;
-  const int nb = nb_first + wwarp;
-  const bool active = wwarp < nb_count;
-  const ZkScales<T, HAS_Z> zk_scales(scales, zeros, Np, G, group_rows, nb, lane);
-  uint4 sv = make_uint4(0, 0, 0, 0), zv = make_uint4(0, 0, 0, 0);
+  // One warpgroup: warp w, column block w, all 4 fragments (wgmma p = fragment p of every warp).
+  // Column split (WGS = 2): warpgroup g takes column blocks 2g and 2g + 1 for all the tile's rows;
+  // warp w dequantizes fragments 2*(w%2) and 2*(w%2) + 1 of block 2g + w/2, the A rows of its two
+  // wgmma m64n128k16.
+  const int blk = kColSplit ? 2 * wg + (wwarp >> 1) : wwarp;  // column block in the group
+  const int half = wwarp & 1;
+  const int p0 = kColSplit ? 2 * half : 0;  // the warp's first fragment of its block
+  const int row_off = kColSplit ? 0 : wg * kRows;  // the warpgroup's first row in the x tile
+  const int m0 = blockIdx.x * kBlockRows + row_off;
+  const int nb = nb_first + blk;
+  const bool active = blk < nb_count;
+  const ZkScales<T, HAS_Z, NT> zk_scales(scales, zeros, Np, G, group_rows, nb, lane, 2 * p0);
+  using SV = typename ZkScales<T, HAS_Z, NT>::V;
+  SV sv{}, zv{};
   if (active && c_count > 0) zk_scales.load(sv, zv, c_begin);
 
-  constexpr int NX = 2 * MT;  // acc as in the WG kernel
-  float acc[NX][4][4];
+  float acc[NX][NP][4];
 #pragma unroll
   for (int j = 0; j < NX; ++j)
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
+    for (int p = 0; p < NP; ++p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][p][e] = 0.f;
   wgmma_fence_acc(acc);
 
+  // The weight words a lane dequantizes per step (ZkDequant::frag): its 16-byte vector(s) of the step,
+  // or with the column split half of them (4 bits: words 2*half, 2*half + 1; 8 bits: vector half).
+  constexpr int kWords = NP * VPS;
+  auto load_words = [&](uint32_t(&wd)[kWords], const uint4* wl, int i) {
+    if constexpr (!kColSplit) {
+#pragma unroll
+      for (int h = 0; h < VPS; ++h) {
+        const uint4 v = wl[(i * VPS + h) * 32];
+        wd[4 * h] = v.x, wd[4 * h + 1] = v.y, wd[4 * h + 2] = v.z, wd[4 * h + 3] = v.w;
+      }
+    } else if constexpr (BITS == 4) {
+      const uint2 v = reinterpret_cast<const uint2*>(wl + i * 32)[half];
+      wd[0] = v.x, wd[1] = v.y;
+    } else {
+      const uint4 v = wl[(i * 2 + half) * 32];
+      wd[0] = v.x, wd[1] = v.y, wd[2] = v.z, wd[3] = v.w;
+    }
+  };
+
   for (int c = 0; c < c_count; ++c) {
     const int st = c % kStages;
-    uint4 sn = sv, zn = zv;
+    SV sn = sv, zn = zv;
     if (c + 1 < c_count && active) zk_scales.load(sn, zn, c_begin + c + 1);
-    ZkDequant<T, BITS, HAS_Z> dq;
+    ZkDequant<T, BITS, HAS_Z, NT> dq;
     dq.set(sv, zv);
-    // This warpgroup's rows of the stage's x: core matrices (unit, 8-row group) at (unit * kBlockRows + row) * 16
-    // bytes; step i's descriptor is the chunk's plus i * 2 * kBlockRows * 16 bytes (in its 16-byte address field).
-    const uint64_t desc0 = wgmma_desc(reinterpret_cast<const uint4*>(ring + st * kStageBytes) + wg * kRows,
+    // The stage's x: core matrices (unit, 8-row group) at (unit * kBlockRows + row) * 16 bytes; this
+    // warpgroup's rows start at row wg * kRows (all rows with the column split); step i's descriptor is
+    // the chunk's plus i * 2 * kBlockRows * 16 bytes (in its 16-byte address field).
+    const uint64_t desc0 = wgmma_desc(reinterpret_cast<const uint4*>(ring + st * kStageBytes) + row_off,
                                       kBlockRows * 16, 128);
     // A warp past the last column block reads the slot's stale bytes: they reach only its own rows of
     // the wgmma (output columns that are never stored).
-    const uint4* wl = reinterpret_cast<const uint4*>(ring + st * kStageBytes + kXBytes + wwarp * kWBytes) + lane;
+    const uint4* wl = reinterpret_cast<const uint4*>(ring + st * kStageBytes + kXBytes + blk * kWBytes) + lane;
     mbar_wait(&full[st], (c / kStages) & 1);
     // Step i + 1's weights are read before step i's wgmma are issued (the asm's memory clobbers would
     // otherwise keep the load behind them, and its latency in front of the dequantization).
-    uint4 next[VPS];
-#pragma unroll
-    for (int h = 0; h < VPS; ++h) next[h] = wl[h * 32];
+    uint32_t next[kWords];
+    load_words(next, wl, 0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      uint4 cur[VPS];
+      uint32_t cur[kWords];
 #pragma unroll
-      for (int h = 0; h < VPS; ++h) cur[h] = next[h];
-      if (i + 1 < 8) {
+      for (int h = 0; h < kWords; ++h) cur[h] = next[h];
+      if (i + 1 < 8) load_words(next, wl, i + 1);
+      uint32_t aw[NP][4];
 #pragma unroll
-        for (int h = 0; h < VPS; ++h) next[h] = wl[((i + 1) * VPS + h) * 32];
-      }
-      uint32_t aw[4][4];
-#pragma unroll
-      for (int p = 0; p < 4; ++p) dq.frag(cur, p, aw[p]);
+      for (int p = 0; p < NP; ++p) dq.frag(cur, p, aw[p]);
       const uint64_t desc = desc0 + uint64_t((i * 2 * kBlockRows * 16) >> 4);
       wgmma_fence();
-      wgmma_rs<T, NX, 0>(acc, aw[0], desc);
-      wgmma_rs<T, NX, 1>(acc, aw[1], desc);
-      wgmma_rs<T, NX, 2>(acc, aw[2], desc);
-      wgmma_rs<T, NX, 3>(acc, aw[3], desc);
+      wgmma_rs<T, NX, NP, 0>(acc, aw[0], desc);
+      wgmma_rs<T, NX, NP, 1>(acc, aw[1], desc);
+      if constexpr (NP == 4) {
+        wgmma_rs<T, NX, NP, 2>(acc, aw[2], desc);
+        wgmma_rs<T, NX, NP, 3>(acc, aw[3], desc);
+      }
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's group is done
       // ... so the previous chunk's stage is no longer read: hand it back.
@@ -745,12 +808,12 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   }
   wgmma_wait<0>();
   wgmma_fence_acc(acc);
-  // Output tile (row tile of 64 or 32 rows, column group): warpgroup wg of block (x, y).
+  // Output tile (rows, column group; one per warpgroup): warpgroup wg of block (x, y).
   const size_t tiles = (size_t)gridDim.x * gridDim.y * WGS;
   const size_t tile = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * WGS + wg;
   const int lock = (blockIdx.x * gridDim.y + blockIdx.y) * WGS + wg;
-  tiled_epilogue<T, MT, true>(acc, partial, locks, out, M, N, m0, nb, active, s, S, &is_last[wg],
-                              threadIdx.x - wg * kTiledWarps * 32, tile, tiles, lock, 1 + wg);
+  tiled_epilogue<T, NX, NP, true>(acc, partial, locks, out, M, N, m0, nb, p0, active, s, S, &is_last[wg],
+                                  threadIdx.x - wg * kTiledWarps * 32, tile, tiles, lock, 1 + wg);
 #else
   __trap();
 #endif

@@ -561,7 +561,7 @@ print("ok", n_checked)
 
 def test_ws_every_row_tile():
     """The WS kernel (kernel=4) on each of its row tiles, forced through ZEPHYR_TILED_MT (read once per
-    process): 32 rows (2 blocks per SM), 64 rows, and 128 rows as two warpgroups sharing the weights (8),
+    process): 32 rows (2 blocks per SM), 64 rows, and 128 rows as two warpgroups splitting the columns (8),
     with splits along K, partial row tiles and a partial last column group, both dtypes, 4 and 8 bits."""
     import os
 
@@ -571,6 +571,29 @@ def test_ws_every_row_tile():
         env = {**os.environ, "ZEPHYR_TILED_MT": mt}
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_TILED_MT={mt}: " + res.stderr[-6000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_ws_gather_paths(dtype):
+    """The WS kernel's x tiles come through shared memory (gather_tiles_smem_kernel: x 16-byte aligned,
+    K % 8 == 0; up to 8 rows per block, 4 at K = 14336) or else one unit per thread
+    (gather_tiles_kernel): an x one element off alignment and an 8-bit layer with K % 8 != 0 take the
+    second, and give the reference's answer, and the same bits as the first on the same values."""
+    _need(4)
+    for bits, gs, act, k, n in [(4, 128, True, 4096, 4096), (8, 128, True, 14336, 4096), (4, 64, False, 576, 1536),
+                                (8, -1, True, 708, 200)]:
+        layer, w, _ = _layer(k, n, bits, gs, act, False, dtype)
+        for m in (40, 130):
+            gen = torch.Generator(device="cuda").manual_seed(7000 + m)
+            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+            shifted = torch.empty(m * k + 1, device="cuda", dtype=dtype)[1:].view(m, k)
+            shifted.copy_(x)
+            assert shifted.data_ptr() % 16 != 0
+            poison_allocator()
+            y = _tiled(layer, x, kernel=4)
+            _check_out(y, x, w, dtype)
+            poison_allocator()
+            assert torch.equal(_tiled(layer, shifted, kernel=4), y), (bits, gs, act, k, n, m)
 
 
 def test_prepared_layer_holds_one_copy_and_saves_the_checkpoint():
