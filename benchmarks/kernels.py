@@ -2,8 +2,8 @@
 
 For the four Mistral-7B linear shapes and M in {1, ..., 4096}, times in one
 run: our backend (what ``QuantLinear`` dispatches to: the GEMV kernel for
-M <= 24, the tiled kernel up to the backend's FUSED_MAX_M (FUSED_MAX_M_WS on
-Hopper, where the tiled kernel is mostly its WS variant), dequantize +
+M <= 24, the tiled kernel up to the backend's FUSED_MAX_M (FUSED_MAX_M_WS and
+FUSED_MAX_M_WS_8BIT on Hopper, where the tiled kernel is mostly its WS variant), dequantize +
 cuBLAS above), the GEMV, fused small-M and tiled kernels (the tiled one on mma.sync,
 ``tiled_us``, and on Hopper also on wgmma, ``wgmma_us``, and its warp-specialized
 wgmma variant at M >= 16, ``ws_us``) and the dequantize +

@@ -75,6 +75,22 @@ def test_main_layout_full_grid(k, n, m):
     _check(layer, w, m, torch.float16)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_limit_rows(bits):
+    """The layer at the largest M its fused path serves (on Hopper the WS limits, FUSED_MAX_M_WS for
+    4-bit and FUSED_MAX_M_WS_8BIT for 8-bit; else FUSED_MAX_M) and one row past it (dequantize + cuBLAS)."""
+    from zephyr_plugins.backends import cuda as cuda_backend
+
+    layer, w, _ = _layer(4096, 6144, bits, 128, True, False, torch.float16)
+    limit = layer._kernel._fused_max_m
+    if _wgmma_available():
+        assert limit == (cuda_backend.FUSED_MAX_M_WS_8BIT if bits == 8 else cuda_backend.FUSED_MAX_M_WS)
+    else:
+        assert limit == cuda_backend.FUSED_MAX_M
+    for m in (limit, limit + 1):
+        _check(layer, w, m, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits,gs,act", LAYOUTS, ids=[f"u{b}g{g}{'act' if a else ''}" for b, g, a in LAYOUTS])

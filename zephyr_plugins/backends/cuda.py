@@ -7,7 +7,7 @@
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
   cards (kernels built for sm_90a) layers above 32 rows (4-bit; 8-bit: 64) take
   its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
-  shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows.
+  shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows (8-bit: ``FUSED_MAX_M_WS_8BIT``).
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
@@ -33,11 +33,13 @@ from .base import KernelBackend, LayerSpec
 # Largest M sent to the fused kernels (above GEMV_MAX_M: the tiled tensor-core kernel, which
 # serves any M); above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) sets it.
 FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
-# The same where the WS kernel runs (sm_90 card, sm_90a build); ``ZEPHYR_CUDA_FUSED_MAX_M_WS`` sets it.
-# H100, sums over the Mistral shapes, g128 act-order, same runs: 4-bit WS 336 us at M = 256 against ~431
-# for dequantize + cuBLAS, and 1118 against ~892 at M = 1024 (the lines cross near M = 420); 8-bit WS 348
-# at M = 256 against ~478.
-FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "384"))
+# The same where the WS kernel runs (sm_90 card, sm_90a build), for 4-bit and for 8-bit weights;
+# ``ZEPHYR_CUDA_FUSED_MAX_M_WS`` / ``ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT`` set them. H100, sums over the
+# Mistral shapes, g128 act-order, one run of benchmarks/kernels.py at 135816d: 4-bit WS 538 us at
+# M = 512 against 547 for dequantize + cuBLAS, 874 against 856 at M = 1024; 8-bit WS 533 against 603
+# at M = 512, 865 against 911 at M = 1024, 3468 against 2924 at M = 4096.
+FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "512"))
+FUSED_MAX_M_WS_8BIT = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT", "1024"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
@@ -82,7 +84,8 @@ class CudaGPTQBackend(KernelBackend):
         self._fallback = False
         self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
         # The WS kernel is planned where gptq_gemm_repacked can run wgmma (sm_90 card, sm_90a build).
-        self._fused_max_m = FUSED_MAX_M_WS if wgmma_available(layer.qweight.device) else FUSED_MAX_M
+        ws_max_m = FUSED_MAX_M_WS_8BIT if spec.bits == 8 else FUSED_MAX_M_WS
+        self._fused_max_m = ws_max_m if wgmma_available(layer.qweight.device) else FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
