@@ -143,6 +143,22 @@ __device__ __forceinline__ void wgmma_fence_acc(float (&acc)[NX][NP][4]) {
   "%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,"    \
   "%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, q, 1, 1, 0;\n}\n"
 
+// One wgmma.mma_async of shape SHAPE, f16 or bf16 by kF16: REGS numbers the D, A and descriptor
+// operands, PRED is the operand number of the scale-d flag after them, and the D outputs follow.
+#define ZEPHYR_WG_MMA(PRED, SHAPE, REGS, ...)                                                                  \
+  if constexpr (kF16)                                                                                          \
+    asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %" #PRED ", 0;\nwgmma.mma_async.sync.aligned." SHAPE       \
+                 ".f32.f16.f16 " REGS                                                                          \
+                 : __VA_ARGS__                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)                               \
+                 : "memory");                                                                                  \
+  else                                                                                                         \
+    asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %" #PRED ", 0;\nwgmma.mma_async.sync.aligned." SHAPE       \
+                 ".f32.bf16.bf16 " REGS                                                                        \
+                 : __VA_ARGS__                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)                               \
+                 : "memory")
+
 // D += A * B for one warpgroup: D is 64 x 8*NX (fp32, this warp's rows
 // 16*warp + [0, 16): acc[j][P][e] is element 4j + e of the warp's fragment,
 // as an mma.m16n8k16 C fragment of 8-column tile j; P: which of the NP
@@ -154,52 +170,23 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[NX][NP][4], const uint32_t
 #ifdef ZEPHYR_DEVICE_WGMMA
   constexpr bool kF16 = std::is_same<T, __half>::value;
   if constexpr (NX == 16) {
-    if constexpr (kF16)
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " ZEPHYR_WG_N128
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
-                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7), ZEPHYR_WG_D4(8), ZEPHYR_WG_D4(9),
-                     ZEPHYR_WG_D4(10), ZEPHYR_WG_D4(11), ZEPHYR_WG_D4(12), ZEPHYR_WG_D4(13), ZEPHYR_WG_D4(14),
-                     ZEPHYR_WG_D4(15)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
-    else
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ZEPHYR_WG_N128
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
-                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7), ZEPHYR_WG_D4(8), ZEPHYR_WG_D4(9),
-                     ZEPHYR_WG_D4(10), ZEPHYR_WG_D4(11), ZEPHYR_WG_D4(12), ZEPHYR_WG_D4(13), ZEPHYR_WG_D4(14),
-                     ZEPHYR_WG_D4(15)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
+    ZEPHYR_WG_MMA(69, "m64n128k16", ZEPHYR_WG_N128, ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2),
+                  ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4), ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7),
+                  ZEPHYR_WG_D4(8), ZEPHYR_WG_D4(9), ZEPHYR_WG_D4(10), ZEPHYR_WG_D4(11), ZEPHYR_WG_D4(12),
+                  ZEPHYR_WG_D4(13), ZEPHYR_WG_D4(14), ZEPHYR_WG_D4(15));
   } else if constexpr (NX == 8) {
-    if constexpr (kF16)
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " ZEPHYR_WG_N64
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
-                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
-    else
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " ZEPHYR_WG_N64
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4),
-                     ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
+    ZEPHYR_WG_MMA(37, "m64n64k16", ZEPHYR_WG_N64, ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2),
+                  ZEPHYR_WG_D4(3), ZEPHYR_WG_D4(4), ZEPHYR_WG_D4(5), ZEPHYR_WG_D4(6), ZEPHYR_WG_D4(7));
   } else {
     static_assert(NX == 4, "wgmma_rs: 32, 64 or 128 rows of x");
-    if constexpr (kF16)
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " ZEPHYR_WG_N32
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
-    else
-      asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " ZEPHYR_WG_N32
-                   : ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2), ZEPHYR_WG_D4(3)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-                   : "memory");
+    ZEPHYR_WG_MMA(21, "m64n32k16", ZEPHYR_WG_N32, ZEPHYR_WG_D4(0), ZEPHYR_WG_D4(1), ZEPHYR_WG_D4(2),
+                  ZEPHYR_WG_D4(3));
   }
 #else
   __trap();
 #endif
 }
+#undef ZEPHYR_WG_MMA
 #undef ZEPHYR_WG_D4
 #undef ZEPHYR_WG_N32
 #undef ZEPHYR_WG_N64
