@@ -159,25 +159,26 @@ at::Tensor gather_x(const at::Tensor& x, const at::Tensor& perm, int K, int Kp, 
 // or give fewer than two blocks per SM; then splits of the chunks up to two blocks per SM.
 template <typename T>
 cudaError_t launch_gather_tiles(const T* x, const int* perm, T* xt, int M, int K, int Kp, int rows, long padded,
-                                int sms, cudaStream_t stream, bool dep) {
-  const long target = 2L * sms;
+                                int device, cudaStream_t stream, bool dep) {
+  const long target = 2L * sm_count(device);
   int R = 8;
   while (R > 1 && (long(R) * (K + 8) * 2 > 116 * 1024 || padded / R < target)) R /= 2;
   const long row_blocks = padded / R;
   const int chunks = Kp / kChunkK;
   const int cps = ceil_div(chunks, int(std::min<long>(chunks, (target + row_blocks - 1) / row_blocks)));
   const size_t smem = size_t(R) * (K + 8) * 2;
-  // The opt-in limit of the device (227 KB on the H100), set once as the kernel's limit.
-  static const int max_smem = [] {
-    int dev = 0, v = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncSetAttribute(gather_tiles_smem_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, v) != cudaSuccess)
-      v = 48 * 1024;
-    return v;
+  // Beyond the default 48 KB, up to the device's opt-in limit (227 KB on the H100), to which the
+  // kernel's limit is raised once (a failed raise is cleared, so that no later launch reports it).
+  const size_t max_smem = size_t(cached_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, 48 * 1024));
+  static const bool raised = [max_smem] {
+    if (cudaFuncSetAttribute(gather_tiles_smem_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(max_smem)) == cudaSuccess)
+      return true;
+    (void)cudaGetLastError();
+    return false;
   }();
   const bool aligned = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(perm) % 8 == 0;
-  if (aligned && smem <= size_t(max_smem)) {
+  if (aligned && (smem <= 48 * 1024 || (raised && smem <= max_smem))) {
     return launch_kernel_smem(gather_tiles_smem_kernel<T>, dim3(unsigned(row_blocks), unsigned(ceil_div(chunks, cps))),
                               dim3(256), smem, stream, dep, x, perm, xt, M, K, Kp, rows, R, cps);
   }
@@ -195,17 +196,17 @@ at::Tensor gather_x_tiles(const at::Tensor& x, const at::Tensor& perm, int K, in
               Kp, ")");
   at::Tensor xt = at::empty({padded, Kp}, x.options());
   const int* p = perm.numel() ? perm.data_ptr<int>() : nullptr;
-  const bool dep = pdl_chain(x.get_device());
-  const int sms = sm_count(x.get_device());
+  const int device = x.get_device();
+  const bool dep = pdl_chain(device);
   const cudaError_t err =
       x.scalar_type() == at::kHalf
           ? launch_gather_tiles(reinterpret_cast<const __half*>(x.data_ptr()), p,
-                                reinterpret_cast<__half*>(xt.data_ptr()), M, K, Kp, rows, padded, sms, stream, dep)
+                                reinterpret_cast<__half*>(xt.data_ptr()), M, K, Kp, rows, padded, device, stream, dep)
           : launch_gather_tiles(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p,
-                                reinterpret_cast<__nv_bfloat16*>(xt.data_ptr()), M, K, Kp, rows, padded, sms, stream,
-                                dep);
+                                reinterpret_cast<__nv_bfloat16*>(xt.data_ptr()), M, K, Kp, rows, padded, device,
+                                stream, dep);
   C10_CUDA_CHECK(err);
-  pdl = cc_major(x.get_device()) >= 9;
+  pdl = cc_major(device) >= 9;
   return xt;
 }
 
