@@ -644,7 +644,11 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   constexpr int NP = kColSplit ? 2 : 4;          // wgmma per step (A fragments a warp dequantizes)
   constexpr int NT = 2 * NP;                     // 8-column tiles of a lane's scales
   constexpr int NX = kColSplit ? 2 * MT * WGS : 2 * MT;  // 8-row x tiles of a wgmma
-  extern __shared__ uint4 ws_ring[];  // [kStages][x tile (kXBytes), 4 column blocks (kWBytes each)]
+  // [kStages][x tile (kXBytes), 4 column blocks (kWBytes each)]. 128-byte aligned: with the default
+  // 16 bytes the ring began right after the static barriers (80-112 bytes in), and ncu counted ~1.3
+  // sectors per L2 request for the kernel's bulk copies instead of 4 (the tag lookups, not the bytes,
+  // then bound the kernel at M >= 256).
+  extern __shared__ __align__(128) uint4 ws_ring[];
   __shared__ uint64_t full[kStages], empty[kStages];
   __shared__ int is_last[WGS];
 

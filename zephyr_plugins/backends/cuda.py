@@ -37,8 +37,10 @@ FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
 # ``ZEPHYR_CUDA_FUSED_MAX_M_WS`` / ``ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT`` set them. H100, sums over the
 # Mistral shapes, g128 act-order, one run of benchmarks/kernels.py at 135816d: 4-bit WS 538 us at
 # M = 512 against 547 for dequantize + cuBLAS, 874 against 856 at M = 1024; 8-bit WS 533 against 603
-# at M = 512, 865 against 911 at M = 1024, 3468 against 2924 at M = 4096.
-FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "512"))
+# at M = 512, 865 against 911 at M = 1024, 3468 against 2924 at M = 4096. Since the WS kernel's ring is
+# 128-byte aligned (ab_H100_2026-11-28/ws_ring_alignment.log: 4-bit WS at M = 1024 786 us against 872
+# before), 4-bit weights go to it up to 1024 rows too.
+FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "1024"))
 FUSED_MAX_M_WS_8BIT = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT", "1024"))
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
