@@ -266,8 +266,22 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, mt_fit) : mt_fit);
   int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
   double best = -1;
+  // WS above 64 rows: 128- or 64-row tiles, each with its own cost terms (microseconds), fitted to a
+  // sweep of forced row tiles and splits on the H100 (4-bit g128 act-order, the four Mistral shapes,
+  // M = 128-2048, S = 1, 2, 3, 4, 6, 8; ab_H100_2026-11-28/ws_plan_sweep.log): per wave of blocks,
+  // chunks x `chunk` + `block` (pipeline fill, epilogue), with a split also `partial` (its fp32
+  // partials out and back) and `slice` per slice, plus `launch` once. The model below (one cost per
+  // chunk, a split priced per slice only) took splits that lost up to a third (qkv at M = 512: S = 4,
+  // 81 us, against 55 unsplit); this one picks the sweep's fastest forced (row tile, split) at 19 of
+  // its 20 points and one 1.2% slower at the other (down, M = 128).
+  struct WsCost {
+    double chunk, block, partial, slice, launch;
+  };
+  constexpr WsCost kWs128{1.69, 2.45, 7.41, 2.25, -5.4}, kWs64{1.29, 0.12, 5.21, 1.21, 1.97};
+  const bool ws_fit = variant == kTiledWs && z.M > 64 && (force_mt == 0 || force_mt >= 4);
   for (int mt_try : {8, 4, 2, 1}) {
     if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
+    if (ws_fit && mt_try < 4) continue;
     const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
     const int slots = sms * occupancy(mt_try);
     // WS, from its forced row tiles at M = 1024 (gate_up, 4-bit, H100): a block's chunk takes ~3.7 us
@@ -281,7 +295,12 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
-      const double cost = ceil_div(tiles * s_real, slots) * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
+      const int waves = ceil_div(tiles * s_real, slots);
+      double cost = waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
+      if (ws_fit) {
+        const WsCost& k = mt_try == 8 ? kWs128 : kWs64;
+        cost = waves * (c_try * k.chunk + k.block) + (s_real > 1 ? waves * k.partial + s_real * k.slice : 0) + k.launch;
+      }
       if (best < 0 || cost < best) best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1);
       if (splits) break;
     }
@@ -327,15 +346,16 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 32 rows for
-  // 4-bit weights and above 64 for 8-bit. H100, sums over the Mistral shapes, g128 act-order, same runs
+  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 32 rows (8-bit
+  // weights: above 64 until the ring's alignment, below). H100, sums over the Mistral shapes, g128 act-order, same runs
   // (kernels/README.md): 4-bit M = 64 144 us (64-row tiles) against 170 on wgmma and ~163 on mma.sync,
   // M = 128 198 (128-row tiles) against 238, while at M = 32 mma.sync stays ahead (130 vs 140); 8-bit
   // M = 128 228 against 253 on mma.sync and M = 256 348 against 503, but M = 48 and 64 177 / 181
   // against 170 / 175. (Since the column split and the shared-memory gather, WS 4-bit M = 128 takes
   // ~182 us and 8-bit ~211.)
-  const bool ws_planned =
-      kernel == 0 && z.M > (bits == 4 ? 32 : 64) && tiled_wgmma_available(x.get_device());
+  // (Since the ring's alignment, 8-bit M = 64: WS 154 us against 163 on mma.sync, same run, so WS
+  // serves 8-bit weights above 32 rows too.)
+  const bool ws_planned = kernel == 0 && z.M > 32 && tiled_wgmma_available(x.get_device());
   const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);
   if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), variant);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;
