@@ -10,6 +10,7 @@
 #include <array>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 
 #include "device_info.cuh"
 #include "gptq_gemv.cuh"
@@ -279,6 +280,12 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   };
   constexpr WsCost kWs128{1.69, 2.45, 7.41, 2.25, -5.4}, kWs64{1.29, 0.12, 5.21, 1.21, 1.97};
   const bool ws_fit = variant == kTiledWs && z.M > 64 && (force_mt == 0 || force_mt >= 4);
+  // ZEPHYR_WS_CLUSTER_SUM=0 (read once; A/B and tests) keeps every WS split on partials in global memory.
+  static const bool cluster_off = [] {
+    const char* e = std::getenv("ZEPHYR_WS_CLUSTER_SUM");
+    return e != nullptr && std::strcmp(e, "0") == 0;
+  }();
+  const bool ws_cluster = variant == kTiledWs && !cluster_off;
   for (int mt_try : {8, 4, 2, 1}) {
     if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
     if (ws_fit && mt_try < 4) continue;
@@ -295,6 +302,8 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
+      // WS splits of 2, 4 or 8 sum through a cluster (see below); others only where forced or above 8.
+      if (!splits && ws_cluster && s_real > 2 && s_real < 8 && s_real != 4) continue;
       const int waves = ceil_div(tiles * s_real, slots);
       double cost = waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
       if (ws_fit) {
@@ -308,14 +317,17 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   bool pdl = false;
   const at::Tensor xg = variant == kTiledWs ? gather_x_tiles(x, perm, z.K, z.Kp, 16 * mt, stream, pdl)
                                             : gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
+  // WS with S = 2, 4 or 8: the S blocks of a tile form a cluster and sum through their shared memory
+  // (no partials in global memory, no locks; gptq_tiled.cuh).
+  const bool cluster = ws_cluster && (S == 2 || S == 4 || S == 8);
   // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
   at::Tensor partial;
-  if (S > 1)
+  if (S > 1 && !cluster)
     partial = at::empty({S, long(ceil_div(z.M, 16 * mt)) * groups * 16 * mt * kTiledWarps * kBlockN},
                         x.options().dtype(at::kFloat));
   TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
-                 S > 1 ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, variant, pdl, stream};
+                 S > 1 && !cluster ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, variant, pdl, cluster, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);

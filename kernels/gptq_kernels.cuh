@@ -186,6 +186,41 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
+// ---- Thread-block clusters (sm_90): the WS kernel's split-K blocks of one output tile form a
+// cluster and sum their accumulators through each other's shared memory.
+// Every thread of every block of the cluster arrives, then waits for all (release / acquire at
+// cluster scope: shared-memory writes before it are visible to the cluster's blocks after it).
+__device__ __forceinline__ void cluster_sync_all() {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// The address of shared-memory address `addr` (of this block) in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
+  uint32_t r = addr;
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+#endif
+  return r;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+
 // Programmatic dependent launch (Hopper): the gather kernel lets the fused
 // kernel start early; the fused kernel waits only before it reads x.
 __device__ __forceinline__ void pdl_launch_dependents() {
@@ -203,21 +238,37 @@ __device__ __forceinline__ void pdl_wait() {
 // (sm_90): it may start before the previous kernel ends, and waits in
 // pdl_wait() before reading what that kernel wrote.
 // `smem`: bytes of dynamic shared memory.
+// cluster_z > 1: blocks (x, y, z .. z + cluster_z - 1) form a cluster (grid.z a multiple of it; sm_90).
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                               bool pdl, Args... args) {
+cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                  bool pdl, unsigned cluster_z, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = cluster_z;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               bool pdl, Args... args) {
+  return launch_kernel_cluster(kernel, grid, block, smem, stream, pdl, 1u, args...);
 }
 
 template <typename... Params, typename... Args>

@@ -659,6 +659,9 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   const int c_count = max(0, min(cpb, chunks - c_begin));
   const int nb_first = blockIdx.y * kTiledWarps;
   const int nb_count = min(kTiledWarps, Np / kBlockN - nb_first);  // the last column group may be partial
+  // Split along K without partials in global memory: the S blocks of the tile are one cluster (launched
+  // so: grid.z = S = the cluster's size) and sum their accumulators through shared memory (below).
+  const bool cluster_sum = S > 1 && partial == nullptr;
   uint8_t* ring = reinterpret_cast<uint8_t*>(ws_ring);
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -702,6 +705,11 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
         load_w(c);
         load_x(c);
       }
+    }
+    __syncwarp();
+    if (cluster_sum) {  // the producer threads take part in the MMA warps' two cluster barriers
+      cluster_sync_all();
+      cluster_sync_all();
     }
     return;
   }
@@ -799,6 +807,53 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
   }
   wgmma_wait<0>();
   wgmma_fence_acc(acc);
+  if (cluster_sum) {
+    // Split-K through the cluster: every block stores its accumulators in its own ring as they lie in
+    // registers (float4 (wg, v = j * NP + p, thread of the warpgroup), thread-minor), then block r of the
+    // S sums part r of the tile over the S blocks in order (deterministic) from their shared memory and
+    // writes it. Its ring is free: every stage has been waited for, and both warpgroups are past their
+    // last wgmma (the barrier over the MMA threads) before either overwrites it.
+    constexpr int NV = NX * NP, kT = kTiledWarps * 32;
+    float4* red = reinterpret_cast<float4*>(ring);
+    asm volatile("bar.sync 3, %0;\n" ::"r"(kConsumers * 32) : "memory");
+    const int tid = threadIdx.x - wg * kT;
+#pragma unroll
+    for (int j = 0; j < NX; ++j)
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+        red[(wg * NV + j * NP + p) * kT + tid] = make_float4(acc[j][p][0], acc[j][p][1], acc[j][p][2], acc[j][p][3]);
+    cluster_sync_all();
+    constexpr int kAll = WGS * NV * kT;  // float4 per block
+    const int per = kAll / S;            // S is 2, 4 or 8 (the host's choice)
+    const uint32_t base = smem_addr(red);
+    const uint32_t rank = cluster_rank();
+    using Tr = Traits<T>;
+    for (int i = int(rank) * per + int(threadIdx.x); i < (int(rank) + 1) * per; i += kConsumers * 32) {
+      float4 t[8];  // the S blocks' values, all loads in flight before the sum
+#pragma unroll
+      for (int ss = 0; ss < 8; ++ss)
+        if (ss < S) t[ss] = ld_cluster_f4(cluster_map(base + uint32_t(i) * 16u, uint32_t(ss)));
+      float4 v = t[0];
+#pragma unroll
+      for (int ss = 1; ss < 8; ++ss)
+        if (ss < S) v.x += t[ss].x, v.y += t[ss].y, v.z += t[ss].z, v.w += t[ss].w;
+      // Whose accumulators these are: warpgroup g, its thread t (warp t / 32, lane t % 32), element v.
+      const int g = i / (NV * kT), vv = (i / kT) % NV, th = i % kT;
+      const int w4 = th >> 5, ln = th & 31;
+      const int b = kColSplit ? 2 * g + (w4 >> 1) : w4;
+      const int q0 = kColSplit ? 2 * (w4 & 1) : 0;
+      const int row = blockIdx.x * kBlockRows + (kColSplit ? 0 : g * kRows) + 8 * (vv / NP) + 2 * (ln & 3);
+      const int col = (nb_first + b) * kBlockN + 16 * (q0 + vv % NP) + (ln >> 2);
+      const float e4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row + (e & 1), cc = col + 8 * (e >> 1);
+        if (r < M && cc < N) out[(size_t)r * N + cc] = Tr::from_float(e4[e]);
+      }
+    }
+    cluster_sync_all();  // no block leaves while another still reads its shared memory
+    return;
+  }
   // Output tile (rows, column group; one per warpgroup): warpgroup wg of block (x, y).
   const size_t tiles = (size_t)gridDim.x * gridDim.y * WGS;
   const size_t tile = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * WGS + wg;
@@ -821,6 +876,7 @@ struct TiledArgs {
   int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4; WS: 2, 4, 8)
   int variant;                                  // kTiledMma, kTiledWg or kTiledWs (sm_90a builds on sm_90 only)
   bool pdl;
+  bool cluster;  // WS with S = 2, 4 or 8 and no partials: the S blocks of a tile are one cluster
   cudaStream_t stream;
 };
 
@@ -894,8 +950,8 @@ cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   if (k == nullptr) return cudaErrorInvalidValue;
   gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_smem(k, grid, dim3(tiled_threads(mt, a.variant)), tiled_block_smem<BITS>(mt, a.variant),
-                            a.stream, a.pdl, static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
+  return launch_kernel_cluster(k, grid, dim3(tiled_threads(mt, a.variant)), tiled_block_smem<BITS>(mt, a.variant),
+                               a.stream, a.pdl, a.cluster ? unsigned(a.S) : 1u, static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
                             static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
                             static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }

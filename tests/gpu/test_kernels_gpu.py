@@ -302,7 +302,7 @@ def test_tiled_forced_splits(bits, gs, act, kernel):
             x = torch.randn(m, k, generator=gen, device="cuda").half()
             planned = _tiled(layer, x, kernel=kernel)
             _check_out(planned, x, w, torch.float16)
-            for sp in (1, 2, 3, 7, 64):
+            for sp in (1, 2, 3, 4, 7, 8, 64):
                 poison_allocator()
                 y = _tiled(layer, x, sp, kernel)
                 _check_out(y, x, w, torch.float16)
@@ -564,7 +564,7 @@ for k, n in [(4096, 4096), (14336, 4096), (704, 200)]:
             t.poison_allocator()
             planned = t._tiled(layer, x, 0, 4)
             t._check_out(planned, x, w, dtype)
-            for sp in (2, 7):
+            for sp in (2, 4, 7, 8):
                 t.poison_allocator()
                 y = t._tiled(layer, x, sp, 4)
                 t._check_out(y, x, w, dtype)
@@ -587,6 +587,48 @@ def test_ws_every_row_tile():
         env = {**os.environ, "ZEPHYR_TILED_MT": mt}
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_TILED_MT={mt}: " + res.stderr[-6000:]
+
+
+_WS_SUM_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_kernels_gpu as t
+outs = []
+for k, n, bits, gs, act, sym, dtype in [(4096, 4096, 4, 128, True, True, torch.float16),
+                                        (14336, 4096, 8, 128, True, False, torch.bfloat16),
+                                        (704, 200, 4, 32, True, False, torch.float16)]:
+    layer, w, _ = t._layer(k, n, bits, gs, act, sym, dtype)
+    for m in (40, 130, 257):
+        gen = torch.Generator(device="cuda").manual_seed(9000 + m)
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        for sp in (2, 4, 8):
+            t.poison_allocator()
+            y = t._tiled(layer, x, sp, 4)
+            t._check_out(y, x, w, dtype)
+            outs.append(y.cpu())
+torch.save(outs, {path!r})
+print("ok", len(outs))
+"""
+
+
+def test_ws_cluster_sum_same_bits(tmp_path):
+    """WS splits of 2, 4 and 8 sum the slices through the shared memory of the tile's thread-block cluster;
+    with ZEPHYR_WS_CLUSTER_SUM=0 (read once per process) through partials in global memory. Both add the
+    slices in the same order, so the outputs are the same bits (64- and 128-row tiles, both dtypes)."""
+    import os
+
+    _need(4)
+    outs = {}
+    for flag in ("1", "0"):
+        path = tmp_path / f"ws_sum_{flag}.pt"
+        code = _WS_SUM_CODE.format(here=str(Path(__file__).resolve().parent), path=str(path))
+        env = {**os.environ, "ZEPHYR_WS_CLUSTER_SUM": flag}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_WS_CLUSTER_SUM={flag}: " + res.stderr[-6000:]
+        outs[flag] = torch.load(path)
+    assert len(outs["1"]) == len(outs["0"]) == 27
+    for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
+        assert torch.equal(a, b), i
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
