@@ -302,8 +302,6 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
-      // WS splits of 2, 4 or 8 sum through a cluster (see below); others only where forced or above 8.
-      if (!splits && ws_cluster && s_real > 2 && s_real < 8 && s_real != 4) continue;
       const int waves = ceil_div(tiles * s_real, slots);
       double cost = waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
       if (ws_fit) {
@@ -318,8 +316,22 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   const at::Tensor xg = variant == kTiledWs ? gather_x_tiles(x, perm, z.K, z.Kp, 16 * mt, stream, pdl)
                                             : gather_x(x, perm, z.K, z.Kp, stream, pdl, wg);
   // WS with S = 2, 4 or 8: the S blocks of a tile form a cluster and sum through their shared memory
-  // (no partials in global memory, no locks; gptq_tiled.cuh).
-  const bool cluster = ws_cluster && (S == 2 || S == 4 || S == 8);
+  // (no partials in global memory, no locks; gptq_tiled.cuh), where that takes no more waves of blocks
+  // than the partials do (clusters sit within a GPC: fewer may fit at once). Same plan either way: the
+  // cluster sum, at the same split, was the faster wherever its grid fit (ws_cluster_sum.log).
+  bool cluster = false;
+  if (ws_cluster && (S == 2 || S == 4 || S == 8)) {
+    int cslots;
+    if (half)
+      cslots = bits == 4 ? gptq_ws_cluster_slots<__half, 4>(mt, z.has_z, S)
+                         : gptq_ws_cluster_slots<__half, 8>(mt, z.has_z, S);
+    else
+      cslots = bits == 4 ? gptq_ws_cluster_slots<__nv_bfloat16, 4>(mt, z.has_z, S)
+                         : gptq_ws_cluster_slots<__nv_bfloat16, 8>(mt, z.has_z, S);
+    const long blocks = long(ceil_div(z.M, 16 * mt)) * groups * S;
+    const long slots = long(sms) * occupancy(mt);
+    cluster = cslots > 0 && (blocks + cslots - 1) / cslots <= (blocks + slots - 1) / slots;
+  }
   // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
   at::Tensor partial;
   if (S > 1 && !cluster)

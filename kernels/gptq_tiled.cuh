@@ -942,6 +942,41 @@ int gptq_tiled_occupancy(int mt, bool has_z, int variant) {
   return v;
 }
 
+// WS blocks resident at once when the S blocks of a tile form a cluster (S = 2, 4 or 8): the clusters
+// that fit at once (cudaOccupancyMaxActiveClusters) x S, cached; 0 where the query fails. Clusters sit
+// within one GPC, so this can be fewer than the SMs: on the H100 a grid of 128 such blocks in clusters
+// of 4 or 8 needed a second wave (ab_H100_2026-11-28/ws_cluster_sum.log).
+template <typename T, int BITS>
+int gptq_ws_cluster_slots(int mt, bool has_z, int S) {
+  static int slots[3][2][3] = {};  // [MT 2/4/8][has_z][S 2/4/8]; -1: failed
+  if ((mt != 2 && mt != 4 && mt != 8) || (S != 2 && S != 4 && S != 8)) return 0;
+  int& v = slots[mt == 8 ? 2 : mt / 2 - 1][has_z][S == 8 ? 2 : S / 4];
+  if (v == 0) {
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, kTiledWs);
+    gptq_tiled_occupancy<T, BITS>(mt, has_z, kTiledWs);  // sets the shared-memory attribute
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1, 1, S);
+    cfg.blockDim = dim3(tiled_threads(mt, kTiledWs));
+    cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = S;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (k == nullptr || cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(k), &cfg) != cudaSuccess ||
+        n < 1) {
+      (void)cudaGetLastError();
+      v = -1;
+    } else {
+      v = n * S;
+    }
+  }
+  return v < 0 ? 0 : v;
+}
+
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
 template <typename T, int BITS>
 cudaError_t gptq_tiled_launch(const TiledArgs& a) {
@@ -956,6 +991,10 @@ cudaError_t gptq_tiled_launch(const TiledArgs& a) {
                             static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
+extern template int gptq_ws_cluster_slots<__half, 4>(int, bool, int);
+extern template int gptq_ws_cluster_slots<__half, 8>(int, bool, int);
+extern template int gptq_ws_cluster_slots<__nv_bfloat16, 4>(int, bool, int);
+extern template int gptq_ws_cluster_slots<__nv_bfloat16, 8>(int, bool, int);
 extern template int gptq_tiled_occupancy<__half, 4>(int, bool, int);
 extern template int gptq_tiled_occupancy<__half, 8>(int, bool, int);
 extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, int);
