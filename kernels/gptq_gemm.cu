@@ -370,16 +370,19 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 32 rows (8-bit
-  // weights: above 64 until the ring's alignment, below). H100, sums over the Mistral shapes, g128 act-order, same runs
+  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 24 rows (above
+  // 32 until 007eced; 8-bit weights: above 64 until the ring's alignment, below). H100, sums over the Mistral shapes, g128 act-order, same runs
   // (kernels/README.md): 4-bit M = 64 144 us (64-row tiles) against 170 on wgmma and ~163 on mma.sync,
   // M = 128 198 (128-row tiles) against 238, while at M = 32 mma.sync stays ahead (130 vs 140); 8-bit
   // M = 128 228 against 253 on mma.sync and M = 256 348 against 503, but M = 48 and 64 177 / 181
   // against 170 / 175. (Since the column split and the shared-memory gather, WS 4-bit M = 128 takes
   // ~182 us and 8-bit ~211.)
   // (Since the ring's alignment, 8-bit M = 64: WS 154 us against 163 on mma.sync, same run, so WS
-  // serves 8-bit weights above 32 rows too.)
-  const bool ws_planned = kernel == 0 && z.M > 32 && tiled_wgmma_available(x.get_device());
+  // serves 8-bit weights above 32 rows too. Since the cluster sum (run at 007eced), at M = 32 WS takes
+  // 104 us against 124 on mma.sync for 4-bit act-order, 100 against 104 in order, 134 against 141 for
+  // 8-bit, and at M = 24 102 against 121 (4-bit act-order): WS above 24 rows. Below, the GEMV kernel
+  // serves these M in the layer (gptq_linear); 17-24 reach here only as direct calls.)
+  const bool ws_planned = kernel == 0 && z.M > 24 && tiled_wgmma_available(x.get_device());
   const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);
   if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), variant);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;

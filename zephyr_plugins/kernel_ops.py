@@ -12,7 +12,7 @@ Ops:
     Fused dequantize + matmul on the zk layout (:mod:`zephyr_plugins.repack`),
     on tensor cores, for any M. ``kernel``: 0 plans (the fused small-M kernel
     for ``M <= 16``, else the tiled one; on sm_90 cards with an sm_90a build
-    its warp-specialized wgmma variant above 32 rows), 1 forces the fused small-M kernel (``M <= 64``),
+    its warp-specialized wgmma variant above 24 rows), 1 forces the fused small-M kernel (``M <= 64``),
     2 the tiled kernel (``kernels/gptq_tiled.cuh``: x staged in shared memory
     once per 256 columns, 64-row tiles, ``mma.sync``), 3 its wgmma variant
     (Hopper warpgroup MMA; an error where unavailable), 4 its warp-specialized

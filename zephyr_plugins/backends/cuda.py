@@ -5,7 +5,7 @@
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
-  cards (kernels built for sm_90a) layers above 32 rows take
+  cards (kernels built for sm_90a) layers above 24 rows take
   its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
   shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows (8-bit: ``FUSED_MAX_M_WS_8BIT``).
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
