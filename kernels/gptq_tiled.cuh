@@ -814,6 +814,7 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
     // writes it. Its ring is free: every stage has been waited for, and both warpgroups are past their
     // last wgmma (the barrier over the MMA threads) before either overwrites it.
     constexpr int NV = NX * NP, kT = kTiledWarps * 32;
+    static_assert(WGS * NV * kT * 16 <= kStages * kStageBytes, "WS: the block's accumulators must fit in its ring");
     float4* red = reinterpret_cast<float4*>(ring);
     asm volatile("bar.sync 3, %0;\n" ::"r"(kConsumers * 32) : "memory");
     const int tid = threadIdx.x - wg * kT;
