@@ -303,11 +303,10 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
       const int waves = ceil_div(tiles * s_real, slots);
-      double cost = waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
-      if (ws_fit) {
-        const WsCost& k = mt_try == 8 ? kWs128 : kWs64;
-        cost = waves * (c_try * k.chunk + k.block) + (s_real > 1 ? waves * k.partial + s_real * k.slice : 0) + k.launch;
-      }
+      const WsCost& k = mt_try == 8 ? kWs128 : kWs64;  // read only when ws_fit (mt_try 8 or 4)
+      const double cost =
+          ws_fit ? waves * (c_try * k.chunk + k.block) + (s_real > 1 ? waves * k.partial + s_real * k.slice : 0) + k.launch
+                 : waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
       if (best < 0 || cost < best) best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1);
       if (splits) break;
     }

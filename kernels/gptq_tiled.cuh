@@ -838,7 +838,8 @@ __global__ void __launch_bounds__(ws_threads(WGS), ws_blocks(MT, WGS)) gptq_gemm
 #pragma unroll
       for (int ss = 1; ss < 8; ++ss)
         if (ss < S) v.x += t[ss].x, v.y += t[ss].y, v.z += t[ss].z, v.w += t[ss].w;
-      // Whose accumulators these are: warpgroup g, its thread t (warp t / 32, lane t % 32), element v.
+      // Whose accumulators these are: warpgroup g, its thread th (warp th / 32, lane th % 32), element
+      // vv = j * NP + p; row and column as tiled_epilogue's row_of / col_of place them (keep the two alike).
       const int g = i / (NV * kT), vv = (i / kT) % NV, th = i % kT;
       const int w4 = th >> 5, ln = th & 31;
       const int b = kColSplit ? 2 * g + (w4 >> 1) : w4;
