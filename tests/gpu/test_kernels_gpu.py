@@ -593,7 +593,7 @@ _WS_SUM_CODE = """
 import sys, torch
 sys.path.insert(0, {here!r})
 import test_kernels_gpu as t
-outs = []
+outs, allocs = [], []
 for k, n, bits, gs, act, sym, dtype in [(4096, 4096, 4, 128, True, True, torch.float16),
                                         (14336, 4096, 8, 128, True, False, torch.bfloat16),
                                         (704, 200, 4, 32, True, False, torch.float16)]:
@@ -603,10 +603,12 @@ for k, n, bits, gs, act, sym, dtype in [(4096, 4096, 4, 128, True, True, torch.f
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         for sp in (2, 4, 8):
             t.poison_allocator()
+            a0 = torch.cuda.memory_stats()["allocation.all.allocated"]
             y = t._tiled(layer, x, sp, 4)
+            allocs.append(torch.cuda.memory_stats()["allocation.all.allocated"] - a0)
             t._check_out(y, x, w, dtype)
             outs.append(y.cpu())
-torch.save(outs, {path!r})
+torch.save((outs, allocs), {path!r})
 print("ok", len(outs))
 """
 
@@ -614,21 +616,26 @@ print("ok", len(outs))
 def test_ws_cluster_sum_same_bits(tmp_path):
     """WS splits of 2, 4 and 8 sum the slices through the shared memory of the tile's thread-block cluster;
     with ZEPHYR_WS_CLUSTER_SUM=0 (read once per process) through partials in global memory. Both add the
-    slices in the same order, so the outputs are the same bits (64- and 128-row tiles, both dtypes)."""
+    slices in the same order, so the outputs are the same bits (64- and 128-row tiles, both dtypes). The
+    cluster sum allocates no partials: each call's allocation count shows which path ran, so the test
+    fails if the clusters are never used (splits of 2 always fit at once here)."""
     import os
 
     _need(4)
-    outs = {}
+    outs, allocs = {}, {}
     for flag in ("1", "0"):
         path = tmp_path / f"ws_sum_{flag}.pt"
         code = _WS_SUM_CODE.format(here=str(Path(__file__).resolve().parent), path=str(path))
         env = {**os.environ, "ZEPHYR_WS_CLUSTER_SUM": flag}
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_WS_CLUSTER_SUM={flag}: " + res.stderr[-6000:]
-        outs[flag] = torch.load(path)
+        outs[flag], allocs[flag] = torch.load(path)
     assert len(outs["1"]) == len(outs["0"]) == 27
     for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
         assert torch.equal(a, b), i
+    # Calls in (layer, m, split) order; split 2 is every third, from the first.
+    assert all(c <= p for c, p in zip(allocs["1"], allocs["0"])), allocs
+    assert all(c < p for c, p in zip(allocs["1"][::3], allocs["0"][::3])), allocs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
