@@ -19,21 +19,22 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include "../kernels/gptq_kernels.cuh"
+
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
 
-__device__ __forceinline__ uint32_t sa(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_init(uint64_t* b, int n) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sa(b)), "r"(n) : "memory"); }
-__device__ __forceinline__ void expect(uint64_t* b, uint32_t n) { asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(b)), "r"(n) : "memory"); }
-__device__ __forceinline__ void arrive(uint64_t* b) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sa(b)) : "memory"); }
-__device__ __forceinline__ void wait(uint64_t* b, uint32_t par) {
-  uint32_t done = 0;
-  while (!done) asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(sa(b)), "r"(par) : "memory");
-}
-__device__ __forceinline__ void bulk(void* d, const void* s, uint32_t n, uint64_t* b) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(sa(d)), "l"(s), "r"(n), "r"(sa(b)) : "memory");
-}
+// The kernels' own mbarrier and bulk-copy helpers (smem_addr, mbar_*, bulk_copy), so that this measures
+// the very instructions the WS kernel issues; only the tensor-map copy is defined here.
+using zephyr::bulk_copy;
+using zephyr::mbar_arrive_expect;
+using zephyr::mbar_arrive_if;
+using zephyr::mbar_init;
+using zephyr::mbar_init_fence;
+using zephyr::mbar_wait;
+using zephyr::smem_addr;
+
 __device__ __forceinline__ void tcopy(void* d, const CUtensorMap* m, int c0, int c1, uint64_t* b) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(sa(d)), "l"(m), "r"(c0), "r"(c1), "r"(sa(b)) : "memory");
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_addr(d)), "l"(m), "r"(c0), "r"(c1), "r"(smem_addr(b)) : "memory");
 }
 
 constexpr int kStages = 4, kX = 32768, kW = 4096, kStage = kX + 4 * kW;
@@ -76,24 +77,24 @@ __global__ void __launch_bounds__(160, 1) stream(const uint8_t* __restrict__ buf
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], 4); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
   if (warp == 4) {
     if (lane == 0) {
       for (int c = 0; c < chunks; ++c) {
         const int s = c % kStages;
-        if (c >= kStages) wait(&empty[s], ((c / kStages) - 1) & 1);
+        if (c >= kStages) mbar_wait(&empty[s], ((c / kStages) - 1) & 1);
         uint8_t* d = ring + s * kStage;
-        expect(&full[s], kStage);
+        mbar_arrive_expect(&full[s], kStage);
         const long xo = xoff(c);
-        if (MODE == 0 || MODE == 4) bulk(d, buf + xo * kX, kX, &full[s]);
-        if (MODE == 1) for (int i = 0; i < 8; ++i) bulk(d + i * 4096, buf + xo * kX + i * 4096, 4096, &full[s]);
+        if (MODE == 0 || MODE == 4) bulk_copy(d, buf + xo * kX, kX, &full[s]);
+        if (MODE == 1) for (int i = 0; i < 8; ++i) bulk_copy(d + i * 4096, buf + xo * kX + i * 4096, 4096, &full[s]);
         if (MODE == 2) tcopy(d, &tm_x, 0, int(xo * (kX / 128)), &full[s]);
         for (int w = 0; w < 4; ++w) {
           const long wo = woff(c, w);
           if (MODE == 2) tcopy(d + kX + w * kW, &tm_w, 0, int((nx * kX + wo * kW) / 128), &full[s]);
-          else bulk(d + kX + w * kW, buf + nx * kX + wo * kW, kW, &full[s]);
+          else bulk_copy(d + kX + w * kW, buf + nx * kX + wo * kW, kW, &full[s]);
         }
       }
     }
@@ -102,10 +103,10 @@ __global__ void __launch_bounds__(160, 1) stream(const uint8_t* __restrict__ buf
   unsigned acc = 0;
   for (int c = 0; c < chunks; ++c) {
     const int s = c % kStages;
-    wait(&full[s], (c / kStages) & 1);
+    mbar_wait(&full[s], (c / kStages) & 1);
     acc ^= reinterpret_cast<const unsigned*>(ring + s * kStage)[threadIdx.x * 97 % (kStage / 4)];
     __syncwarp();
-    if (lane == 0) arrive(&empty[s]);
+    if (lane == 0) mbar_arrive_if(&empty[s], true);
   }
   if (acc == 0x12345678u) sink[0] = 1;
 }
