@@ -245,12 +245,19 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
     const int v = e ? std::atoi(e) : 0;
     return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
   }();
-  auto occupancy = [&](int mt) {
+  // ZEPHYR_WS_WGS=1/2 (benchmarks) forces the WS kernel's MMA warpgroups per block where the row tile has
+  // that variant (two at 128 rows always; one or two at 32 and 64 rows).
+  static const int force_wgs = [] {
+    const char* e = std::getenv("ZEPHYR_WS_WGS");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 1 || v == 2) ? v : 0;
+  }();
+  auto occupancy = [&](int mt, int wgs) {
     if (half)
-      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, variant)
-                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, variant);
-    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, variant)
-                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, variant);
+      return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, variant, wgs)
+                       : gptq_tiled_occupancy<__half, 8>(mt, z.has_z, variant, wgs);
+    return bits == 4 ? gptq_tiled_occupancy<__nv_bfloat16, 4>(mt, z.has_z, variant, wgs)
+                     : gptq_tiled_occupancy<__nv_bfloat16, 8>(mt, z.has_z, variant, wgs);
   };
   // Plan: row tile (16*MT rows) and split S along K. Cost in microseconds,
   // calibrated on the H100 (benchmarks/kernels.py, ZEPHYR_TILED_MT forced):
@@ -267,47 +274,59 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   const int mt_max = std::max(wg ? 2 : 1, force_mt ? std::min(force_mt, mt_fit) : mt_fit);
   int mt = mt_max, S = 1, cpb = std::max(chunks, 1);
   double best = -1;
-  // WS above 64 rows: 128- or 64-row tiles, each with its own cost terms (microseconds), fitted to a
-  // sweep of forced row tiles and splits on the H100 (4-bit g128 act-order, the four Mistral shapes,
-  // M = 128-2048, S = 1, 2, 3, 4, 6, 8; ab_H100_2026-11-28/ws_plan_sweep.log): per wave of blocks,
-  // chunks x `chunk` + `block` (pipeline fill, epilogue), with a split also `partial` (its fp32
-  // partials out and back) and `slice` per slice, plus `launch` once. The model below (one cost per
-  // chunk, a split priced per slice only) took splits that lost up to a third (qkv at M = 512: S = 4,
-  // 81 us, against 55 unsplit); this one picks the sweep's fastest forced (row tile, split) at 19 of
-  // its 20 points and one 1.2% slower at the other (down, M = 128).
+  // WS: row tiles of 32, 64 or 128 rows, each block two MMA warpgroups that split its columns, each
+  // tile with its own cost terms (microseconds), fitted to sweeps of forced row tiles and splits on the
+  // H100 (4-bit g128 act-order, the four Mistral shapes, S = 1, 2, 3, 4, 6, 8, splits of 2/4/8 through
+  // clusters where they fit: ab_H100_2026-11-28/ws_plan_sweep_2wg.log): per wave of blocks, chunks x
+  // `chunk` + `block` (pipeline fill, epilogue), with a split also `partial` (its sum) and `slice` per
+  // slice, plus `launch` once. Over the sweep the model's pick is within 2% of the fastest forced plan
+  // in the sum over the four shapes at every M (M = 16-1024). 32-row tiles are fitted up to 64 rows, so
+  // they are not tried above; 128-row tiles only above 64 rows.
+  // One warpgroup per block at 32 and 64 rows (ZEPHYR_WS_WGS=1, for A/B runs) keeps the plan it had
+  // before: its own fitted terms above 64 rows (ws_plan_sweep.log), the older per-chunk cost below.
   struct WsCost {
     double chunk, block, partial, slice, launch;
   };
-  constexpr WsCost kWs128{1.69, 2.45, 7.41, 2.25, -5.4}, kWs64{1.29, 0.12, 5.21, 1.21, 1.97};
-  const bool ws_fit = variant == kTiledWs && z.M > 64 && (force_mt == 0 || force_mt >= 4);
+  constexpr WsCost kWs128{1.63, 4.85, 4.84, 1.97, -6.14}, kWs64x2{1.12, 2.00, 3.85, 1.20, -0.48},
+      kWs32x2{0.87, 1.48, 2.54, 0.59, 2.53}, kWs64x1{1.29, 0.12, 5.21, 1.21, 1.97};
   // ZEPHYR_WS_CLUSTER_SUM=0 (read once; A/B and tests) keeps every WS split on partials in global memory.
   static const bool cluster_off = [] {
     const char* e = std::getenv("ZEPHYR_WS_CLUSTER_SUM");
     return e != nullptr && std::strcmp(e, "0") == 0;
   }();
   const bool ws_cluster = variant == kTiledWs && !cluster_off;
-  for (int mt_try : {8, 4, 2, 1}) {
+  int wgs = 1;
+  for (int mt_try : {8, 4, 2, 1}) for (int wgs_try : {1, 2}) {
     if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
-    if (ws_fit && mt_try < 4) continue;
+    if (variant == kTiledWs && z.M > 64 && mt_try < 4) continue;
+    // WS: two warpgroups per block, or one at 32 and 64 rows where forced (ZEPHYR_WS_WGS=1).
+    if (variant != kTiledWs ? wgs_try != 1
+                            : !ws_config_exists(mt_try, wgs_try) ||
+                                  (wgs_try != (force_wgs ? force_wgs : 2) && ws_config_exists(mt_try, 3 - wgs_try)))
+      continue;
     const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
-    const int slots = sms * occupancy(mt_try);
-    // WS, from its forced row tiles at M = 1024 (gate_up, 4-bit, H100): a block's chunk takes ~3.7 us
-    // at 32 rows (2 blocks per SM), ~1.75 at 64 and ~3.0 at 128 (one block per SM each); with these the
-    // plan picks 64-row tiles at M = 64 and 128-row tiles above, the fastest forced choice at M = 64-4096.
-    const double t_chunk = variant == kTiledWs ? (mt_try == 8 ? 3.0 : mt_try == 4 ? 1.75 : 3.7)
-                                               : (mt_try == 4 ? 3.2 : 2.3);
+    const int slots = sms * occupancy(mt_try, wgs_try);
+    // The fitted WS terms, or (other variants; WS with one warpgroup up to 64 rows) one cost per
+    // block-chunk: for WS from its forced row tiles at M = 1024 (gate_up, 4-bit, H100), ~3.7 us at 32
+    // rows (2 blocks per SM) and ~1.75 at 64.
+    const WsCost* fitted = variant != kTiledWs ? nullptr
+                           : mt_try == 8       ? &kWs128
+                           : wgs_try == 2      ? (mt_try == 4 ? &kWs64x2 : &kWs32x2)
+                           : mt_try == 4 && z.M > 64 ? &kWs64x1
+                                                     : nullptr;
+    const double t_chunk = variant == kTiledWs ? (mt_try == 4 ? 1.75 : 3.7) : (mt_try == 4 ? 3.2 : 2.3);
     const double t_split = mt_try >= 4 ? 2.0 : 1.5;
-    // A lock per (64- or 32-row tile, column group): two per 128-row tile.
-    const int s_max = (chunks > 1 && tiles * (mt_try == 8 ? 2 : 1) <= locks.size(0)) ? std::min(chunks, 64) : 1;
+    // A lock per (row tile, column group) and warpgroup.
+    const int s_max = (chunks > 1 && tiles * wgs_try <= locks.size(0)) ? std::min(chunks, 64) : 1;
     for (int s_try = splits ? std::min(splits, s_max) : 1; s_try <= s_max; ++s_try) {
       const int c_try = ceil_div(chunks, s_try);
       const int s_real = c_try ? ceil_div(chunks, c_try) : 1;
       const int waves = ceil_div(tiles * s_real, slots);
-      const WsCost& k = mt_try == 8 ? kWs128 : kWs64;  // read only when ws_fit (mt_try 8 or 4)
       const double cost =
-          ws_fit ? waves * (c_try * k.chunk + k.block) + (s_real > 1 ? waves * k.partial + s_real * k.slice : 0) + k.launch
+          fitted ? waves * (c_try * fitted->chunk + fitted->block) +
+                       (s_real > 1 ? waves * fitted->partial + s_real * fitted->slice : 0) + fitted->launch
                  : waves * (c_try + 2) * t_chunk + (s_real > 1 ? s_real * t_split : 0);
-      if (best < 0 || cost < best) best = cost, mt = mt_try, S = s_real, cpb = std::max(c_try, 1);
+      if (best < 0 || cost < best) best = cost, mt = mt_try, wgs = wgs_try, S = s_real, cpb = std::max(c_try, 1);
       if (splits) break;
     }
   }
@@ -322,13 +341,13 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   if (ws_cluster && (S == 2 || S == 4 || S == 8)) {
     int cslots;
     if (half)
-      cslots = bits == 4 ? gptq_ws_cluster_slots<__half, 4>(mt, z.has_z, S)
-                         : gptq_ws_cluster_slots<__half, 8>(mt, z.has_z, S);
+      cslots = bits == 4 ? gptq_ws_cluster_slots<__half, 4>(mt, z.has_z, S, wgs)
+                         : gptq_ws_cluster_slots<__half, 8>(mt, z.has_z, S, wgs);
     else
-      cslots = bits == 4 ? gptq_ws_cluster_slots<__nv_bfloat16, 4>(mt, z.has_z, S)
-                         : gptq_ws_cluster_slots<__nv_bfloat16, 8>(mt, z.has_z, S);
+      cslots = bits == 4 ? gptq_ws_cluster_slots<__nv_bfloat16, 4>(mt, z.has_z, S, wgs)
+                         : gptq_ws_cluster_slots<__nv_bfloat16, 8>(mt, z.has_z, S, wgs);
     const long blocks = long(ceil_div(z.M, 16 * mt)) * groups * S;
-    const long slots = long(sms) * occupancy(mt);
+    const long slots = long(sms) * occupancy(mt, wgs);
     cluster = cslots > 0 && (blocks + cslots - 1) / cslots <= (blocks + slots - 1) / slots;
   }
   // Split partials: S x (row tiles x column groups) tiles of 16*mt x 256 fp32 (gptq_tiled.cuh).
@@ -338,7 +357,7 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
                         x.options().dtype(at::kFloat));
   TiledArgs args{xg.data_ptr(), qweight.data_ptr(), scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
                  S > 1 && !cluster ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, variant, pdl, cluster, stream};
+                 z.M, z.N, z.Kp, z.Np, z.G, z.group_rows, cpb, S, mt, wgs, variant, pdl, cluster, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_tiled_launch<__half, 4>(args) : gptq_tiled_launch<__half, 8>(args);
@@ -369,19 +388,12 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const bool small = kernel == 1 || (kernel == 0 && x.size(0) <= kSmallMaxM);
   const ZkShape z = check_zk_args("gptq_gemm_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
                                   size_n, small ? 16 * kMaxMTiles : INT32_MAX, "the tiled kernel, kernel=2, serves any M");
-  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 24 rows (above
-  // 32 until 007eced; 8-bit weights: above 64 until the ring's alignment, below). H100, sums over the Mistral shapes, g128 act-order, same runs
-  // (kernels/README.md): 4-bit M = 64 144 us (64-row tiles) against 170 on wgmma and ~163 on mma.sync,
-  // M = 128 198 (128-row tiles) against 238, while at M = 32 mma.sync stays ahead (130 vs 140); 8-bit
-  // M = 128 228 against 253 on mma.sync and M = 256 348 against 503, but M = 48 and 64 177 / 181
-  // against 170 / 175. (Since the column split and the shared-memory gather, WS 4-bit M = 128 takes
-  // ~182 us and 8-bit ~211.)
-  // (Since the ring's alignment, 8-bit M = 64: WS 154 us against 163 on mma.sync, same run, so WS
-  // serves 8-bit weights above 32 rows too. Since the cluster sum (run at 007eced), at M = 32 WS takes
-  // 104 us against 124 on mma.sync for 4-bit act-order, 100 against 104 in order, 134 against 141 for
-  // 8-bit, and at M = 24 102 against 121 (4-bit act-order): WS above 24 rows. Below, the GEMV kernel
-  // serves these M in the layer (gptq_linear); 17-24 reach here only as direct calls.)
-  const bool ws_planned = kernel == 0 && z.M > 24 && tiled_wgmma_available(x.get_device());
+  // Planned, on sm_90 with an sm_90a build: the warp-specialized wgmma variant (WS) above 16 rows, for
+  // both widths (the history of that threshold and the figures behind it: kernels/README.md). Since WS
+  // blocks have two MMA warpgroups at 32 and 64 rows too (2026-11-28), WS at M = 24 took ~92 us over the
+  // four Mistral shapes (4-bit g128 act-order, H100) against ~103 for the GEMV kernel. In a layer the
+  // GEMV kernel still serves M <= gemv_max_m (gptq_linear); the rows below it reach here only as direct calls.
+  const bool ws_planned = kernel == 0 && z.M > 16 && tiled_wgmma_available(x.get_device());
   const int variant = kernel == 4 || ws_planned ? kTiledWs : (kernel == 3 ? kTiledWg : kTiledMma);
   if (!small) return tiled_gemm(x, z, qweight, scales, zeros, perm, locks, int(bits), int(splits), variant);
   const int M = z.M, K = z.K, N = z.N, Kp = z.Kp, Np = z.Np, G = z.G, group_rows = z.group_rows;

@@ -600,6 +600,12 @@ __global__ void __launch_bounds__(kTiledWarps * 32, MT == 4 ? 2 : 3) gptq_gemm_t
 // weight is dequantized once per block. The first version split the rows (64
 // each, the 4 column blocks each) and so dequantized every weight twice; ncu
 // had its main loop stalled on the dequantization and the half2 pipe.
+// The same column split serves 64- and 32-row tiles (MT = 2 or 1 per warpgroup, WGS = 2: two wgmma
+// m64n64k16 or m64n32k16 per step): at one warpgroup each of its warps dequantizes all 4 fragments of a
+// step, one warp per scheduler, and the loop is bound by that warp's latency (ncu: ~0.3 instructions
+// per cycle); two warpgroups halve each warp's share and interleave. Sweeps on the H100 (4-bit, the
+// Mistral shapes, best split each): 64-row tiles -3..-14% at M = 48-1024 (gate_up M = 64 45.6 -> 41.6
+// us), 32-row tiles -3..-11% at M = 16-32 (ab_H100_2026-11-28/ws_plan_sweep_2wg.log).
 // Threads: the MMA warpgroups and one producer warp; with two warpgroups the producer is a whole
 // warpgroup (3 of its warps idle), which lets the block move registers from it to the MMA warpgroups
 // (setmaxnreg, warpgroup-wide): 40 for the producer, 232 for each MMA thread.
@@ -876,6 +882,7 @@ struct TiledArgs {
   int* locks;
   void* out;
   int M, N, Kp, Np, G, group_rows, cpb, S, mt;  // mt: m16 tiles per row tile (1, 2, 4; WG: 2, 4; WS: 2, 4, 8)
+  int wgs;                                      // WS: MMA warpgroups per block (1; 2 at mt 2, 4 and 8), else 1
   int variant;                                  // kTiledMma, kTiledWg or kTiledWs (sm_90a builds on sm_90 only)
   bool pdl;
   bool cluster;  // WS with S = 2, 4 or 8 and no partials: the S blocks of a tile are one cluster
@@ -903,41 +910,50 @@ TiledKernel<T> tiled_kernel_for_wg(int mt, bool has_z) {
   }
 }
 
+// WS row tiles (16 x mt rows) and MMA warpgroups per block: one warpgroup at 32 and 64 rows, two
+// (each half the columns, all the rows) at 128 rows, and optionally at 32 and 64 rows as well.
+inline bool ws_config_exists(int mt, int wgs) {
+  return (wgs == 1 && (mt == 2 || mt == 4)) || (wgs == 2 && (mt == 2 || mt == 4 || mt == 8));
+}
+
 template <typename T, int BITS>
-TiledKernel<T> tiled_kernel_for(int mt, bool has_z, int variant) {
-  if (variant == kTiledWs) {  // mt = 8: two warpgroups of 64 rows
-    if (mt == 2) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 2, 1> : gptq_gemm_ws_kernel<T, BITS, false, 2, 1>;
-    if (mt == 4) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 4, 1> : gptq_gemm_ws_kernel<T, BITS, false, 4, 1>;
-    if (mt == 8) return has_z ? gptq_gemm_ws_kernel<T, BITS, true, 4, 2> : gptq_gemm_ws_kernel<T, BITS, false, 4, 2>;
-    return nullptr;
+TiledKernel<T> tiled_kernel_for(int mt, bool has_z, int variant, int wgs = 1) {
+  if (variant == kTiledWs) {  // the kernel's MT is per warpgroup: 16 x mt / wgs rows each
+    if (!ws_config_exists(mt, wgs)) return nullptr;
+#define ZK_WS(MT, WGS) (has_z ? gptq_gemm_ws_kernel<T, BITS, true, MT, WGS> : gptq_gemm_ws_kernel<T, BITS, false, MT, WGS>)
+    if (wgs == 1) return mt == 2 ? ZK_WS(2, 1) : ZK_WS(4, 1);
+    return mt == 2 ? ZK_WS(1, 2) : (mt == 4 ? ZK_WS(2, 2) : ZK_WS(4, 2));
+#undef ZK_WS
   }
-  if (mt == 8) return nullptr;
+  if (mt == 8 || wgs != 1) return nullptr;
   return variant == kTiledWg ? tiled_kernel_for_wg<T, BITS, true>(mt, has_z)
                              : tiled_kernel_for_wg<T, BITS, false>(mt, has_z);
 }
 
-// Threads and dynamic shared memory of a block of a variant (WS: mt = 8 is two warpgroups of 4).
-inline int tiled_threads(int mt, int variant) {
-  return variant == kTiledWs ? ws_threads(mt == 8 ? 2 : 1) : kTiledWarps * 32;
+// Threads and dynamic shared memory of a block of a variant (WS: wgs warpgroups of 16 x mt / wgs rows).
+inline int tiled_threads(int mt, int variant, int wgs = 1) {
+  (void)mt;
+  return variant == kTiledWs ? ws_threads(wgs) : kTiledWarps * 32;
 }
 template <int BITS>
-int tiled_block_smem(int mt, int variant) {
-  return variant == kTiledWs ? ws_smem(mt == 8 ? 4 : mt, BITS, mt == 8 ? 2 : 1) : tiled_smem(mt, variant == kTiledWg);
+int tiled_block_smem(int mt, int variant, int wgs = 1) {
+  return variant == kTiledWs ? ws_smem(mt / wgs, BITS, wgs) : tiled_smem(mt, variant == kTiledWg);
 }
 
 // Opts the instantiation into its dynamic shared memory (once) and returns the
 // resident blocks per SM (cached); 0 for a variant that does not exist (WG, WS: mt = 1; mt = 8 is WS only).
 template <typename T, int BITS>
-int gptq_tiled_occupancy(int mt, bool has_z, int variant) {
-  static int occ[4][2][3] = {};  // [MT 1/2/4/8][has_z][variant]
-  int& v = occ[mt == 8 ? 3 : mt / 2][has_z][variant];
+int gptq_tiled_occupancy(int mt, bool has_z, int variant, int wgs) {
+  static int occ[4][2][3][2] = {};  // [MT 1/2/4/8][has_z][variant][wgs 1/2]
+  if ((mt != 1 && mt != 2 && mt != 4 && mt != 8) || (wgs != 1 && wgs != 2)) return 0;
+  int& v = occ[mt == 8 ? 3 : mt / 2][has_z][variant][wgs - 1];
   if (v == 0) {
-    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, variant);
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, variant, wgs);
     if (k == nullptr) return 0;
-    const int smem = tiled_block_smem<BITS>(mt, variant);
+    const int smem = tiled_block_smem<BITS>(mt, variant, wgs);
     int r = 0;
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, tiled_threads(mt, variant), smem) != cudaSuccess)
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, tiled_threads(mt, variant, wgs), smem) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
@@ -949,17 +965,17 @@ int gptq_tiled_occupancy(int mt, bool has_z, int variant) {
 // within one GPC, so this can be fewer than the SMs: on the H100 a grid of 128 such blocks in clusters
 // of 4 or 8 needed a second wave (ab_H100_2026-11-28/ws_cluster_sum.log).
 template <typename T, int BITS>
-int gptq_ws_cluster_slots(int mt, bool has_z, int S) {
-  static int slots[3][2][3] = {};  // [MT 2/4/8][has_z][S 2/4/8]; -1: failed
-  if ((mt != 2 && mt != 4 && mt != 8) || (S != 2 && S != 4 && S != 8)) return 0;
-  int& v = slots[mt == 8 ? 2 : mt / 2 - 1][has_z][S == 8 ? 2 : S / 4];
+int gptq_ws_cluster_slots(int mt, bool has_z, int S, int wgs) {
+  static int slots[3][2][3][2] = {};  // [MT 2/4/8][has_z][S 2/4/8][wgs 1/2]; -1: failed
+  if (!ws_config_exists(mt, wgs) || (S != 2 && S != 4 && S != 8)) return 0;
+  int& v = slots[mt == 8 ? 2 : mt / 2 - 1][has_z][S == 8 ? 2 : S / 4][wgs - 1];
   if (v == 0) {
-    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, kTiledWs);
-    gptq_tiled_occupancy<T, BITS>(mt, has_z, kTiledWs);  // sets the shared-memory attribute
+    const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, kTiledWs, wgs);
+    gptq_tiled_occupancy<T, BITS>(mt, has_z, kTiledWs, wgs);  // sets the shared-memory attribute
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(1, 1, S);
-    cfg.blockDim = dim3(tiled_threads(mt, kTiledWs));
-    cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs);
+    cfg.blockDim = dim3(tiled_threads(mt, kTiledWs, wgs));
+    cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs, wgs);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 1;
@@ -983,24 +999,26 @@ int gptq_ws_cluster_slots(int mt, bool has_z, int S) {
 template <typename T, int BITS>
 cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   const int mt = a.mt;
-  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.variant);
+  const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, a.zeros != nullptr, a.variant, a.wgs);
   if (k == nullptr) return cudaErrorInvalidValue;
-  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant);  // sets the shared-memory attribute
+  gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant, a.wgs);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_cluster(k, grid, dim3(tiled_threads(mt, a.variant)), tiled_block_smem<BITS>(mt, a.variant),
-                               a.stream, a.pdl, a.cluster ? unsigned(a.S) : 1u, static_cast<const T*>(a.x), static_cast<const uint4*>(a.qweight),
-                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
-                            static_cast<T*>(a.out), a.M, a.N, a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
+  return launch_kernel_cluster(k, grid, dim3(tiled_threads(mt, a.variant, a.wgs)),
+                               tiled_block_smem<BITS>(mt, a.variant, a.wgs),
+                               a.stream, a.pdl, a.cluster ? unsigned(a.S) : 1u, static_cast<const T*>(a.x),
+                               static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                               static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N,
+                               a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
-extern template int gptq_ws_cluster_slots<__half, 4>(int, bool, int);
-extern template int gptq_ws_cluster_slots<__half, 8>(int, bool, int);
-extern template int gptq_ws_cluster_slots<__nv_bfloat16, 4>(int, bool, int);
-extern template int gptq_ws_cluster_slots<__nv_bfloat16, 8>(int, bool, int);
-extern template int gptq_tiled_occupancy<__half, 4>(int, bool, int);
-extern template int gptq_tiled_occupancy<__half, 8>(int, bool, int);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, int);
-extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, int);
+extern template int gptq_ws_cluster_slots<__half, 4>(int, bool, int, int);
+extern template int gptq_ws_cluster_slots<__half, 8>(int, bool, int, int);
+extern template int gptq_ws_cluster_slots<__nv_bfloat16, 4>(int, bool, int, int);
+extern template int gptq_ws_cluster_slots<__nv_bfloat16, 8>(int, bool, int, int);
+extern template int gptq_tiled_occupancy<__half, 4>(int, bool, int, int);
+extern template int gptq_tiled_occupancy<__half, 8>(int, bool, int, int);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 4>(int, bool, int, int);
+extern template int gptq_tiled_occupancy<__nv_bfloat16, 8>(int, bool, int, int);
 extern template cudaError_t gptq_tiled_launch<__half, 4>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__half, 8>(const TiledArgs&);
 extern template cudaError_t gptq_tiled_launch<__nv_bfloat16, 4>(const TiledArgs&);

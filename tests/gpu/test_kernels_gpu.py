@@ -311,14 +311,19 @@ def test_tiled_forced_splits(bits, gs, act, kernel):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_layer_dispatch_at_m32(bits):
-    """M = 25-32: the GEMV kernel for 8-bit layers (GEMV_MAX_M_8BIT), the tiled kernel for 4-bit (GEMV_MAX_M)."""
+    """M = 16-32: the GEMV kernel for 8-bit layers (GEMV_MAX_M_8BIT); for 4-bit up to GEMV_MAX_M_WS (16)
+    where the WS kernel runs, else GEMV_MAX_M (24), the tiled kernel above."""
+    from zephyr_plugins.backends import cuda as cb
+    from zephyr_plugins.kernel_build import wgmma_available
+
     layer, w, _ = _layer(4096, 4096, bits, 128, True, True, torch.float16)
+    limit = cb.GEMV_MAX_M_8BIT if bits == 8 else (cb.GEMV_MAX_M_WS if wgmma_available() else cb.GEMV_MAX_M)
     gen = torch.Generator(device="cuda").manual_seed(6000 + bits)
-    for m in (25, 32):
+    for m in (16, 17, 24, 25, 32):
         x = torch.randn(m, 4096, generator=gen, device="cuda").half()
         gemv, tiled = _gemv(layer, x), _tiled(layer, x, kernel=0)
         assert not torch.equal(gemv, tiled)  # they sum in different orders, which tells the paths apart
-        assert torch.equal(layer(x), gemv if bits == 8 else tiled), m
+        assert torch.equal(layer(x), gemv if m <= limit else tiled), m
 
 
 @pytest.mark.parametrize("kernel", TILED)
@@ -576,17 +581,19 @@ print("ok", n_checked)
 
 
 def test_ws_every_row_tile():
-    """The WS kernel (kernel=4) on each of its row tiles, forced through ZEPHYR_TILED_MT (read once per
-    process): 32 rows (2 blocks per SM), 64 rows, and 128 rows as two warpgroups splitting the columns (8),
-    with splits along K, partial row tiles and a partial last column group, both dtypes, 4 and 8 bits."""
+    """The WS kernel (kernel=4) on each of its row tiles, forced through ZEPHYR_TILED_MT and ZEPHYR_WS_WGS
+    (read once per process): 32 and 64 rows with one MMA warpgroup (32 rows: 2 blocks per SM) or two
+    splitting the columns, and 128 rows (8: always two), with splits along K, partial row tiles and a
+    partial last column group, both dtypes, 4 and 8 bits."""
     import os
 
     _need(4)
     code = _WS_CODE.format(here=str(Path(__file__).resolve().parent))
-    for mt in ("2", "4", "8"):
-        env = {**os.environ, "ZEPHYR_TILED_MT": mt}
+    for mt, wgs in (("2", "1"), ("4", "1"), ("8", "2"), ("2", "2"), ("4", "2")):
+        env = {**os.environ, "ZEPHYR_TILED_MT": mt, "ZEPHYR_WS_WGS": wgs}
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_TILED_MT={mt}: " + res.stderr[-6000:]
+        why = f"ZEPHYR_TILED_MT={mt} ZEPHYR_WS_WGS={wgs}: " + res.stderr[-6000:]
+        assert res.returncode == 0 and "ok" in res.stdout, why
 
 
 _WS_SUM_CODE = """

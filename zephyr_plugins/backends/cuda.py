@@ -1,11 +1,12 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (decode batches up to 24; 32 for 8-bit weights): ``zephyr::gptq_gemv_repacked``,
+- ``M <= GEMV_MAX_M`` rows (decode batches up to 24, 16 where the WS kernel runs; 32 for 8-bit weights):
+  ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
-  cards (kernels built for sm_90a) layers above 24 rows take
+  cards (kernels built for sm_90a) layers above 16 rows take
   its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
   shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows (8-bit: ``FUSED_MAX_M_WS_8BIT``).
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
@@ -46,10 +47,13 @@ FUSED_MAX_M_WS_8BIT = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT", "102
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
 # Largest M sent to the GEMV kernel (it serves M <= 32) for 4-bit weights; ``ZEPHYR_CUDA_GEMV_MAX_M``
-# sets it (0: off). Above it the tiled kernel, which the H100 measured faster at M = 32 (sums over the
-# Mistral shapes, same run, commit 92d019a: 4-bit act-order 124.4 vs 129.3 us, in order 109.8 vs 120.4)
-# and slower at M = 24 (119.2 vs 110.0, 107.0 vs 102.1).
+# sets it for every card (0: off). Above it the tiled kernel, on mma.sync (measured faster at M = 32 on
+# the H100, sums over the Mistral shapes, commit 92d019a: 4-bit act-order 124.4 vs 129.3 us, and slower
+# at M = 24: 119.2 vs 110.0) or, where WS runs, on WS from 17 rows (GEMV_MAX_M_WS): with two warpgroups
+# per 32-row block it took ~92 us at M = 24 against ~103 for the GEMV kernel, whose M = 17-32 pay for
+# four x tiles; at M = 16 the GEMV kernel stays ahead (~78 against ~90).
 GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "24")))
+GEMV_MAX_M_WS = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "16")))
 # The same for 8-bit weights (``ZEPHYR_CUDA_GEMV_MAX_M_8BIT``): the GEMV kernel, whose 8-warp blocks at
 # M = 17-32 came with 92d019a, stays ahead up to M = 32 (same run: 137.6 vs 143.8 us, M = 24 124.3 vs 140.3).
 GEMV_MAX_M_8BIT = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M_8BIT", "32")))
@@ -84,10 +88,11 @@ class CudaGPTQBackend(KernelBackend):
 
         spec = self.spec
         self._fallback = False
-        self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else GEMV_MAX_M
         # The WS kernel is planned where gptq_gemm_repacked can run wgmma (sm_90 card, sm_90a build).
+        ws = wgmma_available(layer.qweight.device)
+        self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else (GEMV_MAX_M_WS if ws else GEMV_MAX_M)
         ws_max_m = FUSED_MAX_M_WS_8BIT if spec.bits == 8 else FUSED_MAX_M_WS
-        self._fused_max_m = ws_max_m if wgmma_available(layer.qweight.device) else FUSED_MAX_M
+        self._fused_max_m = ws_max_m if ws else FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
