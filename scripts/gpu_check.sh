@@ -35,6 +35,17 @@ export ZEPHYR_KERNEL_CACHE=${ZEPHYR_KERNEL_CACHE:-$PWD/.cache/zephyr_kernels}
 export MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 status=0
+# The commit the results are filed under. Pass ZEPHYR_GIT_COMMIT: a tree copied to another machine may
+# carry a stale .git (one run here read its HEAD as the previous commit). Without it, git's HEAD, marked
+# "+modified" where the tracked files differ from it.
+if [ -z "${ZEPHYR_GIT_COMMIT:-}" ]; then
+  ZEPHYR_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  if [ "$ZEPHYR_GIT_COMMIT" != unknown ] && ! git diff --quiet HEAD -- . 2>/dev/null; then
+    ZEPHYR_GIT_COMMIT="$ZEPHYR_GIT_COMMIT+modified"
+    echo "warning: the tracked files differ from git's HEAD; results are filed as $ZEPHYR_GIT_COMMIT" >&2
+  fi
+fi
+export ZEPHYR_GIT_COMMIT
 
 {
   echo "== $(date -u +%FT%TZ) gpu_check"
