@@ -39,6 +39,8 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 
@@ -102,7 +104,15 @@ struct AttnArgs {
   float scale;
 };
 
-template <typename T, int HD, int GMAX, int kAttnThreads>
+// EARLY (the 256-thread blocks of grids that fit on the SMs at once, e.g. batch 1): the block's
+// first step of K and V slices is loaded before pdl_wait, and after it q, k, v, cos, sin, the slot
+// and the padding are all requested at once, so the chain after the wait is one round trip to L2
+// before the scores instead of three (slot; q, cos, sin; the cache from memory). Reading the
+// cache before the wait is safe where the kernel before may still run: no kernel of a decode step
+// writes a cache slot but this one, and only slot `slot` (whose loaded value is never used: the
+// new k, v come from shared memory); every other slot was written by an earlier launch, complete
+// before this step's first kernel. Masked slots are zeroed before use.
+template <typename T, int HD, int GMAX, int kAttnThreads, bool EARLY>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
   constexpr int kAttnWarps = kAttnThreads / 32;
   constexpr int kLanesPerKey = HD / 8;                       // 16-byte slices of one key
@@ -116,28 +126,58 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   // while the kernel that writes qkv still runs: it waits before reading anything. The output
   // projection after it may be scheduled as soon as every block of this one has started.
   pdl_launch_dependents();
-  pdl_wait();
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.G, BK = a.block_keys;
   const int dl = tid % kLanesPerKey, kk = tid / kLanesPerKey;  // slice, key within a pass
-
-  const int slot = int(*a.slot);
-  int lo = int(a.pad[b]);
-  if (a.window > 0) lo = max(lo, slot - a.window + 1);
-  lo = min(lo, slot);
   const int c0 = s * BK, c1 = min(c0 + BK, a.kv_len);
-  const int j0 = max(c0, lo), j1 = min(c1, slot + 1);  // this block's keys: [j0, j1)
+  const size_t head_off = size_t(b * a.Hkv + hk) * a.Lmax * HD;
+  T* kc = reinterpret_cast<T*>(a.k_cache) + head_off;
+  T* vc = reinterpret_cast<T*>(a.v_cache) + head_off;
+  uint4 kr0[EARLY ? kPasses : 1], vr0[EARLY ? kPasses : 1];  // EARLY: the step at c0, loaded before the wait
+  if constexpr (EARLY) {
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int j = c0 + p * kKeysPerPass + kk;
+      kr0[p] = vr0[p] = make_uint4(0, 0, 0, 0);
+      if (j < c1) {
+        kr0[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
+        vr0[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+      }
+    }
+  }
+  pdl_wait();
 
   __shared__ float q_s[GMAX * HD];
   __shared__ float kv_new[2 * HD];  // the new token's k (rotated) and v
   __shared__ float wmax[kAttnWarps][GMAX];
   __shared__ float red[kAttnWarps][GMAX * HD];
   __shared__ int last_block;
+  const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
+  const float* cs = a.cos + size_t(b) * (HD / 2);
+  const float* sn = a.sin + size_t(b) * (HD / 2);
+  // EARLY: q, k and v of the new token go to registers here, before the slot is known (their loads
+  // then travel with the slot's); the block that holds the slot writes k, v below.
+  float q_e[EARLY ? (GMAX * HD + kAttnThreads - 1) / kAttnThreads : 1], k_e = 0.f, v_e = 0.f;
+  T k_t{}, v_t{};
+  if constexpr (EARLY) {
+#pragma unroll
+    for (int r = 0; r < (GMAX * HD + kAttnThreads - 1) / kAttnThreads; ++r) {
+      const int i = tid + r * kAttnThreads, g = i / HD, d = i % HD;
+      q_e[r] = g < G ? to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale : 0.f;
+    }
+    if (tid < HD) {
+      k_t = from_float<T>(rotate<T, HD>(row + (a.H + hk) * HD, tid, cs, sn));
+      v_t = row[(a.H + a.Hkv + hk) * HD + tid];
+      k_e = to_float(k_t), v_e = to_float(v_t);
+    }
+  }
 
-  const size_t head_off = size_t(b * a.Hkv + hk) * a.Lmax * HD;
-  T* kc = reinterpret_cast<T*>(a.k_cache) + head_off;
-  T* vc = reinterpret_cast<T*>(a.v_cache) + head_off;
+  const int slot = int(*a.slot);
+  int lo = int(a.pad[b]);
+  if (a.window > 0) lo = max(lo, slot - a.window + 1);
+  lo = min(lo, slot);
+  const int j0 = max(c0, lo), j1 = min(c1, slot + 1);  // this block's keys: [j0, j1)
 
   float o[GMAX][8], m_run[GMAX], l_run[GMAX];
 #pragma unroll
@@ -148,22 +188,30 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   }
 
   if (j0 < j1) {
-    const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
-    const float* cs = a.cos + size_t(b) * (HD / 2);
-    const float* sn = a.sin + size_t(b) * (HD / 2);
     const bool writer = slot >= c0 && slot < c1;
-    for (int i = tid; i < G * HD; i += kAttnThreads) {
-      const int g = i / HD, d = i % HD;
-      q_s[i] = to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale;
-    }
-    if (writer) {  // this block writes the new token's k and v (and reads them from shared memory)
-      const T* kh = row + (a.H + hk) * HD;
-      const T* vh = row + (a.H + a.Hkv + hk) * HD;
-      for (int d = tid; d < HD; d += kAttnThreads) {
-        const T k = from_float<T>(rotate<T, HD>(kh, d, cs, sn)), v = vh[d];
-        kc[size_t(slot) * HD + d] = k;
-        vc[size_t(slot) * HD + d] = v;
-        kv_new[d] = to_float(k), kv_new[HD + d] = to_float(v);
+    if constexpr (EARLY) {
+#pragma unroll
+      for (int r = 0; r < (GMAX * HD + kAttnThreads - 1) / kAttnThreads; ++r)
+        if (tid + r * kAttnThreads < GMAX * HD) q_s[tid + r * kAttnThreads] = q_e[r];
+      if (writer && tid < HD) {
+        kc[size_t(slot) * HD + tid] = k_t;
+        vc[size_t(slot) * HD + tid] = v_t;
+        kv_new[tid] = k_e, kv_new[HD + tid] = v_e;
+      }
+    } else {
+      for (int i = tid; i < G * HD; i += kAttnThreads) {
+        const int g = i / HD, d = i % HD;
+        q_s[i] = to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale;
+      }
+      if (writer) {  // this block writes the new token's k and v (and reads them from shared memory)
+        const T* kh = row + (a.H + hk) * HD;
+        const T* vh = row + (a.H + a.Hkv + hk) * HD;
+        for (int d = tid; d < HD; d += kAttnThreads) {
+          const T k = from_float<T>(rotate<T, HD>(kh, d, cs, sn)), v = vh[d];
+          kc[size_t(slot) * HD + d] = k;
+          vc[size_t(slot) * HD + d] = v;
+          kv_new[d] = to_float(k), kv_new[HD + d] = to_float(v);
+        }
       }
     }
     __syncthreads();
@@ -181,13 +229,18 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       // memory). Issuing the first step's loads before the rotation of q and k was tried: 211
       // instead of 168 registers, and batch 32 decoded 3% slower on the H100.
       uint4 kr[kPasses], vr[kPasses];
+      const bool early = EARLY && base == c0;  // this step was loaded before the wait (j0 == c0)
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
         kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
         const int j = base + p * kKeysPerPass + kk;
         if (j < j1 && j != slot) {
-          kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
-          vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+          if (early) {
+            kr[p] = kr0[EARLY ? p : 0], vr[p] = vr0[EARLY ? p : 0];
+          } else {
+            kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
+            vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+          }
         }
       }
       float sc[kPasses][GMAX];
@@ -401,15 +454,23 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                 scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // The 256-thread blocks load their first step of the cache before waiting for the kernel before
+  // (EARLY, above); ZEPHYR_ATTN_EARLY=0 (read once, for A/B runs) keeps them waiting first.
+  static const bool early = [] {
+    const char* e = std::getenv("ZEPHYR_ATTN_EARLY");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   // The instantiation for (dtype, head dim); group bound and threads chosen here.
   auto launch = [&](auto* type, auto head_dim) {
     using T = std::remove_pointer_t<decltype(type)>;
     constexpr int D = decltype(head_dim)::value;
     void (*k)(AttnArgs);
     if (gmax == 4)
-      k = threads == 256 ? decode_attention_kernel<T, D, 4, 256> : decode_attention_kernel<T, D, 4, 128>;
+      k = threads == 256 ? (early ? decode_attention_kernel<T, D, 4, 256, true> : decode_attention_kernel<T, D, 4, 256, false>)
+                         : decode_attention_kernel<T, D, 4, 128, false>;
     else
-      k = threads == 256 ? decode_attention_kernel<T, D, 8, 256> : decode_attention_kernel<T, D, 8, 128>;
+      k = threads == 256 ? (early ? decode_attention_kernel<T, D, 8, 256, true> : decode_attention_kernel<T, D, 8, 256, false>)
+                         : decode_attention_kernel<T, D, 8, 128, false>;
     return launch_kernel(k, grid, dim3(threads), stream, pdl_chain(qkv.get_device()), args);
   };
   using D64 = std::integral_constant<int, 64>;

@@ -129,3 +129,43 @@ def test_opcheck_and_refusals():
         decode_attention(**_case("g8", 1, 64, 3, 0, torch.float16, 0), n_heads=32, n_kv_heads=2, kv_len=64)
     with pytest.raises(ValueError, match="dtype torch.float32"):
         decode_attention(**_case("g8", 1, 64, 3, 0, torch.float32, 0), n_heads=16, n_kv_heads=2, kv_len=64)
+
+
+_EARLY_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_attention_gpu as t
+from zephyr_plugins.kernel_ops import decode_attention
+outs = []
+for heads, bsz, lmax, slot, window in [("mistral", 1, 768, 600, 0), ("mistral", 1, 768, 600, 300),
+                                       ("smollm2", 2, 1024, 1000, 0), ("g8", 1, 4096, 4000, 0),
+                                       ("mistral", 1, 64, 0, 0), ("mha", 3, 512, 255, 100)]:
+    h, hkv, _ = t.HEADS[heads]
+    c = t._case(heads, bsz, lmax, slot, window, torch.float16, seed=slot + bsz)
+    y = decode_attention(**c, n_heads=h, n_kv_heads=hkv, kv_len=lmax, window=window)
+    outs += [y.cpu(), c["k_cache"].cpu(), c["v_cache"].cpu()]
+torch.save(outs, {path!r})
+print("ok", len(outs))
+"""
+
+
+def test_early_loads_same_bits(tmp_path):
+    """The 256-thread blocks that load their first step of the cache before the wait (EARLY, the
+    default) give the same bits as the same blocks waiting first (ZEPHYR_ATTN_EARLY=0, read once per
+    process): batch 1 with and without a window, a split and an unsplit cache, other head layouts."""
+    import os
+    import subprocess
+
+    cuda_with_kernels()
+    here = str(Path(__file__).resolve().parent)
+    results = {}
+    for flag in ("0", "1"):
+        path = str(tmp_path / f"early{flag}.pt")
+        env = {**os.environ, "ZEPHYR_ATTN_EARLY": flag}
+        res = subprocess.run([sys.executable, "-c", _EARLY_CODE.format(here=here, path=path)], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_ATTN_EARLY={flag}: " + res.stderr[-6000:]
+        results[flag] = torch.load(path)
+    assert len(results["0"]) == len(results["1"]) == 18
+    for i, (a, b) in enumerate(zip(results["0"], results["1"])):
+        assert torch.equal(a, b), i
