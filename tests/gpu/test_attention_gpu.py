@@ -136,6 +136,7 @@ import sys, torch
 sys.path.insert(0, {here!r})
 import test_attention_gpu as t
 from zephyr_plugins.kernel_ops import decode_attention
+t.cuda_with_kernels()  # loads the built kernels (the caller checked that they build)
 outs = []
 for heads, bsz, lmax, slot, window in [("mistral", 1, 768, 600, 0), ("mistral", 1, 768, 600, 300),
                                        ("smollm2", 2, 1024, 1000, 0), ("g8", 1, 4096, 4000, 0),
