@@ -507,3 +507,33 @@ def test_dense_gemv_rows_rule(monkeypatch):
     monkeypatch.setenv("ZEPHYR_DENSE_GEMV_MAX_MB", "lots")
     with pytest.raises(ValueError, match="ZEPHYR_DENSE_GEMV_MAX_MB"):
         dense_gemv_rows(big, torch.float16)
+
+
+def test_gemv_max_m_by_layer_size(monkeypatch):
+    """The GEMV kernel's row limit per layer: 24 rows for 4-bit and 32 for 8-bit weights, 16 for layers
+    above GEMV_LARGE_LAYER weights where the WS kernel serves the rows above; an explicit environment
+    setting applies to every layer."""
+    from zephyr_plugins.backends import cuda as cb
+
+    monkeypatch.setattr(cb, "_GEMV_ENV_4", None)
+    monkeypatch.setattr(cb, "_GEMV_ENV_8", None)
+    monkeypatch.setattr(cb, "GEMV_MAX_M", 24)
+    monkeypatch.setattr(cb, "GEMV_MAX_M_8BIT", 32)
+    shapes = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+    want = {  # (bits, ws): rows per Mistral-7B shape
+        (4, True): {"qkv": 24, "o": 24, "gate_up": 16, "down": 16},
+        (8, True): {"qkv": 32, "o": 32, "gate_up": 16, "down": 32},
+        (4, False): dict.fromkeys(shapes, 24),
+        (8, False): dict.fromkeys(shapes, 32),
+    }
+    for (bits, ws), rows in want.items():
+        got = {name: cb.gemv_max_m(bits, k, n, ws) for name, (k, n) in shapes.items()}
+        assert got == rows, (bits, ws)
+    monkeypatch.setattr(cb, "_GEMV_ENV_4", "20")
+    monkeypatch.setattr(cb, "GEMV_MAX_M", 20)
+    assert cb.gemv_max_m(4, 4096, 28672, True) == cb.gemv_max_m(4, 4096, 4096, True) == 20
+    monkeypatch.setattr(cb, "_GEMV_ENV_8", "0")
+    monkeypatch.setattr(cb, "GEMV_MAX_M_8BIT", 0)
+    assert cb.gemv_max_m(8, 4096, 4096, True) == 0  # off
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        cb.gemv_max_m(3, 4096, 4096, True)

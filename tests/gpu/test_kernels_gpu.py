@@ -311,19 +311,21 @@ def test_tiled_forced_splits(bits, gs, act, kernel):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_layer_dispatch_at_m32(bits):
-    """M = 16-32: the GEMV kernel for 8-bit layers (GEMV_MAX_M_8BIT); for 4-bit up to GEMV_MAX_M_WS (16)
-    where the WS kernel runs, else GEMV_MAX_M (24), the tiled kernel above."""
+    """M = 16-32 in a layer: the GEMV kernel up to the backend's gemv_max_m for the layer (24 rows for
+    4-bit, 32 for 8-bit; 16 for layers above GEMV_LARGE_LAYER weights where the WS kernel runs), the
+    tiled kernel above, for a small and a large layer."""
     from zephyr_plugins.backends import cuda as cb
     from zephyr_plugins.kernel_build import wgmma_available
 
-    layer, w, _ = _layer(4096, 4096, bits, 128, True, True, torch.float16)
-    limit = cb.GEMV_MAX_M_8BIT if bits == 8 else (cb.GEMV_MAX_M_WS if wgmma_available() else cb.GEMV_MAX_M)
-    gen = torch.Generator(device="cuda").manual_seed(6000 + bits)
-    for m in (16, 17, 24, 25, 32):
-        x = torch.randn(m, 4096, generator=gen, device="cuda").half()
-        gemv, tiled = _gemv(layer, x), _tiled(layer, x, kernel=0)
-        assert not torch.equal(gemv, tiled)  # they sum in different orders, which tells the paths apart
-        assert torch.equal(layer(x), gemv if m <= limit else tiled), m
+    for k, n in ((4096, 4096), (4096, 17408)):
+        layer, w, _ = _layer(k, n, bits, 128, True, True, torch.float16)
+        limit = cb.gemv_max_m(bits, k, n, wgmma_available())
+        gen = torch.Generator(device="cuda").manual_seed(6000 + bits)
+        for m in (16, 17, 24, 25, 32):
+            x = torch.randn(m, k, generator=gen, device="cuda").half()
+            gemv, tiled = _gemv(layer, x), _tiled(layer, x, kernel=0)
+            assert not torch.equal(gemv, tiled)  # they sum in different orders, which tells the paths apart
+            assert torch.equal(layer(x), gemv if m <= limit else tiled), (k, n, m, limit)
 
 
 @pytest.mark.parametrize("kernel", TILED)

@@ -1,12 +1,12 @@
 """The CUDA backend: fused GPTQ kernels for 4- and 8-bit weights (``kernels/``).
 
-- ``M <= GEMV_MAX_M`` rows (decode batches up to 24, 16 where the WS kernel runs; 32 for 8-bit weights):
-  ``zephyr::gptq_gemv_repacked``,
+- ``M <= gemv_max_m(...)`` rows (decode batches up to 24, 32 for 8-bit weights; 16 for large layers
+  where the WS kernel runs): ``zephyr::gptq_gemv_repacked``,
   a GEMV-style kernel (swapped-operand mma, double-buffered weight stream).
 - ``M <= FUSED_MAX_M`` rows: ``zephyr::gptq_gemm_repacked``, a fused
   dequantize + tensor-core matmul (the tiled kernel: x staged in shared memory,
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
-  cards (kernels built for sm_90a) layers above 16 rows take
+  cards (kernels built for sm_90a) the rows above that limit take
   its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
   shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows (8-bit: ``FUSED_MAX_M_WS_8BIT``).
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
@@ -47,16 +47,45 @@ FUSED_MAX_M_WS_8BIT = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT", "102
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
 # Largest M sent to the GEMV kernel (it serves M <= 32) for 4-bit weights; ``ZEPHYR_CUDA_GEMV_MAX_M``
-# sets it for every card (0: off). Above it the tiled kernel, on mma.sync (measured faster at M = 32 on
-# the H100, sums over the Mistral shapes, commit 92d019a: 4-bit act-order 124.4 vs 129.3 us, and slower
-# at M = 24: 119.2 vs 110.0) or, where WS runs, on WS from 17 rows (GEMV_MAX_M_WS): with two warpgroups
-# per 32-row block it took ~92 us at M = 24 against ~103 for the GEMV kernel, whose M = 17-32 pay for
-# four x tiles; at M = 16 the GEMV kernel stays ahead (~78 against ~90).
-GEMV_MAX_M = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "24")))
-GEMV_MAX_M_WS = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M", "16")))
+# sets it for every card and layer (0: off). Above it the tiled kernel, on mma.sync (measured faster at
+# M = 32 on the H100, sums over the Mistral shapes, commit 92d019a: 4-bit act-order 124.4 vs 129.3 us,
+# and slower at M = 24: 119.2 vs 110.0) or, where WS runs, on WS: see gemv_max_m.
+_GEMV_ENV_4 = os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M")
+GEMV_MAX_M = min(32, int(_GEMV_ENV_4 or "24"))
 # The same for 8-bit weights (``ZEPHYR_CUDA_GEMV_MAX_M_8BIT``): the GEMV kernel, whose 8-warp blocks at
-# M = 17-32 came with 92d019a, stays ahead up to M = 32 (same run: 137.6 vs 143.8 us, M = 24 124.3 vs 140.3).
-GEMV_MAX_M_8BIT = min(32, int(os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M_8BIT", "32")))
+# M = 17-32 came with 92d019a, stays ahead of mma.sync up to M = 32 (same run: 137.6 vs 143.8 us, M = 24
+# 124.3 vs 140.3).
+_GEMV_ENV_8 = os.environ.get("ZEPHYR_CUDA_GEMV_MAX_M_8BIT")
+GEMV_MAX_M_8BIT = min(32, int(_GEMV_ENV_8 or "32"))
+# Where WS runs, a layer with more weights (K x N) than this keeps the GEMV kernel only up to
+# GEMV_MAX_M_WS rows (per width); smaller layers keep GEMV_MAX_M / GEMV_MAX_M_8BIT.
+GEMV_LARGE_LAYER = {4: 32 << 20, 8: 64 << 20}
+GEMV_MAX_M_WS = 16
+
+
+def gemv_max_m(bits: int, k: int, n: int, ws: bool) -> int:
+    """Largest M a layer of ``bits``-bit weights, K = ``k`` inputs and N = ``n`` outputs sends to the
+    GEMV kernel; ``ws``: whether the WS kernel serves the rows above it (sm_90 card, sm_90a build).
+
+    The GEMV kernel's M = 17-32 pay for four x tiles, which costs the most on the widest layers,
+    while WS pays a fixed cost per launch (the x-tile gather, the pipeline fill, the split's sum)
+    that the small layers cannot hide. Same run on an H100 (dc13c9c, ``gemv_us`` / ``ws_us`` in
+    ``benchmarks/results/kernels_*_dc13c9c.json``), 4-bit g128 act-order, GEMV against WS at M = 24:
+    qkv (25M weights) 15.8 vs 18.3 us, o (17M) 14.6 vs 15.5, down (59M) 27.8 vs 26.2, gate_up (117M)
+    44.9 vs 34.6; at M = 16 the GEMV kernel wins or ties everywhere (gate_up 33.6 vs 34.1). 8-bit at
+    M = 24 / 32: gate_up 53.5 / 58.0 vs 49.6 / 51.2, down 33.8 / 36.8 vs 35.8 / 37.0, qkv and o ahead
+    on the GEMV kernel by 0.6-4 us. Summed over the four shapes this rule gives 4-bit act-order at
+    M = 24 ~91 us against 94.6 with 16 for every layer, 8-bit ~116 at M = 24 and ~125 at M = 32
+    against 119.9 and 132.3 with 32 for every layer (the same run's columns; the rule itself was not
+    re-run on a GPU).
+    ``ZEPHYR_CUDA_GEMV_MAX_M`` / ``ZEPHYR_CUDA_GEMV_MAX_M_8BIT``, when set, apply to every layer.
+    """
+    if bits not in GEMV_LARGE_LAYER:
+        raise ValueError(f"gemv_max_m: bits must be 4 or 8, got {bits}")
+    base, env = (GEMV_MAX_M_8BIT, _GEMV_ENV_8) if bits == 8 else (GEMV_MAX_M, _GEMV_ENV_4)
+    if env is not None or not ws or k * n <= GEMV_LARGE_LAYER[bits]:
+        return base
+    return min(base, GEMV_MAX_M_WS)
 
 
 class CudaGPTQBackend(KernelBackend):
@@ -90,7 +119,7 @@ class CudaGPTQBackend(KernelBackend):
         self._fallback = False
         # The WS kernel is planned where gptq_gemm_repacked can run wgmma (sm_90 card, sm_90a build).
         ws = wgmma_available(layer.qweight.device)
-        self._gemv_max_m = GEMV_MAX_M_8BIT if spec.bits == 8 else (GEMV_MAX_M_WS if ws else GEMV_MAX_M)
+        self._gemv_max_m = gemv_max_m(spec.bits, spec.in_features, spec.out_features, ws)
         ws_max_m = FUSED_MAX_M_WS_8BIT if spec.bits == 8 else FUSED_MAX_M_WS
         self._fused_max_m = ws_max_m if ws else FUSED_MAX_M
         try:
