@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import zephyr_env  # noqa: E402  (the ZEPHYR_* switches a result file records)
+from kernels import git_commit, zephyr_env  # noqa: E402  (the commit and ZEPHYR_* switches a result file records)
 
 ZEPHYR_7B = dict(
     model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
@@ -50,15 +49,6 @@ ZEPHYR_7B = dict(
 )  # fmt: skip
 CONFIGS = {"u4g128_act": (4, 128, True), "u8g128_act": (8, 128, True), "fp16": None}
 FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-
-
-def git_commit() -> str:
-    if os.environ.get("ZEPHYR_GIT_COMMIT"):
-        return os.environ["ZEPHYR_GIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

@@ -16,31 +16,21 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from zephyr_plugins.config import GPTQConfig  # noqa: E402
 from zephyr_plugins.quantize import quantize_block  # noqa: E402
+from kernels import git_commit  # noqa: E402  (the commit a result file records; benchmarks/kernels.py)
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   head_dim=128, num_hidden_layers=32, max_position_embeddings=32768, vocab_size=32000,
                   sliding_window=None, rms_norm_eps=1e-5, rope_theta=10000.0)
-
-
-def _git_commit() -> str:
-    if os.environ.get("ZEPHYR_GIT_COMMIT"):  # set when the tree is copied without .git
-        return os.environ["ZEPHYR_GIT_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -93,7 +83,7 @@ def main(argv=None) -> int:
         "benchmark": "gptq_quantize_mistral7b_blocks",
         "card": torch.cuda.get_device_name(0),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
         "config": cfg.to_dict(),
         "nsamples": args.nsamples,
