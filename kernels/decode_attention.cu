@@ -456,10 +456,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   auto stream = c10::cuda::getCurrentCUDAStream();
   // The 256-thread blocks load their first step of the cache before waiting for the kernel before
   // (EARLY, above); ZEPHYR_ATTN_EARLY=0 (read once, for A/B runs) keeps them waiting first.
-  static const bool early = [] {
-    const char* e = std::getenv("ZEPHYR_ATTN_EARLY");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  static const bool early = !env_off("ZEPHYR_ATTN_EARLY");
   // The instantiation for (dtype, head dim); group bound and threads chosen here.
   auto launch = [&](auto* type, auto head_dim) {
     using T = std::remove_pointer_t<decltype(type)>;

@@ -23,6 +23,13 @@ inline int cached_attribute(int device, int fallback) {
   return cache[device] - 1;
 }
 
+// Whether environment variable `name` is set to "0" (the A/B switches that turn a path off; callers
+// read it once per process).
+inline bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 // Multiprocessor count.
 inline int sm_count(int device) { return cached_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
 
@@ -39,10 +46,7 @@ inline int cc_minor(int device) { return cached_attribute<cudaDevAttrComputeCapa
 // as it starts. ZEPHYR_PDL=0 turns that off (read once per process); the kernel after a gather kernel
 // still launches as the gather's dependent either way, as before.
 inline bool pdl_chain(int device) {
-  static const bool off = [] {
-    const char* v = std::getenv("ZEPHYR_PDL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+  static const bool off = env_off("ZEPHYR_PDL");
   return !off && cc_major(device) >= 9;
 }
 

@@ -89,6 +89,14 @@ ZkShape check_zk_args(const char* op, const at::Tensor& x, const at::Tensor& qwe
   return ZkShape{M, K, N, Kp, Np, G, group_rows, has_z};
 }
 
+// A forced choice from environment variable `name` (benchmarks, A/B runs): its value when that is a
+// power of two up to `max`, else 0 (not forced).
+int forced_from_env(const char* name, int max) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : 0;
+  return v > 0 && v <= max && (v & (v - 1)) == 0 ? v : 0;
+}
+
 // A GX row override from environment variable `name`: its value clamped to [0, kGemvGxMaxM], or -1
 // when it is unset or empty (the callers below read it once per process).
 int gx_rows_from_env(const char* name) {
@@ -240,18 +248,10 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   const bool half = x.scalar_type() == at::kHalf;
   // ZEPHYR_TILED_MT=1/2/4/8 (benchmarks) forces the row tile (16 x that many rows) where M allows it
   // (8: the WS variant's two warpgroups of 64 rows).
-  static const int force_mt = [] {
-    const char* e = std::getenv("ZEPHYR_TILED_MT");
-    const int v = e ? std::atoi(e) : 0;
-    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
-  }();
+  static const int force_mt = forced_from_env("ZEPHYR_TILED_MT", 8);
   // ZEPHYR_WS_WGS=1/2 (benchmarks) forces the WS kernel's MMA warpgroups per block where the row tile has
   // that variant (two at 128 rows always; one or two at 32 and 64 rows).
-  static const int force_wgs = [] {
-    const char* e = std::getenv("ZEPHYR_WS_WGS");
-    const int v = e ? std::atoi(e) : 0;
-    return (v == 1 || v == 2) ? v : 0;
-  }();
+  static const int force_wgs = forced_from_env("ZEPHYR_WS_WGS", 2);
   auto occupancy = [&](int mt, int wgs) {
     if (half)
       return bits == 4 ? gptq_tiled_occupancy<__half, 4>(mt, z.has_z, variant, wgs)
@@ -290,20 +290,20 @@ at::Tensor tiled_gemm(const at::Tensor& x, const ZkShape& z, const at::Tensor& q
   constexpr WsCost kWs128{1.63, 4.85, 4.84, 1.97, -6.14}, kWs64x2{1.12, 2.00, 3.85, 1.20, -0.48},
       kWs32x2{0.87, 1.48, 2.54, 0.59, 2.53}, kWs64x1{1.29, 0.12, 5.21, 1.21, 1.97};
   // ZEPHYR_WS_CLUSTER_SUM=0 (read once; A/B and tests) keeps every WS split on partials in global memory.
-  static const bool cluster_off = [] {
-    const char* e = std::getenv("ZEPHYR_WS_CLUSTER_SUM");
-    return e != nullptr && std::strcmp(e, "0") == 0;
-  }();
+  static const bool cluster_off = env_off("ZEPHYR_WS_CLUSTER_SUM");
   const bool ws_cluster = variant == kTiledWs && !cluster_off;
   int wgs = 1;
-  for (int mt_try : {8, 4, 2, 1}) for (int wgs_try : {1, 2}) {
+  // WS: two warpgroups per block, or one at 32 and 64 rows where forced (ZEPHYR_WS_WGS=1); the 128-row
+  // tile has only two. Other variants: one.
+  const int want_wgs = force_wgs ? force_wgs : 2;
+  auto wgs_for = [&](int m) {
+    return variant != kTiledWs ? 1 : ws_config_exists(m, want_wgs) ? want_wgs : 3 - want_wgs;
+  };
+  for (int mt_try : {8, 4, 2, 1}) {
     if (mt_try > mt_max || (force_mt && mt_try != mt_max) || (mt_try == 1 && (mt_max > 1 || wg))) continue;
     if (variant == kTiledWs && z.M > 64 && mt_try < 4) continue;
-    // WS: two warpgroups per block, or one at 32 and 64 rows where forced (ZEPHYR_WS_WGS=1).
-    if (variant != kTiledWs ? wgs_try != 1
-                            : !ws_config_exists(mt_try, wgs_try) ||
-                                  (wgs_try != (force_wgs ? force_wgs : 2) && ws_config_exists(mt_try, 3 - wgs_try)))
-      continue;
+    const int wgs_try = wgs_for(mt_try);
+    if (variant == kTiledWs && !ws_config_exists(mt_try, wgs_try)) continue;
     const int tiles = ceil_div(z.M, 16 * mt_try) * groups;
     const int slots = sms * occupancy(mt_try, wgs_try);
     // The fitted WS terms, or (other variants; WS with one warpgroup up to 64 rows) one cost per

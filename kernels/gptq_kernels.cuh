@@ -238,6 +238,16 @@ __device__ __forceinline__ void pdl_wait() {
 // (sm_90): it may start before the previous kernel ends, and waits in
 // pdl_wait() before reading what that kernel wrote.
 // `smem`: bytes of dynamic shared memory.
+// The launch attribute that makes blocks (x, y, z .. z + cluster_z - 1) one cluster (sm_90).
+inline cudaLaunchAttribute cluster_z_attribute(unsigned cluster_z) {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = 1;
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = cluster_z;
+  return a;
+}
+
 // cluster_z > 1: blocks (x, y, z .. z + cluster_z - 1) form a cluster (grid.z a multiple of it; sm_90).
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
@@ -253,12 +263,7 @@ cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 blo
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster_z > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = cluster_z;
-  }
+  if (cluster_z > 1) attr[n++] = cluster_z_attribute(cluster_z);
   cfg.attrs = attr;
   cfg.numAttrs = n;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);

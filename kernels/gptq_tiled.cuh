@@ -931,10 +931,7 @@ TiledKernel<T> tiled_kernel_for(int mt, bool has_z, int variant, int wgs = 1) {
 }
 
 // Threads and dynamic shared memory of a block of a variant (WS: wgs warpgroups of 16 x mt / wgs rows).
-inline int tiled_threads(int mt, int variant, int wgs = 1) {
-  (void)mt;
-  return variant == kTiledWs ? ws_threads(wgs) : kTiledWarps * 32;
-}
+inline int tiled_threads(int variant, int wgs = 1) { return variant == kTiledWs ? ws_threads(wgs) : kTiledWarps * 32; }
 template <int BITS>
 int tiled_block_smem(int mt, int variant, int wgs = 1) {
   return variant == kTiledWs ? ws_smem(mt / wgs, BITS, wgs) : tiled_smem(mt, variant == kTiledWg);
@@ -953,7 +950,7 @@ int gptq_tiled_occupancy(int mt, bool has_z, int variant, int wgs) {
     const int smem = tiled_block_smem<BITS>(mt, variant, wgs);
     int r = 0;
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, tiled_threads(mt, variant, wgs), smem) != cudaSuccess)
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, k, tiled_threads(variant, wgs), smem) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
@@ -974,13 +971,9 @@ int gptq_ws_cluster_slots(int mt, bool has_z, int S, int wgs) {
     gptq_tiled_occupancy<T, BITS>(mt, has_z, kTiledWs, wgs);  // sets the shared-memory attribute
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(1, 1, S);
-    cfg.blockDim = dim3(tiled_threads(mt, kTiledWs, wgs));
+    cfg.blockDim = dim3(tiled_threads(kTiledWs, wgs));
     cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs, wgs);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = S;
+    cudaLaunchAttribute attr[1] = {cluster_z_attribute(unsigned(S))};
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int n = 0;
@@ -1003,7 +996,7 @@ cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   if (k == nullptr) return cudaErrorInvalidValue;
   gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant, a.wgs);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_cluster(k, grid, dim3(tiled_threads(mt, a.variant, a.wgs)),
+  return launch_kernel_cluster(k, grid, dim3(tiled_threads(a.variant, a.wgs)),
                                tiled_block_smem<BITS>(mt, a.variant, a.wgs),
                                a.stream, a.pdl, a.cluster ? unsigned(a.S) : 1u, static_cast<const T*>(a.x),
                                static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
