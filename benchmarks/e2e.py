@@ -239,21 +239,26 @@ def bench_runtime(folder: str, batches, prompt_len: int, new_tokens: int, prefil
             print(f"  batch {b:>2} {label}: {b / step:8.1f} tok/s  {step * 1e3:6.2f} ms/step", flush=True)
 
         prompts = torch.randint(3, 32000, (1, prompt_len), generator=g).tolist()
-        short_run("plain_ops_graphs", prompts, ModelOps(False, compiled_ops.fused_decode, compiled_ops.permuted_inputs))
+        short_run("plain_ops_graphs", prompts,
+                  ModelOps(False, compiled_ops.fused_decode, compiled_ops.permuted_inputs, compiled_ops.fused_swiglu))
         short_run("compiled_ops_no_graphs", prompts, compiled_ops, graphs=False)
         # The fused decode-attention kernel against the unfused ops (rope, cache writes, matmuls, softmax),
-        # and act-order inputs written permuted by their producers against each layer gathering its own;
-        # all timed here the same way (256 steps after a 512-token prompt).
-        variants = [("default", compiled_ops.fused_decode, compiled_ops.permuted_inputs)]
-        if compiled_ops.fused_decode:
-            variants.append(("unfused_attention", False, compiled_ops.permuted_inputs))
-        if compiled_ops.permuted_inputs:
-            variants.append(("gathered_inputs", compiled_ops.fused_decode, False))
+        # act-order inputs written permuted by their producers against each layer gathering its own, and
+        # the SwiGLU in the gate/up kernel against silu_mul after it; all timed here the same way (256
+        # steps after a 512-token prompt).
+        c = compiled_ops
+        variants = [("default", c.fused_decode, c.permuted_inputs, c.fused_swiglu)]
+        if c.fused_decode:
+            variants.append(("unfused_attention", False, c.permuted_inputs, c.fused_swiglu))
+        if c.permuted_inputs:
+            variants.append(("gathered_inputs", c.fused_decode, False, c.fused_swiglu))
+        if c.fused_swiglu:
+            variants.append(("unfused_swiglu", c.fused_decode, c.permuted_inputs, False))
         for b in sorted({1, max(batches)}) if len(variants) > 1 else []:
             prompts = torch.randint(3, 32000, (b, prompt_len), generator=g).tolist()
-            for label, fused, permuted in variants:
-                short_run(label, prompts, ModelOps(compiled_ops.compile, fused_decode=fused, permuted_inputs=permuted),
-                          repeat=3)  # fmt: skip
+            for label, fused, permuted, swiglu in variants:
+                short_run(label, prompts, ModelOps(c.compile, fused_decode=fused, permuted_inputs=permuted,
+                                                   fused_swiglu=swiglu), repeat=3)  # fmt: skip
         if llm.dense_gemv_layers:  # float layers (all of fp16, the head of the others) in cuBLAS instead
             from zephyr_plugins.model import Linear
 

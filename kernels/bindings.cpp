@@ -10,6 +10,10 @@
 //   zephyr::gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
 //                              Tensor perm, Tensor(a!) locks, int bits, int group_size,
 //                              int size_n, int block_warps=0, int splits=0) -> Tensor
+//   zephyr::gptq_gemv_swiglu(Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
+//                            Tensor perm, Tensor(a!) locks, int bits, int group_size,
+//                            int size_n, Tensor? out_index=None, int block_warps=0,
+//                            int splits=0) -> Tensor
 //   zephyr::gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx,
 //                           int bits, int zero_offset) -> Tensor
 //   zephyr::gptq_dequantize_repacked(Tensor qweight, Tensor scales, Tensor zeros, Tensor perm,
@@ -36,6 +40,10 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
                                    const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
                                    int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,
                                    int64_t splits);
+at::Tensor gptq_gemv_swiglu_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                 const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
+                                 int64_t group_size, int64_t size_n, const c10::optional<at::Tensor>& out_index,
+                                 int64_t block_warps, int64_t splits);
 at::Tensor gptq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                                 const at::Tensor& g_idx, int64_t bits, int64_t zero_offset);
 at::Tensor gptq_dequantize_repacked_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -57,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_permuted_cuda(const at::Tensor& 
 TORCH_LIBRARY_IMPL(zephyr, CUDA, m) {
   m.impl("gptq_gemm_repacked", &zephyr::gptq_gemm_repacked_cuda);
   m.impl("gptq_gemv_repacked", &zephyr::gptq_gemv_repacked_cuda);
+  m.impl("gptq_gemv_swiglu", &zephyr::gptq_gemv_swiglu_cuda);
   m.impl("gptq_dequantize", &zephyr::gptq_dequantize_cuda);
   m.impl("gptq_dequantize_repacked", &zephyr::gptq_dequantize_repacked_cuda);
   m.impl("gptq_linear", &zephyr::gptq_linear_cuda);

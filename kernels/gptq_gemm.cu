@@ -455,20 +455,25 @@ at::Tensor gptq_gemm_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   return out;
 }
 
-// See zephyr_plugins/kernel_ops.py. block_warps / splits: 0 = planned here, else forced (benchmarks).
-at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                   const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
-                                   int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,
-                                   int64_t splits) {
-  const ZkShape z = check_zk_args("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size,
-                                  size_n, kGemvMaxM, "use gptq_gemm_repacked above");
+namespace {
+
+// gptq_gemv_repacked (swiglu false) and gptq_gemv_swiglu (true: out [M, N / 2] = silu(gate) * up of the
+// product's two halves, column j at out_index[j] when given).
+at::Tensor gemv_repacked(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
+                         int64_t group_size, int64_t size_n, int64_t block_warps, int64_t splits, bool swiglu,
+                         const int64_t* out_index) {
+  const ZkShape z = check_zk_args(op, x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                                  swiglu ? kGemvSwigluMaxM : kGemvMaxM, "use gptq_gemm_repacked above");
   const int max_warps = gemv_max_warps(gemv_tiles(z.M));
   TORCH_CHECK(block_warps == 0 || ((block_warps == 4 || block_warps == 8 || block_warps == 16) && block_warps <= max_warps),
-              "gptq_gemv_repacked: block_warps must be 0 (planned), 4, 8 or 16 (16 for M <= 8 only), got ",
-              block_warps, " at M=", z.M);
-  TORCH_CHECK(splits >= 0 && splits <= 256, "gptq_gemv_repacked: splits must be in [0, 256], got ", splits);
+              op, ": block_warps must be 0 (planned), 4, 8 or 16 (16 for M <= 8 only), got ", block_warps, " at M=",
+              z.M);
+  TORCH_CHECK(splits >= 0 && splits <= 256, op, ": splits must be in [0, 256], got ", splits);
+  TORCH_CHECK(!swiglu || (z.N % (2 * kBlockN) == 0), op, ": size_n must be a multiple of ", 2 * kBlockN,
+              " (two halves of whole 64-column blocks), got ", z.N);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  auto out = at::empty({z.M, z.N}, x.options());
+  auto out = at::empty({z.M, swiglu ? z.N / 2 : z.N}, x.options());
   if (z.M == 0 || z.N == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   // With >= 128-row groups a chunk has one scale per column: applied after the
@@ -483,10 +488,10 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   const bool half = x.scalar_type() == at::kHalf;
   auto occupancy = [&](int w) {
     if (half)
-      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(z.M, w, z.has_z, scale_after)
-                       : gptq_gemv_occupancy<__half, 8>(z.M, w, z.has_z, scale_after);
-    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(z.M, w, z.has_z, scale_after)
-                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(z.M, w, z.has_z, scale_after);
+      return bits == 4 ? gptq_gemv_occupancy<__half, 4>(z.M, w, z.has_z, scale_after, swiglu)
+                       : gptq_gemv_occupancy<__half, 8>(z.M, w, z.has_z, scale_after, swiglu);
+    return bits == 4 ? gptq_gemv_occupancy<__nv_bfloat16, 4>(z.M, w, z.has_z, scale_after, swiglu)
+                     : gptq_gemv_occupancy<__nv_bfloat16, 8>(z.M, w, z.has_z, scale_after, swiglu);
   };
   // Plan: W warps per block, `upw` 4 KB units per warp, S blocks per column
   // block. Cost = waves of resident blocks x (units per warp + ~2 units of
@@ -504,19 +509,24 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   // Elsewhere the model overrates them (down 4-bit: 19.3 us at 16 x 1 vs
   // 16.6 at 8 warps x 4 splits), as it prices neither the SMs a 64-block
   // grid leaves idle nor the per-SM dequantization work.
-  const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = z.Np / kBlockN;
+  //
+  // SWIGLU: a block holds a pair of column blocks (gate, up), half of its warps on each: priced as
+  // nblk / 2 blocks of w warps, w / 2 warps per column block (so the per-warp work matches an
+  // unfused plan of w / 2-warp blocks), without the 16-warp rule (the pair has twice the work).
+  const int units = (z.Kp / kChunkK) * int(bits / 4), nblk = swiglu ? z.Np / kBlockN / 2 : z.Np / kBlockN;
   const int sms = sm_count(x.get_device());
   long best = -1;
   int W = 8, upw = units, S = 1;
   for (int w : {16, 8, 4}) {
     if (w > max_warps || (block_warps && w != block_warps)) continue;
-    if (w == 16 && !block_warps && units > 4 * 16) continue;
+    if (!swiglu && w == 16 && !block_warps && units > 4 * 16) continue;
+    const int hw = swiglu ? w / 2 : w;  // warps per column block
     const int slots = sms * occupancy(w);
-    const int most = ceil_div(units, w);
+    const int most = ceil_div(units, hw);
     for (int s_try = splits ? std::min<int>(splits, most) : 1; s_try <= most; ++s_try) {
-      if (w == 16 && !block_warps && s_try > 1) break;
-      const int u = ceil_div(units, w * s_try);
-      const int s_real = ceil_div(units, w * u);
+      if (!swiglu && w == 16 && !block_warps && s_try > 1) break;
+      const int u = ceil_div(units, hw * s_try);
+      const int s_real = ceil_div(units, hw * u);
       const long cost = long(ceil_div(nblk * s_real, slots)) * (u + 2) + (s_real > 1 ? 5 : 0);
       if (best < 0 || cost < best) best = cost, W = w, upw = u, S = s_real;
       if (splits) break;
@@ -533,11 +543,11 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     const long bytes = long(W) * z.M * xs_chunks * kChunkK * x.element_size();
     int cap;
     if (half)
-      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__half, 4>(z.M, W, z.has_z, scale_after)
-                      : gptq_gemv_gx_smem_cap<__half, 8>(z.M, W, z.has_z, scale_after);
+      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__half, 4>(z.M, W, z.has_z, scale_after, swiglu)
+                      : gptq_gemv_gx_smem_cap<__half, 8>(z.M, W, z.has_z, scale_after, swiglu);
     else
-      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(z.M, W, z.has_z, scale_after)
-                      : gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(z.M, W, z.has_z, scale_after);
+      cap = bits == 4 ? gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(z.M, W, z.has_z, scale_after, swiglu)
+                      : gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(z.M, W, z.has_z, scale_after, swiglu);
     gx = bytes <= cap;
   }
   bool pdl = false;
@@ -547,8 +557,8 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
   if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), gx && perm.numel() ? perm.data_ptr<int>() : nullptr, qweight.data_ptr(),
                 scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
-                locks.data_ptr<int>(), out.data_ptr(), z.M, z.N, z.K, z.Kp, z.Np, z.G, z.group_rows, upw, S, W,
-                scale_after, gx, xs_chunks, pdl, stream};
+                locks.data_ptr<int>(), out.data_ptr(), out_index, z.M, z.N, z.K, z.Kp, z.Np, z.G, z.group_rows,
+                upw, S, W, scale_after, gx, xs_chunks, swiglu, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);
@@ -556,6 +566,32 @@ at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweigh
     err = bits == 4 ? gptq_gemv_launch<__nv_bfloat16, 4>(args) : gptq_gemv_launch<__nv_bfloat16, 8>(args);
   C10_CUDA_CHECK(err);
   return out;
+}
+
+}  // namespace
+
+// See zephyr_plugins/kernel_ops.py. block_warps / splits: 0 = planned here, else forced (benchmarks).
+at::Tensor gptq_gemv_repacked_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks,
+                                   int64_t bits, int64_t group_size, int64_t size_n, int64_t block_warps,
+                                   int64_t splits) {
+  return gemv_repacked("gptq_gemv_repacked", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                       block_warps, splits, false, nullptr);
+}
+
+// See zephyr_plugins/kernel_ops.py: silu(gate) * up of the GEMV's two output halves, in its epilogue.
+// block_warps counts both halves' warps (8 or 16; 4 at M > 8 is allowed too); splits as above.
+at::Tensor gptq_gemv_swiglu_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                 const at::Tensor& zeros, const at::Tensor& perm, at::Tensor& locks, int64_t bits,
+                                 int64_t group_size, int64_t size_n, const c10::optional<at::Tensor>& out_index,
+                                 int64_t block_warps, int64_t splits) {
+  const bool scatter = out_index.has_value() && out_index->defined();
+  TORCH_CHECK(!scatter || (out_index->scalar_type() == at::kLong && out_index->dim() == 1 &&
+                           out_index->numel() == size_n / 2 && out_index->is_contiguous() &&
+                           out_index->device() == x.device()),
+              "gptq_gemv_swiglu: out_index must be contiguous int64 [size_n / 2] on x's device");
+  return gemv_repacked("gptq_gemv_swiglu", x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                       block_warps, splits, true, scatter ? out_index->data_ptr<int64_t>() : nullptr);
 }
 
 namespace {

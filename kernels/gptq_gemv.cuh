@@ -36,6 +36,11 @@
 //   with x in the checkpoint's column order), at the price of every column
 //   block gathering its own copy: M x K scalar loads per column block, so
 //   only small M pays off (the host's gemv_gx_max_m).
+// - SWIGLU (M <= 16, zephyr::gptq_gemv_swiglu): for a fused gate/up layer (columns: gate, then up, N / 2
+//   a multiple of 64), a block owns gate column block b and up column block b + N / 128, half of its
+//   warps on each over the whole K range; the epilogue writes silu(gate) * up (out [M, N / 2], column
+//   j at out_index[j] when given: the act-order row order of the down projection that reads it). One
+//   kernel and one round trip of the [M, N] intermediate fewer per layer at decode batches.
 #pragma once
 
 #include <type_traits>
@@ -45,6 +50,7 @@
 namespace zephyr {
 
 constexpr int kGemvMaxM = 32;
+constexpr int kGemvSwigluMaxM = 16;  // the SWIGLU epilogue: one or two x tiles
 constexpr int kGemvMaxWarps = 16;
 
 // x tiles of 8 rows for M rows.
@@ -64,7 +70,7 @@ __device__ __forceinline__ int gemv_x_swizzle(int r, int u) { return u ^ ((r & 1
 // more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
 __host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 1 ? 16 : (nt == 2 ? 8 : 4); }
 
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool GX>
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool GX, bool SWIGLU>
 __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies); GX: [M, K] as given
     const int* __restrict__ perm,       // GX: [K] act-order permutation (x column of zk row k), or null
@@ -73,8 +79,9 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const T* __restrict__ zeros,        // [G, Np] shuffled (read only if HAS_Z)
     float* __restrict__ partial,        // [S, M, Np] fp32, used when S > 1
     int* __restrict__ locks,            // [Np/64]
-    T* __restrict__ out,                // [M, N]
-    int M, int N, int K, int Kp, int Np, int G, int group_rows, int upw, int S, int xs_chunks) {
+    T* __restrict__ out,                // [M, N]; SWIGLU: [M, N / 2]
+    const int64_t* __restrict__ out_index,  // SWIGLU: [N / 2] or null: output column j is written at out_index[j]
+    int M, int N, int K, int Kp, int Np, int G, int group_rows, int upw, int S, int xs_chunks, int pair) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
   static_assert(!GX || NT == 1, "the GX variant serves one x tile (M <= 8)");
@@ -84,19 +91,26 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   constexpr bool kF16 = Tr::kMagicF == 1024.f;
   constexpr int kDefaultZero = 1 << (BITS - 1);
   static_assert(!SCALE_AFTER || NT <= 2, "scale-after keeps a second accumulator set: NT <= 2 only");
+  static_assert(!SWIGLU || NT <= 2, "SWIGLU sums each half's warps in their own slots: NT <= 2 only");
   constexpr int kSlots = gemv_red_slots(NT);
   __shared__ float red[kSlots][8 * NT * kBlockN];
   __shared__ int is_last;
 
-  const int nb = blockIdx.x;
   const int s = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int W = blockDim.x >> 5;
+  // SWIGLU: the block's first W / 2 warps compute column block blockIdx.x (gate), the others column
+  // block blockIdx.x + pair (up: N / 2 columns on), each half over the whole K range as an unfused
+  // launch of W / 2 warps would.
+  const int HW = SWIGLU ? W / 2 : W;  // warps per column block
+  const int half = SWIGLU && warp >= HW ? 1 : 0;
+  const int wk = warp - half * HW;           // this warp's K-slice among its half's
+  const int nb = blockIdx.x + half * pair;   // this warp's column block
   const int g = lane >> 2;  // output column g (+8) of each 16-column mma; x row g
   const int c = lane & 3;   // k slice [32c, 32c+32) of each chunk
   const int U = (Kp / kChunkK) * UPC;
-  const int u_begin = min(U, (s * W + warp) * upw);
+  const int u_begin = min(U, (s * HW + wk) * upw);
   const int nu = min(U, u_begin + upw) - u_begin;
   const uint4* wbase = qweight + (size_t)nb * (Kp / 16) * VPS * 32 + lane;
   // x tile j covers rows 8j..8j+7; this lane feeds row 8j + g of it.
@@ -132,7 +146,9 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const int chunk = u / UPC;
     const int step0 = (u % UPC) * SPU;
     const int grp = min((chunk * kChunkK + c * 32) / group_rows, G - 1);
-    const size_t off = (size_t)grp * Np + nb * kBlockN + g * 8;
+    // (the column block from special registers again, not a register kept across the loop)
+    const int cb = SWIGLU ? blockIdx.x + ((threadIdx.x >> 5) >= (blockDim.x >> 6) ? pair : 0) : blockIdx.x;
+    const size_t off = (size_t)grp * Np + cb * kBlockN + g * 8;
     const uint4 sv = __ldg(reinterpret_cast<const uint4*>(scales + off));
     uint4 zv = make_uint4(0, 0, 0, 0);
     if (HAS_Z) zv = __ldg(reinterpret_cast<const uint4*>(zeros + off));
@@ -364,7 +380,55 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   if (warp < Wr) store_acc(warp);
   __syncthreads();
 
-  const int n0 = nb * kBlockN;
+  const int blk = blockIdx.x;
+  const int n0 = blk * kBlockN;
+  if constexpr (SWIGLU) {
+    // Output column n0 + j of row m: silu(gate) * up, gate and up rounded to T first (what the
+    // unfused GEMV writes), the rest in fp32 and rounded once.
+    const int F = pair * kBlockN, nu0 = n0 + F;
+    auto emit = [&](int i, float gate, float up) {
+      const int m = i / kBlockN, col = n0 + i % kBlockN;
+      const float gq = Tr::to_float(Tr::from_float(gate)), uq = Tr::to_float(Tr::from_float(up));
+      out[(size_t)m * F + (out_index ? int(out_index[col]) : col)] = Tr::from_float(gq / (1.f + expf(-gq)) * uq);
+    };
+    auto halves = [&](int i, float& gate, float& up) {
+      gate = 0.f, up = 0.f;
+      for (int w = 0; w < HW; ++w) gate += red[w][i];
+      for (int w = HW; w < W; ++w) up += red[w][i];
+    };
+    if (S == 1) {
+      for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+        float gate, up;
+        halves(i, gate, up);
+        emit(i, gate, up);
+      }
+      return;
+    }
+    for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+      float gate, up;
+      halves(i, gate, up);
+      const int m = i / kBlockN, j = i % kBlockN;
+      __stcg(partial + ((size_t)s * M + m) * Np + n0 + j, gate);
+      __stcg(partial + ((size_t)s * M + m) * Np + nu0 + j, up);
+    }
+    __threadfence();  // this block's partials are visible before it counts itself in
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
+      const int m = i / kBlockN, j = i % kBlockN;
+      float gate = 0.f, up = 0.f;
+      for (int ss = 0; ss < S; ++ss) {
+        gate += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
+        up += __ldcg(partial + ((size_t)ss * M + m) * Np + nu0 + j);
+      }
+      emit(i, gate, up);
+    }
+    if (threadIdx.x == 0) locks[blk] = 0;
+    return;
+  }
   if (S == 1) {
     for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
       float v = 0.f;
@@ -382,7 +446,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   }
   __threadfence();  // this block's partial is visible before it counts itself in
   __syncthreads();
-  if (threadIdx.x == 0) is_last = (atomicAdd(locks + nb, 1) == S - 1);
+  if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -392,7 +456,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     for (int ss = 0; ss < S; ++ss) v += __ldcg(partial + ((size_t)ss * M + m) * Np + n0 + j);
     if (n0 + j < N) out[(size_t)m * N + n0 + j] = Tr::from_float(v);
   }
-  if (threadIdx.x == 0) locks[nb] = 0;  // ready for the next call (and graph replay)
+  if (threadIdx.x == 0) locks[blk] = 0;  // ready for the next call (and graph replay)
 }
 
 struct GemvArgs {
@@ -404,17 +468,19 @@ struct GemvArgs {
   float* partial;     // null when S == 1
   int* locks;
   void* out;
+  const int64_t* out_index;  // SWIGLU: [N / 2] or null
   int M, N, K, Kp, Np, G, group_rows, upw, S, warps;
   bool scale_after;  // group_rows is a multiple of 128 (or one group)
   bool gx;           // gather x in the kernel (M <= kGemvGxMaxM)
   int xs_chunks;     // GX: chunks of x per warp region (gemv_gx_chunks)
+  bool swiglu;       // out = silu(gate) * up of the two halves of N (M <= 16, N / 2 a multiple of 64)
   bool pdl;
   cudaStream_t stream;
 };
 
 template <typename T>
-using GemvKernel = void (*)(const T*, const int*, const uint4*, const T*, const T*, float*, int*, T*, int, int, int,
-                            int, int, int, int, int, int, int);
+using GemvKernel = void (*)(const T*, const int*, const uint4*, const T*, const T*, float*, int*, T*, const int64_t*,
+                            int, int, int, int, int, int, int, int, int, int, int);
 
 // Chunks of 128 x columns a warp's region must hold: its `upw` units may straddle one more chunk
 // than they fill when a chunk has two units (8-bit weights).
@@ -423,20 +489,27 @@ __host__ __device__ constexpr int gemv_gx_chunks(int upw, int bits) {
 }
 
 // The kernel instantiation for M rows: NT from M; scale_after is honoured for
-// M <= 16 only (one or two x tiles), larger M scale in the dequantization; gx for M <= 8 only.
+// M <= 16 only (one or two x tiles), larger M scale in the dequantization; gx for M <= 8 only;
+// swiglu for M <= 16 only (null above).
 template <typename T, int BITS>
-GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx) {
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx, bool swiglu = false) {
   auto pick = [&](auto nt_c, auto gx_c) -> GemvKernel<T> {
     constexpr int NT = decltype(nt_c)::value;
     constexpr bool GXV = decltype(gx_c)::value;
     if constexpr (NT == 4) {
-      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false> : gptq_gemv_kernel<T, BITS, false, false, 4, false>;
+      if (swiglu) return nullptr;
+      return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false, false>
+                   : gptq_gemv_kernel<T, BITS, false, false, 4, false, false>;
     } else {
-      if (has_z)
-        return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV>
-                           : gptq_gemv_kernel<T, BITS, true, false, NT, GXV>;
-      return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV>
-                         : gptq_gemv_kernel<T, BITS, false, false, NT, GXV>;
+      auto with = [&](auto sw_c) -> GemvKernel<T> {
+        constexpr bool SW = decltype(sw_c)::value;
+        if (has_z)
+          return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV, SW>
+                             : gptq_gemv_kernel<T, BITS, true, false, NT, GXV, SW>;
+        return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV, SW>
+                           : gptq_gemv_kernel<T, BITS, false, false, NT, GXV, SW>;
+      };
+      return swiglu ? with(std::true_type{}) : with(std::false_type{});
     }
   };
   using F = std::false_type;
@@ -452,27 +525,31 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx) {
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
   if (a.warps > gemv_max_warps(gemv_tiles(a.M)) || (a.gx && a.M > kGemvGxMaxM)) return cudaErrorInvalidValue;
+  // SWIGLU: a block per pair of column blocks (gate, up), an even number of warps.
+  if (a.swiglu && (a.M > 16 || a.warps % 2 || a.N % (2 * kBlockN) || a.Np != a.N)) return cudaErrorInvalidValue;
+  const GemvKernel<T> k = gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx, a.swiglu);
+  if (k == nullptr) return cudaErrorInvalidValue;
+  const int pair = a.swiglu ? a.N / 2 / kBlockN : 0;
   const size_t smem = a.gx ? size_t(a.warps) * a.M * a.xs_chunks * kChunkK * sizeof(T) : 0;
-  return launch_kernel_smem(gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx),
-                            dim3(a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream, a.pdl,
-                            static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
+  return launch_kernel_smem(k, dim3(a.swiglu ? pair : a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream,
+                            a.pdl, static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
                             static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
-                            static_cast<T*>(a.out), a.M, a.N, a.K, a.Kp, a.Np, a.G, a.group_rows, a.upw, a.S,
-                            a.xs_chunks);
+                            static_cast<T*>(a.out), a.out_index, a.M, a.N, a.K, a.Kp, a.Np, a.G, a.group_rows,
+                            a.upw, a.S, a.xs_chunks, pair);
 }
 
 // Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached), without
 // dynamic shared memory.
 template <typename T, int BITS>
-int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
+int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after, bool swiglu) {
   const int nt = gemv_tiles(m);
-  if (warps < 1 || warps > gemv_max_warps(nt)) return 1;
-  static int occ[3][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][warps]
-  int& v = occ[nt / 2][has_z][scale_after][warps];
+  if (warps < 1 || warps > gemv_max_warps(nt) || (swiglu && nt > 2)) return 1;
+  static int occ[3][2][2][2][kGemvMaxWarps + 1] = {};  // [NT 1/2/4][has_z][scale_after][swiglu][warps]
+  int& v = occ[nt / 2][has_z][scale_after][swiglu][warps];
   if (v == 0) {
     int r = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, gemv_kernel_for<T, BITS>(m, has_z, scale_after, false),
-                                                      warps * 32, 0) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &r, gemv_kernel_for<T, BITS>(m, has_z, scale_after, false, swiglu), warps * 32, 0) != cudaSuccess)
       r = 1;
     v = r < 1 ? 1 : r;
   }
@@ -484,12 +561,12 @@ int gptq_gemv_occupancy(int m, int warps, bool has_z, bool scale_after) {
 // device: one kind of card per process is assumed, as for the other cached occupancies; 0 if none
 // or on error). Also raises the kernel's dynamic shared memory limit (a function attribute, once).
 template <typename T, int BITS>
-int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after) {
+int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after, bool swiglu) {
   if (m > kGemvGxMaxM || warps < 1 || warps > gemv_max_warps(1)) return 0;
-  static int cap[2][2][kGemvMaxWarps + 1] = {};  // [has_z][scale_after][warps], value + 1
-  int& v = cap[has_z][scale_after][warps];
+  static int cap[2][2][2][kGemvMaxWarps + 1] = {};  // [has_z][scale_after][swiglu][warps], value + 1
+  int& v = cap[has_z][scale_after][swiglu][warps];
   if (v == 0) {
-    const GemvKernel<T> k = gemv_kernel_for<T, BITS>(m, has_z, scale_after, true);
+    const GemvKernel<T> k = gemv_kernel_for<T, BITS>(m, has_z, scale_after, true, swiglu);
     // The kernel's dynamic shared memory limit is first raised to all a block may have (the
     // occupancy query honours the limit: at the default 48 KB less the 32 KB reduction buffer,
     // M = 2 at 16 warps would not fit), then the query says what keeps the blocks per SM.
@@ -511,14 +588,14 @@ int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after) {
   return v - 1;
 }
 
-extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool);
-extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool);
-extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool);
-extern template int gptq_gemv_gx_smem_cap<__half, 4>(int, int, bool, bool);
-extern template int gptq_gemv_gx_smem_cap<__half, 8>(int, int, bool, bool);
-extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(int, int, bool, bool);
-extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(int, int, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool, bool);
+extern template int gptq_gemv_occupancy<__half, 8>(int, int, bool, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 4>(int, int, bool, bool, bool);
+extern template int gptq_gemv_occupancy<__nv_bfloat16, 8>(int, int, bool, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__half, 4>(int, int, bool, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__half, 8>(int, int, bool, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(int, int, bool, bool, bool);
+extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(int, int, bool, bool, bool);
 extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);

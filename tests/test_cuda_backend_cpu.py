@@ -99,6 +99,40 @@ def test_gemv_repacked_cpu_matches_gemm_and_refuses_large_m():
         kernel_ops.gptq_gemv_repacked(x[:8], *args, 12, 1)
 
 
+def test_gemv_swiglu_cpu_is_silu_mul_of_the_product():
+    """zephyr::gptq_gemv_swiglu on the CPU: silu(gate) * up of the rounded product, in fp32, rounded once,
+    scattered by out_index; shapes from the fake implementation; the wrapper's refusals."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    k, n = 704, 256
+    t = random_gptq_layer(k, n, 4, 128, True, sym=False, seed=11)
+    r = repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, 1, torch.float16)
+    locks = torch.zeros(r.qweight.shape[0], dtype=torch.int32)
+    args = (r.qweight, r.scales, r.zeros, r.perm, locks, 4, 128, n)
+    x = torch.randn(5, k).half()
+    y = kernel_ops.gptq_gemm_repacked(x, *args)
+    want = (torch.nn.functional.silu(y[:, :128].float()) * y[:, 128:].float()).half()
+    got = kernel_ops.gptq_gemv_swiglu(x, *args)
+    assert got.shape == (5, 128) and torch.equal(got, want)
+    idx = torch.randperm(128, generator=torch.Generator().manual_seed(1))
+    scattered = kernel_ops.gptq_gemv_swiglu(x, *args, idx)
+    assert torch.equal(scattered[:, idx], want)
+    with pytest.raises(ValueError, match="M <= 16"):
+        kernel_ops.gptq_gemv_swiglu(torch.randn(17, k).half(), *args)
+    with pytest.raises(ValueError, match="out_index must be contiguous int64 \\[128\\]"):
+        kernel_ops.gptq_gemv_swiglu(x, *args, idx[:64])
+    with pytest.raises(ValueError, match="block_warps=16 is served only for M <= 8"):
+        kernel_ops.gptq_gemv_swiglu(torch.randn(9, k).half(), *args, None, 16, 1)
+    t2 = random_gptq_layer(k, 192, 4, 128, True, sym=False, seed=12)  # F = 96: not whole 64-column blocks
+    r2 = repack(t2["qweight"], t2["qzeros"], t2["scales"], t2["g_idx"], 4, 128, 1, torch.float16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        kernel_ops.gptq_gemv_swiglu(x, r2.qweight, r2.scales, r2.zeros, r2.perm, locks, 4, 128, 192)
+    with FakeTensorMode() as mode:
+        fr = [mode.from_tensor(v) for v in (x, r.qweight, r.scales, r.zeros, r.perm, locks)]
+        out = torch.ops.zephyr.gptq_gemv_swiglu(*fr, 4, 128, n)
+        assert out.shape == (5, 128) and out.dtype == torch.float16
+
+
 def test_dequantize_cpu_matches_reference():
     t = random_gptq_layer(576, 200, 4, 128, True, False, seed=3)
     w = kernel_ops.gptq_dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)

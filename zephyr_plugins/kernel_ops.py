@@ -49,6 +49,17 @@ Ops:
     ``splits`` (blocks per 64 columns along K) force the launch plan, for
     benchmarks; 0 lets the launcher plan it. Same result contract as above.
 
+``zephyr::gptq_gemv_swiglu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, out_index=None, block_warps=0, splits=0) -> Tensor``
+    The SwiGLU of a fused gate/up projection in the GEMV kernel's epilogue, for ``M <= 16``
+    (``GEMV_SWIGLU_MAX_ROWS``): with ``y`` the product above (``[M, size_n]``, rounded to
+    ``x.dtype``), returns ``silu(y[:, :F]) * y[:, F:]`` (``F = size_n / 2``, a multiple of 64),
+    computed in fp32 and rounded once, as ``x.dtype [M, F]``; column ``j`` is written at
+    ``out_index[j]`` when ``out_index`` (int64 ``[F]``, a permutation) is given. A thread block
+    computes a gate column block and the up column block paired with it, half of its warps on
+    each, so the two halves meet in shared memory and the intermediate never reaches memory.
+    ``block_warps`` (4, 8, or 16 for ``M <= 8``) counts both halves' warps; ``splits`` as above.
+    The CPU implementation is ``gemv_swiglu_reference``.
+
 ``zephyr::gptq_linear(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m) -> Tensor``
     One layer, whatever M, on the zk arguments of ``gptq_gemm_repacked``:
     ``gptq_gemv_repacked`` for ``M <= gemv_max_m``, ``gptq_gemm_repacked`` for
@@ -132,6 +143,7 @@ from .reference import dequantize
 from .repack import dequantize_repacked_reference, gemm_repacked_reference
 
 GEMV_MAX_ROWS = 32  # kGemvMaxM in kernels/gptq_gemv.cuh
+GEMV_SWIGLU_MAX_ROWS = 16  # kGemvSwigluMaxM
 SMALL_MAX_ROWS = 64  # 16 * kMaxMTiles in kernels/gptq_kernels.cuh: the fused small-M kernel (kernel=1)
 
 _LIB = torch.library.Library("zephyr", "FRAGMENT")  # noqa: TOR901 - our own namespace
@@ -143,6 +155,10 @@ _LIB.define(
 _LIB.define(
     "gptq_gemv_repacked(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, "
     "Tensor(a!) locks, int bits, int group_size, int size_n, int block_warps=0, int splits=0) -> Tensor"
+)
+_LIB.define(
+    "gptq_gemv_swiglu(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, Tensor(a!) locks, "
+    "int bits, int group_size, int size_n, Tensor? out_index=None, int block_warps=0, int splits=0) -> Tensor"
 )
 _LIB.define(
     "gptq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor perm, Tensor(a!) locks, "
@@ -171,6 +187,22 @@ def _gemm_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size,
 def _gemv_repacked_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps=0, splits=0):
     torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
     return gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n)
+
+
+def gemv_swiglu_reference(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, out_index=None,
+                          block_warps=0, splits=0):
+    """The CPU implementation of ``zephyr::gptq_gemv_swiglu``: the product, rounded to ``x.dtype``, then
+    ``silu(gate) * up`` in fp32, rounded once, scattered by ``out_index``."""
+    torch._check(x.shape[0] <= GEMV_SWIGLU_MAX_ROWS,
+                 lambda: f"gptq_gemv_swiglu serves M <= {GEMV_SWIGLU_MAX_ROWS}, got M={x.shape[0]}")
+    y = gemm_repacked_reference(x, qweight, scales, zeros, perm, bits, group_size, size_n).to(x.dtype)
+    gate, up = y.float().split(size_n // 2, dim=-1)
+    act = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    if out_index is None:
+        return act
+    out = torch.empty_like(act)
+    out[:, out_index] = act
+    return out
 
 
 def _linear_cpu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, gemv_max_m, fused_max_m):
@@ -227,6 +259,7 @@ _LIB.impl("gptq_gemm_repacked", _gemm_repacked_cpu, "CPU")
 _LIB.impl("gptq_gemv_repacked", _gemv_repacked_cpu, "CPU")
 _LIB.impl("gptq_dequantize", _dequantize_cpu, "CPU")
 _LIB.impl("gptq_linear", _linear_cpu, "CPU")
+_LIB.impl("gptq_gemv_swiglu", gemv_swiglu_reference, "CPU")
 _LIB.impl("gptq_dequantize_repacked", _dequantize_repacked_cpu, "CPU")
 _LIB.impl("decode_attention", decode_attention_reference, "CPU")
 _LIB.impl("dense_gemv", dense_gemv_reference, "CPU")
@@ -246,6 +279,15 @@ def _gemv_repacked_fake(x, qweight, scales, zeros, perm, locks, bits, group_size
     torch._check(x.shape[0] <= GEMV_MAX_ROWS, lambda: f"gptq_gemv_repacked serves M <= {GEMV_MAX_ROWS}, got M={x.shape[0]}")
     torch._check(qweight.shape[1] * 16 >= x.shape[1], lambda: "qweight covers fewer rows than x has columns")
     return x.new_empty((x.shape[0], size_n))
+
+
+@torch.library.register_fake("zephyr::gptq_gemv_swiglu")
+def _gemv_swiglu_fake(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, out_index=None, block_warps=0,
+                      splits=0):
+    torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.dim()} dims")
+    torch._check(x.shape[0] <= GEMV_SWIGLU_MAX_ROWS,
+                 lambda: f"gptq_gemv_swiglu serves M <= {GEMV_SWIGLU_MAX_ROWS}, got M={x.shape[0]}")
+    return x.new_empty((x.shape[0], size_n // 2))
 
 
 @torch.library.register_fake("zephyr::gptq_linear")
@@ -441,6 +483,29 @@ def gptq_gemv_repacked(
     return torch.ops.zephyr.gptq_gemv_repacked(
         x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, block_warps, splits
     )
+
+
+def gptq_gemv_swiglu(x, qweight, scales, zeros, perm, locks, bits: int, group_size: int, size_n: int,
+                     out_index=None, block_warps: int = 0, splits: int = 0):
+    """``silu(gate) * up`` of ``x [M <= 16, K] @ W`` (W's columns: gate, then up) with the GEMV kernel;
+    see the module docstring."""
+    op = "gptq_gemv_swiglu"
+    check_zk_args(op, x, qweight, scales, zeros, perm, locks, bits, group_size, size_n, GEMV_SWIGLU_MAX_ROWS)
+    if size_n % 128:
+        raise ValueError(f"{op}: size_n={size_n} must be a multiple of 128 (two halves of whole 64-column blocks)")
+    if qweight.shape[0] * 64 != size_n:
+        raise ValueError(f"{op}: qweight covers Np={qweight.shape[0] * 64} columns but size_n={size_n}")
+    if block_warps not in (0, 4, 8, 16) or not 0 <= splits <= 256:
+        raise ValueError(f"{op}: block_warps must be 0, 4, 8 or 16 and splits in [0, 256], got {block_warps}, {splits}")
+    if block_warps == 16 and x.shape[0] > 8:
+        raise ValueError(f"{op}: block_warps=16 is served only for M <= 8 (one x tile), got M={x.shape[0]}")
+    if out_index is not None and (out_index.dim() != 1 or out_index.shape[0] != size_n // 2
+                                  or out_index.dtype != torch.int64 or not out_index.is_contiguous()
+                                  or out_index.device != x.device):
+        raise ValueError(f"{op}: out_index must be contiguous int64 [{size_n // 2}] on {x.device}, "
+                         f"got {out_index.dtype} {tuple(out_index.shape)}")
+    return torch.ops.zephyr.gptq_gemv_swiglu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
+                                             out_index, block_warps, splits)
 
 
 def gptq_dequantize_repacked(qweight, scales, zeros, perm, bits: int, group_size: int):

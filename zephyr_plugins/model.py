@@ -200,10 +200,18 @@ class FeedForward(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_perm: Optional[torch.Tensor] = None  # input_permutation of each (Transformer.fold_permutations)
         self.down_perm: Optional[torch.Tensor] = None
+        self.down_index: Optional[torch.Tensor] = None  # argsort(down_perm): where the SwiGLU writes column j
 
     def forward(self, x: torch.Tensor, ops: ModelOps, fold: bool = False) -> torch.Tensor:
         # fold: x is x[..., gate_up_perm] and the SwiGLU writes down's input in down's order (decode steps).
         down_perm = self.down_perm if fold else None
+        if ops.fused_swiglu:  # the SwiGLU in the gate/up kernel's epilogue, where the backend has one for x
+            layer = self.w_gate_up.parts[0] if isinstance(self.w_gate_up, Concat) and len(self.w_gate_up.parts) == 1 \
+                else self.w_gate_up  # fmt: skip
+            fn = getattr(layer, "forward_swiglu", None)
+            act = None if fn is None else fn(x, fold and self.gate_up_perm is not None, self.down_index if fold else None)
+            if act is not None:
+                return project(self.w_down, act, down_perm)
         gate_up = project(self.w_gate_up, x, self.gate_up_perm if fold else None)
         return project(self.w_down, ops.silu_mul(gate_up, self.intermediate_size, down_perm), down_perm)
 
@@ -257,6 +265,7 @@ class Transformer(nn.Module):
             att.o_index = None if att.o_perm is None else torch.argsort(att.o_perm)
             ff.gate_up_perm = input_permutation(ff.w_gate_up)
             ff.down_perm = input_permutation(ff.w_down)
+            ff.down_index = None if ff.down_perm is None else torch.argsort(ff.down_perm)
             n += sum(p is not None for p in (att.qkv_perm, att.o_perm, ff.gate_up_perm, ff.down_perm))
         return n
 

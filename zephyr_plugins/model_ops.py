@@ -149,12 +149,17 @@ class ModelOps:
     ``permuted_inputs``: in decode steps, the norms and the SwiGLU write their
     output in the row order of the act-order layer that reads it
     (``QuantLinear.input_permutation``), which then skips its own gather.
+    ``fused_swiglu``: the SwiGLU is computed by the gate/up projection's kernel where its
+    backend offers that for the input (``QuantLinear.forward_swiglu``: the CUDA backend at
+    decode batches), instead of by ``silu_mul`` after it.
     """
 
-    def __init__(self, compile: bool = False, fused_decode: bool = False, permuted_inputs: bool = False):
+    def __init__(self, compile: bool = False, fused_decode: bool = False, permuted_inputs: bool = False,
+                 fused_swiglu: bool = False):
         self.compile = compile
         self.fused_decode = fused_decode
         self.permuted_inputs = permuted_inputs
+        self.fused_swiglu = fused_swiglu
         for name, fn in _FUNCTIONS.items():
             if compile:
                 with _lock:  # one compiled version per process, shared by every model

@@ -200,6 +200,15 @@ class QuantLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out
 
+    def forward_swiglu(self, x: torch.Tensor, permuted: bool = False,
+                       out_index: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``silu(gate) * up`` of this layer's output (columns: gate, then up) in one kernel step, or None
+        where the prepared backend does not fuse it for ``x`` (see :meth:`KernelBackend.apply_swiglu`;
+        ``permuted``: x is ``x[..., self.input_permutation()]``)."""
+        if self._kernel is None or self.bias is not None:
+            return None
+        return self._kernel.apply_swiglu(self, x, permuted, out_index)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in ``nn.Linear`` layout ``[N, K]``."""
         w = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.config.bits, self.config.zero_offset)

@@ -133,8 +133,10 @@ class Zephyr:
         if dense_gemv is None:
             dense_gemv = self.device.type == "cuda" and os.environ.get("ZEPHYR_DENSE_GEMV", "1") != "0"
         self.dense_gemv_layers = _enable_dense_gemv(model, self.dtype, self.device) if dense_gemv else 0
+        # the SwiGLU in the gate/up projection's kernel at decode batches (ZEPHYR_FUSED_SWIGLU=0: silu_mul after it)
+        self.fused_swiglu = self.device.type == "cuda" and os.environ.get("ZEPHYR_FUSED_SWIGLU", "1") != "0"
         model.ops = ModelOps(compile=compile, fused_decode=self.fused_attention,
-                             permuted_inputs=self.permuted_layers > 0)  # fmt: skip
+                             permuted_inputs=self.permuted_layers > 0, fused_swiglu=self.fused_swiglu)  # fmt: skip
         model.setup_cache(max_batch_size, max_seq_len, self.dtype)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.steps = DecodeGraphs(model, enabled=cuda_graphs)

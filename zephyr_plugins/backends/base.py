@@ -113,6 +113,17 @@ class KernelBackend:
         """:meth:`apply` of ``x`` given ``x_perm = x[..., perm]`` (see :meth:`input_permutation`)."""
         raise NotImplementedError(f"backend {self.name!r} has no input permutation")
 
+    def apply_swiglu(self, layer: torch.nn.Module, x: torch.Tensor, permuted: bool = False,
+                     out_index: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``silu(y[..., :F]) * y[..., F:]`` of ``y = apply(x)`` (a fused gate/up layer, ``N = 2F``) in one
+        step, or None where this backend does not fuse it for this input (the caller then runs
+        :meth:`apply` and the activation itself).
+
+        ``permuted``: x is ``x[..., perm]`` as for :meth:`apply_permuted`. ``out_index``: int64 ``[F]``;
+        column ``j`` of the result is written at ``out_index[j]``.
+        """
+        return None
+
 
 def select_backend(spec: LayerSpec, backends=None, *, prefer: Optional[str] = None) -> type[KernelBackend]:
     """The first registered backend that can serve ``spec``.

@@ -31,6 +31,8 @@ import torch
 from ..hookspecs import hookimpl
 from .base import KernelBackend, LayerSpec
 
+GEMV_SWIGLU_MAX_ROWS = 16  # kernel_ops.GEMV_SWIGLU_MAX_ROWS (not imported here: importing this module stays cheap)
+
 # Largest M sent to the fused kernels (above GEMV_MAX_M: the tiled tensor-core kernel, which
 # serves any M); above it, dequantize + cuBLAS. ``ZEPHYR_CUDA_FUSED_MAX_M`` (read at import) sets it.
 FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
@@ -198,6 +200,24 @@ class CudaGPTQBackend(KernelBackend):
             spec.bits, spec.group_size, spec.out_features, self._gemv_max_m, self._fused_max_m,
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
+
+
+    def apply_swiglu(self, layer, x, permuted=False, out_index=None):
+        # zephyr::gptq_gemv_swiglu where the GEMV kernel serves this M (M <= 16) and the two halves are
+        # whole column blocks; decode steps of our runtime only (a branch on M, as in apply_permuted).
+        spec = self.spec
+        x2 = x.reshape(-1, spec.in_features)
+        if (self._fallback or x2.shape[0] > min(self._gemv_max_m, GEMV_SWIGLU_MAX_ROWS) or x2.shape[0] == 0
+                or spec.out_features % 128):
+            return None
+        if x2.dtype != spec.dtype:
+            x2 = x2.to(spec.dtype)
+        out = torch.ops.zephyr.gptq_gemv_swiglu(
+            x2.contiguous(), layer._zk_qweight, layer._zk_scales, layer._zk_zeros,
+            layer._zk_no_perm if permuted else layer._zk_perm, layer._zk_locks,
+            spec.bits, spec.group_size, spec.out_features, out_index, 0, 0,
+        )  # fmt: skip
+        return out.reshape(*x.shape[:-1], spec.out_features // 2)
 
 
 def unrepack_layer(layer: torch.nn.Module, spec: LayerSpec) -> dict[str, torch.Tensor]:
