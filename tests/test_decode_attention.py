@@ -138,6 +138,52 @@ def test_runtime_fused_decode_equals_unfused(gptq_act_order_ckpt, fused, permute
         torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("permuted", [False, True])
+def test_runtime_fused_swiglu_plumbing(gptq_act_order_ckpt, monkeypatch, permuted):
+    """FeedForward's fused-SwiGLU path (``ModelOps.fused_swiglu``, QuantLinear.forward_swiglu): with a
+    backend that serves it (a stand-in on the dense backend computing what zephyr::gptq_gemv_swiglu
+    returns: silu(gate) * up, column j at out_index[j]), decode steps take it with the right input order
+    and output scatter (act-order layers, inputs permuted or not) and give the unfused steps' logits;
+    prefill keeps the unfused path (more than 16 rows)."""
+    import torch.nn.functional as F
+
+    from zephyr_plugins.backends.dense import DenseBackend
+    from zephyr_plugins.runtime import Zephyr
+
+    calls = []
+
+    def apply_swiglu(self, layer, x, permuted_in=False, out_index=None):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > 16:
+            return None
+        calls.append((x2.shape[0], permuted_in, out_index is not None))
+        y = self.apply_permuted(layer, x2) if permuted_in else self.apply(layer, x2)
+        f = y.shape[-1] // 2
+        act = (F.silu(y[:, :f].float()) * y[:, f:].float()).to(y.dtype)
+        if out_index is not None:
+            out = torch.empty_like(act)
+            out[:, out_index] = act
+            act = out
+        return act.reshape(*x.shape[:-1], f)
+
+    monkeypatch.setattr(DenseBackend, "apply_swiglu", apply_swiglu, raising=False)
+    runs = {}
+    for fused in (False, True):
+        llm = Zephyr.from_pretrained(gptq_act_order_ckpt, device="cpu", max_batch_size=2, max_seq_len=64,
+                                     permuted_inputs=permuted)  # fmt: skip
+        assert not llm.fused_swiglu  # off by default on the CPU
+        llm.model.ops.fused_swiglu = fused
+        g = torch.Generator().manual_seed(0)
+        tokens, pad = torch.randint(3, 32000, (2, 20), generator=g), torch.tensor([0, 6])
+        llm.model(tokens, 0, pad, kv_len=64)
+        assert not calls  # 40 rows: the stand-in declines, like the CUDA backend above 16 rows
+        runs[fused] = [llm.steps(torch.randint(3, 32000, (2,), generator=g), 20 + i, pad).clone() for i in range(4)]
+    n_layers = len(llm.model.layers)
+    assert calls == [(2, permuted, permuted)] * (4 * n_layers), calls[:3]
+    for a, b in zip(runs[False], runs[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5)
+
+
 @pytest.fixture(scope="module")
 def gptq_act_order_ckpt(tmp_path_factory, zephyr_tokenizer):
     from zephyr_plugins.assets import read_text, tiny_mistral
