@@ -121,22 +121,26 @@ class Concat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+def single_layer(module: nn.Module) -> Optional[nn.Module]:
+    """The one layer behind ``module``: the part of a one-part :class:`Concat`, ``module`` itself if it is
+    no Concat, None for a Concat of several parts (each with its own input order and kernel)."""
+    if isinstance(module, Concat):
+        return module.parts[0] if len(module.parts) == 1 else None
+    return module
+
+
 def input_permutation(module: nn.Module) -> Optional[torch.Tensor]:
     """The row order a (prepared) quantized layer wants its input in, or None (see ``ModelOps.permuted_inputs``)."""
-    if isinstance(module, Concat):
-        if len(module.parts) != 1:
-            return None
-        module = module.parts[0]
-    fn = getattr(module, "input_permutation", None)
+    fn = getattr(single_layer(module), "input_permutation", None)
     return fn() if fn is not None else None
 
 
 def project(module: nn.Module, x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """``module(x)``; with ``perm``, x is already ``x[..., perm]`` (the layer's own row order)."""
+    """``module(x)``; with ``perm`` (from :func:`input_permutation`, so ``module`` is one layer), x is
+    already ``x[..., perm]`` (the layer's own row order)."""
     if perm is None:
         return module(x)
-    layer = module.parts[0] if isinstance(module, Concat) else module
-    return layer.forward_permuted(x)
+    return single_layer(module).forward_permuted(x)
 
 
 class RMSNorm(nn.Module):
@@ -206,9 +210,7 @@ class FeedForward(nn.Module):
         # fold: x is x[..., gate_up_perm] and the SwiGLU writes down's input in down's order (decode steps).
         down_perm = self.down_perm if fold else None
         if ops.fused_swiglu:  # the SwiGLU in the gate/up kernel's epilogue, where the backend has one for x
-            layer = self.w_gate_up.parts[0] if isinstance(self.w_gate_up, Concat) and len(self.w_gate_up.parts) == 1 \
-                else self.w_gate_up  # fmt: skip
-            fn = getattr(layer, "forward_swiglu", None)
+            fn = getattr(single_layer(self.w_gate_up), "forward_swiglu", None)
             act = None if fn is None else fn(x, fold and self.gate_up_perm is not None, self.down_index if fold else None)
             if act is not None:
                 return project(self.w_down, act, down_perm)
