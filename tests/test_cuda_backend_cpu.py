@@ -121,6 +121,10 @@ def test_gemv_swiglu_cpu_is_silu_mul_of_the_product():
         kernel_ops.gptq_gemv_swiglu(torch.randn(17, k).half(), *args)
     with pytest.raises(ValueError, match="out_index must be contiguous int64 \\[128\\]"):
         kernel_ops.gptq_gemv_swiglu(x, *args, idx[:64])
+    with pytest.raises(ValueError, match=r"out_index values must lie in \[0, 128\), got \[-1, "):
+        kernel_ops.gptq_gemv_swiglu(x, *args, torch.where(idx == 0, -1, idx))
+    with pytest.raises(ValueError, match=r"out_index values must lie in \[0, 128\), got \[0, 128\]"):
+        kernel_ops.gptq_gemv_swiglu(x, *args, torch.where(idx == 5, 128, idx))
     with pytest.raises(ValueError, match="block_warps=16 is served only for M <= 8"):
         kernel_ops.gptq_gemv_swiglu(torch.randn(9, k).half(), *args, None, 16, 1)
     t2 = random_gptq_layer(k, 192, 4, 128, True, sym=False, seed=12)  # F = 96: not whole 64-column blocks

@@ -504,6 +504,12 @@ def gptq_gemv_swiglu(x, qweight, scales, zeros, perm, locks, bits: int, group_si
                                   or out_index.device != x.device):
         raise ValueError(f"{op}: out_index must be contiguous int64 [{size_n // 2}] on {x.device}, "
                          f"got {out_index.dtype} {tuple(out_index.shape)}")
+    # The kernel writes column j at out_index[j] unchecked: bound it here (a device sync; the runtime calls
+    # the op directly with an argsort, so this wrapper is not on its path, nor inside its CUDA graphs).
+    if out_index is not None and out_index.numel() and not is_fake(out_index):
+        lo, hi = int(out_index.min()), int(out_index.max())
+        if lo < 0 or hi >= size_n // 2:
+            raise ValueError(f"{op}: out_index values must lie in [0, {size_n // 2}), got [{lo}, {hi}]")
     return torch.ops.zephyr.gptq_gemv_swiglu(x, qweight, scales, zeros, perm, locks, bits, group_size, size_n,
                                              out_index, block_warps, splits)
 
