@@ -382,6 +382,17 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
 
   const int blk = blockIdx.x;
   const int n0 = blk * kBlockN;
+  // Split along K (S > 1), once this block's partials are stored: whether it is the last of the S blocks
+  // of its column block to arrive (it then sums them in order and resets the lock; the others return).
+  auto last_to_arrive = [&]() {
+    __threadfence();  // this block's partials are visible before it counts itself in
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
+    __syncthreads();
+    if (!is_last) return false;
+    __threadfence();
+    return true;
+  };
   if constexpr (SWIGLU) {
     // Output column n0 + j of row m: silu(gate) * up, gate and up rounded to T first (what the
     // unfused GEMV writes), the rest in fp32 and rounded once.
@@ -411,12 +422,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
       __stcg(partial + ((size_t)s * M + m) * Np + n0 + j, gate);
       __stcg(partial + ((size_t)s * M + m) * Np + nu0 + j, up);
     }
-    __threadfence();  // this block's partials are visible before it counts itself in
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (!last_to_arrive()) return;
     for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
       const int m = i / kBlockN, j = i % kBlockN;
       float gate = 0.f, up = 0.f;
@@ -444,12 +450,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const int m = i / kBlockN, j = i % kBlockN;
     __stcg(partial + ((size_t)s * M + m) * Np + n0 + j, v);
   }
-  __threadfence();  // this block's partial is visible before it counts itself in
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!last_to_arrive()) return;
   for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
     const int m = i / kBlockN, j = i % kBlockN;
     float v = 0.f;

@@ -201,7 +201,6 @@ class CudaGPTQBackend(KernelBackend):
         )  # fmt: skip
         return out.reshape(*x_perm.shape[:-1], spec.out_features)
 
-
     def apply_swiglu(self, layer, x, permuted=False, out_index=None):
         # zephyr::gptq_gemv_swiglu where the GEMV kernel serves this M (M <= 16) and the two halves are
         # whole column blocks; decode steps of our runtime only (a branch on M, as in apply_permuted).
