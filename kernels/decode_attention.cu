@@ -102,6 +102,7 @@ struct AttnArgs {
   const int64_t* out_index;  // [H * HD] or null: element i of a row is written at out_index[i]
   int H, Hkv, G, Lmax, kv_len, window, block_keys;
   float scale;
+  int merge_v2;  // ZEPHYR_ATTN_MERGE=1 (A/B): the one-round-trip merge
 };
 
 // EARLY (the 256-thread blocks of grids that fit on the SMs at once, e.g. batch 1): the block's
@@ -349,6 +350,61 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   const int s_lo = lo / BK, s_hi = min(slot, a.kv_len - 1) / BK, n = s_hi - s_lo + 1;
   const size_t stride = size_t(G) * (HD + 2);
   const float* base = a.partial + (size_t(b * a.Hkv + hk) * S + s_lo) * stride;
+  if (a.merge_v2) {
+    // One round trip to L2 for the whole merge: every thread first requests the partial outputs of its
+    // output elements (the first kPre blocks of each; more only with forced small key blocks) and their
+    // out_index entries; meanwhile warp g loads block maxima and sums of head g (lane t: block t),
+    // reduces them with shuffles and writes the weights w[t][g] = exp(m_t - M) / sum_t exp(m_t - M) l_t.
+    constexpr int kOut = (GMAX * HD + kAttnThreads - 1) / kAttnThreads;
+    constexpr int kPre = 32 / kOut < 4 ? 4 : 32 / kOut;  // 16 (256 threads, 4 heads per kv head) or 8
+    float pv[kOut][kPre];
+    int oi[kOut];
+#pragma unroll
+    for (int r = 0; r < kOut; ++r) {
+      const int i = tid + r * kAttnThreads, g = i / HD, d = i % HD;
+      const bool valid = i < G * HD;
+      const int o_i = (hk * G + g) * HD + d;
+      oi[r] = valid && a.out_index ? int(__ldg(a.out_index + o_i)) : o_i;
+#pragma unroll
+      for (int u = 0; u < kPre; ++u) pv[r][u] = valid && u < n ? __ldcg(base + u * stride + g * (HD + 2) + d) : 0.f;
+    }
+    float* w = &red[0][0];     // [n][G]: block maxima, then weights
+    float* l_all = w + n * G;  // [n][G]: block sums
+    for (int g = warp; g < G; g += kAttnWarps) {
+      float m = -INFINITY;
+      for (int t = lane; t < n; t += 32) {
+        const float* part = base + t * stride + g * (HD + 2);
+        const float mt = __ldcg(part + HD), lt = __ldcg(part + HD + 1);
+        w[t * G + g] = mt, l_all[t * G + g] = lt;
+        m = fmaxf(m, mt);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+      float l = 0.f;
+      for (int t = lane; t < n; t += 32) {
+        const float e = expf(w[t * G + g] - m);
+        w[t * G + g] = e;
+        l = fmaf(e, l_all[t * G + g], l);
+      }
+      // xor butterfly: every lane ends with the same bits (each pair adds the same two values)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+      for (int t = lane; t < n; t += 32) w[t * G + g] /= l;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kOut; ++r) {
+      const int i = tid + r * kAttnThreads, g = i / HD, d = i % HD;
+      if (i >= G * HD) break;
+      float v = 0.f;
+#pragma unroll
+      for (int u = 0; u < kPre; ++u)
+        if (u < n) v = fmaf(w[u * G + g], pv[r][u], v);
+      for (int t = kPre; t < n; ++t) v = fmaf(w[t * G + g], __ldcg(base + t * stride + g * (HD + 2) + d), v);
+      reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + oi[r]] = from_float<T>(v);
+    }
+    return;
+  }
   // Weights w[t][g] = exp(m_t - M_g) / sum_t exp(m_t - M_g) l_t, in shared memory (reusing `red`;
   // the launcher bounds S so that 2 S G floats fit).
   float* w = &red[0][0];
@@ -451,7 +507,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   AttnArgs args{qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr(),
                 v_cache.data_ptr(), slot.data_ptr<int64_t>(), pad.data_ptr<int64_t>(), locks.data_ptr<int>(),
                 S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
-                scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD)))};
+                scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD))),
+                std::getenv("ZEPHYR_ATTN_MERGE") == nullptr || std::strcmp(std::getenv("ZEPHYR_ATTN_MERGE"), "0") != 0};
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
   // The 256-thread blocks load their first step of the cache before waiting for the kernel before

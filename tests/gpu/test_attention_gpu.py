@@ -82,6 +82,18 @@ def test_forced_key_blocks(block_keys, slot):
     _check(c, "mistral", 768, 100, block_keys, torch.float16)
 
 
+@pytest.mark.parametrize("merge", ["0", "1"])
+@pytest.mark.parametrize("heads", ["mistral", "g8"])
+@pytest.mark.parametrize("bsz,slot,window", [(1, 4000, 0), (4, 4000, 0), (1, 4000, 300), (2, 2500, 0)])
+def test_many_key_blocks(merge, heads, bsz, slot, window, monkeypatch):
+    """Up to 63 key blocks of 64 slots per (row, kv head): more than a warp has lanes and more than a
+    thread requests up front in the merge; both merges (ZEPHYR_ATTN_MERGE, read per launch)."""
+    cuda_with_kernels()
+    monkeypatch.setenv("ZEPHYR_ATTN_MERGE", merge)
+    c = _case(heads, bsz, 4096, slot, window, torch.float16, seed=slot + bsz)
+    _check(c, heads, 4096, window, 64, torch.float16)
+
+
 @pytest.mark.parametrize("heads", ["mistral", "smollm2"])
 def test_out_index_scatters_in_the_kernel(heads):
     cuda_with_kernels()
