@@ -30,7 +30,10 @@
 //      given (the act-order row order of the output projection that reads it).
 //   4. With S > 1, every block writes (unnormalized output, max, sum) to an
 //      fp32 scratch buffer; the last block of the (row, kv head), counted in
-//      `locks` (self-resetting), merges them in key order: deterministic.
+//      `locks` (self-resetting), merges them: one warp per head turns the
+//      maxima and sums into weights with shuffles while every thread's partial
+//      outputs are already requested, then each output sums in key order.
+//      Deterministic (a fixed order everywhere).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -102,7 +105,7 @@ struct AttnArgs {
   const int64_t* out_index;  // [H * HD] or null: element i of a row is written at out_index[i]
   int H, Hkv, G, Lmax, kv_len, window, block_keys;
   float scale;
-  int merge_v2;  // ZEPHYR_ATTN_MERGE=1 (A/B): the one-round-trip merge
+  int merge_v2;  // the one-round-trip merge (default); ZEPHYR_ATTN_MERGE=0: the serial one, for A/B runs
 };
 
 // EARLY (the 256-thread blocks of grids that fit on the SMs at once, e.g. batch 1): the block's
@@ -508,7 +511,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
                 v_cache.data_ptr(), slot.data_ptr<int64_t>(), pad.data_ptr<int64_t>(), locks.data_ptr<int>(),
                 S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
                 scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD))),
-                std::getenv("ZEPHYR_ATTN_MERGE") == nullptr || std::strcmp(std::getenv("ZEPHYR_ATTN_MERGE"), "0") != 0};
+                !env_off("ZEPHYR_ATTN_MERGE")};  // read per launch: the GPU test switches it in-process
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
   // The 256-thread blocks load their first step of the cache before waiting for the kernel before
