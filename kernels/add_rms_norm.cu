@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "device_info.cuh"   // pdl_chain
+#include "timeline.cuh"      // TlProbe: empty unless built with ZEPHYR_KERNEL_TIMELINE=1
 #include "gptq_kernels.cuh"  // Traits<T>: conversions to and from fp32; launch_kernel_smem, pdl_wait
 
 namespace zephyr {
@@ -58,6 +59,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
   // Launched as a programmatic dependent (pdl_chain in device_info.cuh), this kernel may start
   // while the kernel that writes h still runs, and the layer after it may be scheduled as soon as
   // this one starts: only the permutation and the weight (fixed) are read before the wait.
+  TlProbe probe(3, D);  // timeline stamp 1 (diagnostic builds only): after the wait
   pdl_launch_dependents();
   const bool one_vec = vecs <= kNormThreads;
   int64_t pre[8];
@@ -67,6 +69,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
     w_pre = __ldg(reinterpret_cast<const uint4*>(weight) + threadIdx.x);
   }
   pdl_wait();
+  probe.mark(1);
 
   float ss = 0.f;
   for (int v = threadIdx.x; v < vecs; v += kNormThreads) {
@@ -153,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_permuted_cuda(const at::Tensor& 
   if (rows == 0) return {s, y};
   TORCH_CHECK(rows <= INT32_MAX, "add_rms_norm_permuted: too many rows");
   auto stream = c10::cuda::getCurrentCUDAStream();
+  tl_setup(stream);
   const size_t smem = size_t(D) * x.element_size();
   const bool pdl = pdl_chain(x.get_device());
   auto launch = [&](auto* type) {

@@ -49,6 +49,7 @@
 
 #include "device_info.cuh"
 #include "gptq_kernels.cuh"  // launch_kernel, pdl_wait, pdl_launch_dependents
+#include "timeline.cuh"      // TlProbe: empty unless built with ZEPHYR_KERNEL_TIMELINE=1
 
 namespace zephyr {
 
@@ -129,6 +130,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   // Launched as a programmatic dependent (pdl_chain in device_info.cuh), the kernel may be scheduled
   // while the kernel that writes qkv still runs: it waits before reading anything. The output
   // projection after it may be scheduled as soon as every block of this one has started.
+  // Timeline stamps (diagnostic builds only): 1 after the wait, 2 q staged, 3 keys and partial done, 4 lock.
+  TlProbe probe(1 + 10 * int(gridDim.x) + 1000 * int(gridDim.z) + (EARLY ? 100000 : 0), kAttnThreads);
   pdl_launch_dependents();
   const int s = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, S = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -151,6 +154,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     }
   }
   pdl_wait();
+  probe.mark(1);
 
   __shared__ float q_s[GMAX * HD];
   __shared__ float kv_new[2 * HD];  // the new token's k (rotated) and v
@@ -219,6 +223,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       }
     }
     __syncthreads();
+    probe.mark(2);
     float qr[GMAX][8];
 #pragma unroll
     for (int g = 0; g < GMAX; ++g)
@@ -337,6 +342,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       }
     }
   }
+  probe.mark(3);
   if (S == 1) return;  // one block per (row, kv head): it always holds `slot` and wrote the output
 
   // The last block of this (row, kv head) merges the blocks that had keys, in key order.
@@ -348,6 +354,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     if (last_block) *lock = 0;  // ready for the next launch
   }
   __syncthreads();
+  probe.mark(4);
   if (!last_block) return;
   __threadfence();
   const int s_lo = lo / BK, s_hi = min(slot, a.kv_len - 1) / BK, n = s_hi - s_lo + 1;
@@ -510,10 +517,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   AttnArgs args{qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr(),
                 v_cache.data_ptr(), slot.data_ptr<int64_t>(), pad.data_ptr<int64_t>(), locks.data_ptr<int>(),
                 S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
-                scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK, float(1.0 / std::sqrt(double(HD))),
+                scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK,
+                float(1.0 / std::sqrt(double(HD))),
                 !env_off("ZEPHYR_ATTN_MERGE")};  // read per launch: the GPU test switches it in-process
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  tl_setup(stream);
   // The 256-thread blocks load their first step of the cache before waiting for the kernel before
   // (EARLY, above); ZEPHYR_ATTN_EARLY=0 (read once, for A/B runs) keeps them waiting first.
   static const bool early = !env_off("ZEPHYR_ATTN_EARLY");

@@ -46,6 +46,7 @@
 #include <type_traits>
 
 #include "gptq_kernels.cuh"
+#include "timeline.cuh"  // TlProbe: empty unless built with ZEPHYR_KERNEL_TIMELINE=1
 
 namespace zephyr {
 
@@ -289,6 +290,8 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   // (launched as its programmatic dependent, this kernel may start while that
   // one runs; see pdl_chain in device_info.cuh). Nothing is written before the
   // wait. The next kernel may be scheduled as soon as every block has started.
+  // Timeline stamps (diagnostic builds only): 1 after the wait, 2 main loop done, 3-4 around the lock.
+  TlProbe probe(2 + 10 * S + 1000 * M + (SWIGLU ? 100000 : 0), N);
   pdl_launch_dependents();
   uint4 wa[8], wb[8];
   if (nu > 0) load_unit(wa, u_begin);
@@ -342,6 +345,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   } else {
     pdl_wait();
   }
+  probe.mark(1);
   for (int it = 0; it < nu; it += 2) {
     if (it + 1 < nu) load_unit(wb, u_begin + it + 1);
     compute_unit(wa, u_begin + it);
@@ -350,6 +354,7 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     compute_unit(wb, u_begin + it + 1);
   }
 
+  probe.mark(2);
   // ---- sum the W warps in a fixed order through shared memory.
   // C fragment: acc[j][p][e] is row m = 8j + 2c + (e & 1) of x, column 16p + 8*(e >> 1) + g.
   auto red_at = [&](int j, int p, int e) { return (8 * j + 2 * c + (e & 1)) * kBlockN + 16 * p + 8 * (e >> 1) + g; };
@@ -385,10 +390,12 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   // Split along K (S > 1), once this block's partials are stored: whether it is the last of the S blocks
   // of its column block to arrive (it then sums them in order and resets the lock; the others return).
   auto last_to_arrive = [&]() {
+    probe.mark(3);
     __threadfence();  // this block's partials are visible before it counts itself in
     __syncthreads();
     if (threadIdx.x == 0) is_last = (atomicAdd(locks + blk, 1) == S - 1);
     __syncthreads();
+    probe.mark(4);
     if (!is_last) return false;
     __threadfence();
     return true;
@@ -525,6 +532,7 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx, bool
 // Explicitly instantiated once per (dtype, bits) in gptq_gemm_<dtype>_u<bits>.cu.
 template <typename T, int BITS>
 cudaError_t gptq_gemv_launch(const GemvArgs& a) {
+  tl_setup(a.stream);
   if (a.warps > gemv_max_warps(gemv_tiles(a.M)) || (a.gx && a.M > kGemvGxMaxM)) return cudaErrorInvalidValue;
   // SWIGLU: a block per pair of column blocks (gate, up), an even number of warps.
   if (a.swiglu && (a.M > 16 || a.warps % 2 || a.N % (2 * kBlockN) || a.Np != a.N)) return cudaErrorInvalidValue;

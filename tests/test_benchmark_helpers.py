@@ -48,3 +48,53 @@ def test_e2e_refuses_unknown_configs_and_a_foreign_workdir_before_running(tmp_pa
         e2e.main(["--configs", "u4g128_act", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "holds another checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _timeline_rows(layers: int = 32, steps: int = 2):
+    """Synthetic timeline records (kernels/timeline.cuh's layout, ns) of `steps` decode steps: per
+    layer a qkv GEMV, a split attention whose last block merges, and a norm, with fixed timings."""
+    rows, t = [], 1_000_000
+    for _ in range(steps):
+        for _ in range(layers):
+            # (tag, n, blocks, duration ns, lock stamps)
+            for tag, n, blocks, dur, lock in ((2 + 10 + 1000, 6144, 4, 5000, False),
+                                              (1 + 120 + 1000 + 100000, 256, 3, 10000, True),
+                                              (3, 4096, 1, 2000, False)):  # fmt: skip
+                for b in range(blocks):
+                    last = lock and b == blocks - 1
+                    stamps = [t - 3000, t + 250 * (b % 2), t + 1000, t + 4000, t + 4500 if lock else 0]
+                    end = t + (dur if last or not lock else 4750)
+                    rows.append(stamps + [end, tag | (b << 32), 7 | (n << 32)])
+                t += dur + 1000  # 1 us between kernels
+        t += 50_000  # host side between steps
+    return rows
+
+
+def test_decode_timeline_groups_launches_and_steps():
+    import decode_timeline as dt
+
+    recs = dt.parse(_timeline_rows())
+    assert recs[0].smid == 7 and recs[0].n == 6144 and recs[0].t[0] == 997.0  # us
+    launches = dt.instances(recs)
+    assert len(launches) == 2 * 32 * 3
+    found = dt.steps(launches)
+    assert len(found) == 2 and all(len(s) == 96 for s in found)
+    s = dt.summarize(found[-1])
+    gemv, attn, norm = (s["kinds"][dt.kernel_name(*k)] for k in ((1012, 6144), (101121, 256), (3, 4096)))
+    assert gemv["calls"] == attn["calls"] == norm["calls"] == 32 and attn["blocks"] == 3
+    assert gemv["dur"] == 5.0 and attn["dur"] == 10.0 and norm["dur"] == 2.0
+    assert attn["gap"] == 1.0 and norm["gap"] == 1.0 and gemv["gap"] == 1.0  # (the first launch has none)
+    assert gemv["wspr"] == 0.25 and gemv["lead"] == 3.0
+    assert attn["ph1"] == 1.0 and attn["ph2"] == 3.0 and attn["ph3"] == 0.5
+    assert attn["merge"] == 5.5 and attn["arrspr"] == 0.0
+    assert s["span_us"] == 32 * 20.0 - 1.0 and abs(s["between_us"] - (32 * 3 - 1) * 1.0) < 1e-9
+    assert "attention S=12 B=1 early threads=256" in dt.kernel_name(101121, 256)
+    assert dt.kernel_name(1012, 6144) == "gemv N=6144 M=1 S=1"
+
+
+def test_decode_timeline_drops_short_segments():
+    import decode_timeline as dt
+
+    rows = _timeline_rows(layers=4, steps=1)  # 12 launches: too few for a decode step
+    assert dt.steps(dt.instances(dt.parse(rows))) == []
+    assert dt.steps([]) == []

@@ -309,6 +309,28 @@ def test_nvcc_compiles_every_source_with_torch_headers(tmp_path):
                "-o", str(tmp_path / (src.stem + ".o"))]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"{src.name}: {res.stderr[-3000:]}"
+    # The diagnostic timeline build (ZEPHYR_KERNEL_TIMELINE=1: kernels/timeline.cuh's stamps compiled in)
+    # of the files that carry stamps.
+    for name in ("decode_attention.cu", "add_rms_norm.cu", "gptq_gemm_f16_u4.cu"):
+        cmd = [nvcc, "-std=c++20", "-DZEPHYR_TIMELINE", "-gencode=arch=compute_90a,code=compute_90a", *incs,
+               "-c", str(KERNELS / name), "-o", str(tmp_path / "timeline.o")]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"{name} with -DZEPHYR_TIMELINE: {res.stderr[-3000:]}"
+
+
+def test_timeline_build_is_a_build_of_its_own(monkeypatch):
+    """ZEPHYR_KERNEL_TIMELINE=1 adds -DZEPHYR_TIMELINE and changes the cache key; unset or 0, the
+    default build and its key are untouched."""
+    from zephyr_plugins import kernel_build
+
+    monkeypatch.delenv("ZEPHYR_KERNEL_TIMELINE", raising=False)
+    base = kernel_build.cache_key()
+    assert kernel_build.diagnostic_defines() == []
+    monkeypatch.setenv("ZEPHYR_KERNEL_TIMELINE", "1")
+    assert kernel_build.diagnostic_defines() == ["-DZEPHYR_TIMELINE"]
+    assert kernel_build.cache_key() != base
+    monkeypatch.setenv("ZEPHYR_KERNEL_TIMELINE", "0")
+    assert kernel_build.diagnostic_defines() == [] and kernel_build.cache_key() == base
 
 
 def test_wrappers_check_every_argument_first():

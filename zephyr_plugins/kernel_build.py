@@ -63,6 +63,13 @@ def arch_defines() -> list[str]:
     return ["-DZEPHYR_HAVE_SM90A"] if any("sm_90a" in f for f in arch_flags()) else []
 
 
+def diagnostic_defines() -> list[str]:
+    """``-DZEPHYR_TIMELINE`` when ``ZEPHYR_KERNEL_TIMELINE=1``: the decode-step kernels stamp per-block
+    timelines (``kernels/timeline.cuh``, read by ``benchmarks/decode_timeline.py``); a build of its own
+    in the cache. Diagnosis only: the stamps cost registers and time."""
+    return ["-DZEPHYR_TIMELINE"] if os.environ.get("ZEPHYR_KERNEL_TIMELINE", "") == "1" else []
+
+
 def wgmma_available(device=None) -> bool:
     """Whether the tiled kernel's wgmma variants (``gptq_gemm_repacked(..., kernel=3 or 4)``) run on
     ``device`` (default: the current CUDA device): an sm_90 card and kernels built for sm_90a (the
@@ -96,6 +103,8 @@ def cache_key() -> str:
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
     h.update(" ".join(arch_flags()).encode())
+    for flag in diagnostic_defines():  # (the default build's key is unchanged)
+        h.update(flag.encode())
     return h.hexdigest()[:16]
 
 
@@ -119,7 +128,8 @@ def _build() -> None:
         name=f"zephyr_kernels_{cache_key()}",
         sources=[str(p) for p in sources()],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", *arch_flags(), *arch_defines()],
+        extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", *arch_flags(), *arch_defines(),
+                           *diagnostic_defines()],
         extra_include_paths=[str(KERNEL_DIR)],
         build_directory=str(d),
         is_python_module=False,
