@@ -157,23 +157,39 @@ def print_summary(label: str, step: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    from e2e import CONFIGS, reusable_checkpoint
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="u4g128_act")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--workdir", default=None, help="where the random checkpoints go (reused when present)")
+    ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
     args = ap.parse_args(argv)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches must be integers separated by commas, got {args.batches!r}")
+    if min(batches) < 1:
+        ap.error(f"--batches must be >= 1, got {args.batches!r}")
+    try:  # checkpoints already in --workdir are checked before anything runs (e2e.py's rule)
+        reuse = {n: bool(args.workdir) and reusable_checkpoint(os.path.join(args.workdir, n), CONFIGS[n]) for n in names}
+    except ValueError as exc:
+        ap.error(str(exc))
 
-    os.environ["ZEPHYR_KERNEL_TIMELINE"] = "1"  # before the kernels are built or loaded
     import torch
 
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+        print("decode_timeline: needs a CUDA GPU", file=sys.stderr)
         return 1
+    os.environ["ZEPHYR_KERNEL_TIMELINE"] = "1"  # before the kernels are built or loaded
     buf = torch.zeros(8 + RECORDS_MAX * 8, dtype=torch.int64, device="cuda")
     os.environ["ZEPHYR_TIMELINE_PTR"] = str(buf.data_ptr())  # read by each kernel file at its first launch
 
-    from e2e import CONFIGS, write_random_checkpoint
+    from e2e import write_random_checkpoint
     from zephyr_plugins.decode_graphs import DecodeGraphs
     from zephyr_plugins.generation_api import SamplingParams
     from zephyr_plugins.kernel_build import ensure_built
@@ -183,11 +199,14 @@ def main(argv=None) -> int:
     if not ok:
         print("kernels not built:", why)
         return 1
+
+    def greedy(n: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0)
+
     work = args.workdir or tempfile.mkdtemp(prefix="zephyr_timeline_")
-    batches = [int(b) for b in args.batches.split(",")]
-    for cfg in args.configs.split(","):
+    for cfg in names:
         folder = os.path.join(work, cfg)
-        if not os.path.exists(os.path.join(folder, "config.json")):
+        if not reuse[cfg]:
             write_random_checkpoint(folder, CONFIGS[cfg])
         llm = Zephyr.from_pretrained(folder, device="cuda", dtype=torch.float16, max_batch_size=max(batches),
                                      max_seq_len=-(-(args.prompt + 64) // 256) * 256)  # fmt: skip
@@ -197,12 +216,12 @@ def main(argv=None) -> int:
             prompts = torch.randint(3, 32000, (b, args.prompt), generator=g).tolist()
             # eager steps first: each kernel file sets its buffer address outside stream capture
             llm.steps = DecodeGraphs(llm.model, enabled=False)
-            llm.generate_tokens(prompts, SamplingParams(max_new_tokens=3, temperature=0, repetition_penalty=1.0))
+            llm.generate_tokens(prompts, greedy(3))
             llm.steps = DecodeGraphs(llm.model)
-            llm.generate_tokens(prompts, SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=1.0))
+            llm.generate_tokens(prompts, greedy(8))
             buf.zero_()
             torch.cuda.synchronize()
-            llm.generate_tokens(prompts, SamplingParams(max_new_tokens=4, temperature=0, repetition_penalty=1.0))
+            llm.generate_tokens(prompts, greedy(4))
             torch.cuda.synchronize()
             count = int(buf[0].item())
             if count > RECORDS_MAX:
@@ -216,7 +235,6 @@ def main(argv=None) -> int:
         del llm
         torch.cuda.empty_cache()
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

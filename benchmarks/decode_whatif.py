@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import zephyr_plugins.model as zm  # noqa: E402
-from e2e import CONFIGS, timed, write_random_checkpoint  # noqa: E402
+from e2e import CONFIGS, reusable_checkpoint, timed, write_random_checkpoint  # noqa: E402
 from zephyr_plugins.decode_graphs import DecodeGraphs  # noqa: E402
 from zephyr_plugins.generation_api import SamplingParams  # noqa: E402
 from zephyr_plugins.model_ops import ModelOps  # noqa: E402
@@ -54,11 +54,16 @@ def _ops(base: ModelOps, no_norms: bool) -> ModelOps:
 
 
 def main() -> None:
-    zm.decode_attention = _attention
     work = os.environ.get("AB_WORK") or tempfile.mkdtemp(prefix="zephyr_ab_")
-    for cfg in ("u4g128_act", "u8g128_act"):
+    names = ("u4g128_act", "u8g128_act")
+    try:  # checkpoints already in AB_WORK are checked before anything runs (e2e.py's rule)
+        reuse = {n: reusable_checkpoint(os.path.join(work, n), CONFIGS[n]) for n in names}
+    except ValueError as exc:
+        raise SystemExit(f"decode_whatif: {exc}") from None
+    zm.decode_attention = _attention
+    for cfg in names:
         folder = os.path.join(work, cfg)
-        if not os.path.exists(os.path.join(folder, "config.json")):
+        if not reuse[cfg]:
             write_random_checkpoint(folder, CONFIGS[cfg])
         llm = Zephyr.from_pretrained(folder, device="cuda", dtype=torch.float16, max_batch_size=8, max_seq_len=1024)
         llm.eos_token_ids = set()

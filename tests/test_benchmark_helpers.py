@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -98,3 +99,37 @@ def test_decode_timeline_drops_short_segments():
     rows = _timeline_rows(layers=4, steps=1)  # 12 launches: too few for a decode step
     assert dt.steps(dt.instances(dt.parse(rows))) == []
     assert dt.steps([]) == []
+
+
+def test_decode_timeline_refuses_bad_arguments_before_running(tmp_path, capsys, monkeypatch):
+    """Unknown --configs, bad --batches or a --workdir holding another checkpoint: a usage error before
+    any GPU work, and the timeline build switch is not set."""
+    import decode_timeline as dt
+
+    monkeypatch.delenv("ZEPHYR_KERNEL_TIMELINE", raising=False)
+    with pytest.raises(SystemExit):
+        dt.main(["--configs", "u3g128"])
+    assert "unknown --configs ['u3g128']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dt.main(["--batches", "1,x"])
+    assert "--batches must be integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dt.main(["--batches", "0"])
+    assert "--batches must be >= 1" in capsys.readouterr().err
+    e2e.write_random_checkpoint(str(tmp_path / "u4g128_act"), (8, 128, True), device="cpu", config=TINY)
+    with pytest.raises(SystemExit):
+        dt.main(["--configs", "u4g128_act", "--workdir", str(tmp_path)])
+    assert "holds another checkpoint" in capsys.readouterr().err
+    assert "ZEPHYR_KERNEL_TIMELINE" not in os.environ
+
+
+def test_decode_whatif_refuses_a_foreign_workdir_before_running(tmp_path, monkeypatch):
+    """AB_WORK holding another checkpoint: a clear error before anything is loaded or patched."""
+    import decode_whatif
+
+    e2e.write_random_checkpoint(str(tmp_path / "u8g128_act"), (4, 128, True), device="cpu", config=TINY)
+    monkeypatch.setenv("AB_WORK", str(tmp_path))
+    real = decode_whatif.zm.decode_attention
+    with pytest.raises(SystemExit, match="holds another checkpoint"):
+        decode_whatif.main()
+    assert decode_whatif.zm.decode_attention is real  # the model's attention was not swapped
