@@ -343,7 +343,10 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     }
     __syncwarp();
   } else {
-    pdl_wait();
+    // In a branch of its own: with the wait right after the loads, ptxas moved the first unit's loads
+    // below it (sm_90a SASS: LDG after ACQBULK), where they waited for the kernel that writes x. M is
+    // never 0 here. test_gemv_weight_loads_stay_above_the_wait (tests/test_cuda_backend_cpu.py) checks it.
+    if (M > 0) pdl_wait();
   }
   probe.mark(1);
   for (int it = 0; it < nu; it += 2) {
