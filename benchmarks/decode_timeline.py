@@ -157,7 +157,7 @@ def print_summary(label: str, step: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    from e2e import CONFIGS, reusable_checkpoint
+    from e2e import CONFIGS, checked_run_args
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="u4g128_act")
@@ -165,20 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
     args = ap.parse_args(argv)
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        ap.error(f"--batches must be integers separated by commas, got {args.batches!r}")
-    if min(batches) < 1:
-        ap.error(f"--batches must be >= 1, got {args.batches!r}")
-    try:  # checkpoints already in --workdir are checked before anything runs (e2e.py's rule)
-        reuse = {n: bool(args.workdir) and reusable_checkpoint(os.path.join(args.workdir, n), CONFIGS[n]) for n in names}
-    except ValueError as exc:
-        ap.error(str(exc))
+    names, batches, reuse = checked_run_args(ap, args)  # before anything runs (e2e.py's rule)
 
     import torch
 

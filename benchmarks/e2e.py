@@ -106,6 +106,28 @@ def reusable_checkpoint(folder: str, layout, config: dict = ZEPHYR_7B) -> bool:
     return True
 
 
+def checked_run_args(ap, args) -> tuple[list[str], list[int], dict[str, bool]]:
+    """The ``--configs``, ``--batches`` and ``--workdir`` of a run, checked before anything runs (shared
+    with ``decode_timeline.py``): unknown configs, batches that are not positive integers and a workdir
+    holding another checkpoint are usage errors (``ap.error``). Returns the config names, the batches and,
+    per config, whether ``--workdir`` already holds its checkpoint (``reusable_checkpoint``)."""
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches must be integers separated by commas, got {args.batches!r}")
+    if min(batches) < 1:
+        ap.error(f"--batches must be >= 1, got {args.batches!r}")
+    try:
+        reuse = {n: bool(args.workdir) and reusable_checkpoint(os.path.join(args.workdir, n), CONFIGS[n]) for n in names}
+    except ValueError as exc:
+        ap.error(str(exc))
+    return names, batches, reuse
+
+
 def write_random_checkpoint(folder: str, layout, device: str = "cuda", config: dict = ZEPHYR_7B) -> str:
     """A Zephyr-7B-shaped checkpoint of random weights: GPTQ codes (``layout = (bits, group, act_order)``) or fp16."""
     from zephyr_plugins.config import GPTQConfig
@@ -341,18 +363,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
-    try:  # checkpoints already in --workdir are checked before anything runs
-        reuse = {n: bool(args.workdir) and reusable_checkpoint(os.path.join(args.workdir, n), CONFIGS[n]) for n in names}
-    except ValueError as exc:
-        ap.error(str(exc))
+    names, batches, reuse = checked_run_args(ap, args)
     if not torch.cuda.is_available():
         print("e2e benchmark: needs a CUDA GPU", file=sys.stderr)
         return 1
-    batches = [int(b) for b in args.batches.split(",")]
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name()
     result = {"card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "commit": git_commit(),

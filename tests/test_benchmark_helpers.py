@@ -40,10 +40,15 @@ def test_result_headers_record_the_switches_but_no_paths(monkeypatch):
 
 
 def test_e2e_refuses_unknown_configs_and_a_foreign_workdir_before_running(tmp_path, capsys):
-    """Bad --configs or a --workdir holding another checkpoint: a clear usage error, nothing run or written."""
+    """Bad --configs, bad --batches or a --workdir holding another checkpoint: a clear usage error, nothing
+    run or written (e2e.checked_run_args, shared with decode_timeline.py)."""
     with pytest.raises(SystemExit):
         e2e.main(["--configs", "u3g128", "--out", str(tmp_path / "out")])
     assert "unknown --configs ['u3g128']" in capsys.readouterr().err
+    for bad, why in (("1,x", "--batches must be integers"), ("0,8", "--batches must be >= 1")):
+        with pytest.raises(SystemExit):
+            e2e.main(["--batches", bad, "--out", str(tmp_path / "out")])
+        assert why in capsys.readouterr().err
     e2e.write_random_checkpoint(str(tmp_path / "u4g128_act"), (8, 128, True), device="cpu", config=TINY)
     with pytest.raises(SystemExit):
         e2e.main(["--configs", "u4g128_act", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")])
