@@ -341,6 +341,39 @@ def test_gemv_weight_loads_stay_above_the_wait(sm90a_u4):
     assert checked >= 20, checked
 
 
+def test_norm_fixed_loads_stay_above_the_wait(tmp_path):
+    """In add_rms_norm_permuted's sm_90a SASS (both dtypes) the permutation (4 loads) and the norm weight
+    (1) are requested before griddepcontrol.wait (ACQBULK), and nothing else is: x and h are written by
+    the kernel before, so reading them above the wait would race. With the wait right after those loads
+    (no branch between), ptxas had moved all five below it."""
+    import re
+
+    nvcc = _nvcc()
+    from torch.utils.cpp_extension import include_paths
+
+    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"  # a CPU build of torch lacks this generated header
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    obj = tmp_path / "norm.o"
+    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
+           *[f"-I{p}" for p in include_paths()], f"-I{tmp_path / 'shim'}", "-c", str(KERNELS / "add_rms_norm.cu"),
+           "-o", str(obj)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    checked = 0
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0].strip()
+        if "add_rms_norm_permuted_kernel" not in name:
+            continue
+        lines = body.split("\n")
+        wait = next(i for i, line in enumerate(lines) if "ACQBULK" in line)
+        above = sum(bool(re.search(r"\bLDG\b", line)) for line in lines[:wait])
+        assert above == 5, f"{name}: {above} loads above the wait"
+        checked += 1
+    assert checked == 2, checked
+
+
 @pytest.mark.slow
 def test_nvcc_compiles_every_source_with_torch_headers(tmp_path):
     """Every .cu file, including the torch-facing launcher, compiles (slow: minutes on 2 cores)."""
