@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_permuted_kernel(
   }
   // In a branch of its own (D is never 0): with the wait right after the loads, ptxas moved them
   // below it (sm_90a SASS: no load above ACQBULK), where they waited for the kernel that writes h.
+  // test_norm_fixed_loads_stay_above_the_wait (tests/test_cuda_backend_cpu.py) checks the order.
   if (D > 0) pdl_wait();
   probe.mark(1);
 

@@ -314,6 +314,30 @@ def _cuobjdump():
     return found
 
 
+def _sass_above_wait(obj, cuobjdump: str):
+    """(function name, its SASS lines before the first griddepcontrol.wait (ACQBULK), or None where it
+    has no wait) for every function of the object file."""
+    import re
+
+    sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, _, rest = body.partition("\n")
+        lines = rest.split("\n")
+        wait = next((i for i, line in enumerate(lines) if "ACQBULK" in line), None)
+        yield name.strip(), None if wait is None else lines[:wait]
+
+
+def _torch_include_flags(tmp_path) -> list[str]:
+    """-I flags for compiling a torch-facing .cu file: torch's headers, and a shim for the generated
+    header a CPU build of torch lacks (it only sets export macros)."""
+    from torch.utils.cpp_extension import include_paths
+
+    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    return [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path / 'shim'}"]
+
+
 def test_gemv_weight_loads_stay_above_the_wait(sm90a_u4):
     """In every GEMV kernel variant's sm_90a SASS the first weight unit's 8 streaming loads
     (LDG.E.NA) come before griddepcontrol.wait (ACQBULK), so that they overlap the kernel before; and
@@ -322,18 +346,14 @@ def test_gemv_weight_loads_stay_above_the_wait(sm90a_u4):
     them), costing ~1 us per launch."""
     import re
 
-    sass = subprocess.run([_cuobjdump(), "-sass", str(sm90a_u4[0])], capture_output=True, text=True,
-                          timeout=300).stdout  # fmt: skip
     checked = 0
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split("\n", 1)[0].strip()
+    for name, above in _sass_above_wait(sm90a_u4[0], _cuobjdump()):
         m = re.search(r"gptq_gemv_kernelI6__halfLi4ELb[01]ELb[01]ELi[124]ELb([01])ELb[01]E", name)
         if m is None:
             continue
-        lines = body.split("\n")
-        wait = next(i for i, line in enumerate(lines) if "ACQBULK" in line)
-        weights = sum("LDG.E.NA" in line for line in lines[:wait])
-        others = sum(bool(re.search(r"\bLDG\b", line)) and "LDG.E.NA" not in line for line in lines[:wait])
+        assert above is not None, f"{name}: no griddepcontrol.wait"
+        weights = sum("LDG.E.NA" in line for line in above)
+        others = sum(bool(re.search(r"\bLDG\b", line)) and "LDG.E.NA" not in line for line in above)
         assert weights == 8, f"{name}: {weights} weight loads above the wait"
         if m.group(1) == "0":
             assert others == 0, f"{name}: {others} other loads above the wait"
@@ -348,28 +368,19 @@ def test_norm_fixed_loads_stay_above_the_wait(tmp_path):
     (no branch between), ptxas had moved all five below it."""
     import re
 
-    nvcc = _nvcc()
-    from torch.utils.cpp_extension import include_paths
-
-    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"  # a CPU build of torch lacks this generated header
-    shim.mkdir(parents=True)
-    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()  # both found (or skipped) before the ~25 s compile
     obj = tmp_path / "norm.o"
-    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-           *[f"-I{p}" for p in include_paths()], f"-I{tmp_path / 'shim'}", "-c", str(KERNELS / "add_rms_norm.cu"),
-           "-o", str(obj)]  # fmt: skip
+    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", *_torch_include_flags(tmp_path),
+           "-c", str(KERNELS / "add_rms_norm.cu"), "-o", str(obj)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
     checked = 0
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split("\n", 1)[0].strip()
+    for name, above in _sass_above_wait(obj, cuobjdump):
         if "add_rms_norm_permuted_kernel" not in name:
             continue
-        lines = body.split("\n")
-        wait = next(i for i, line in enumerate(lines) if "ACQBULK" in line)
-        above = sum(bool(re.search(r"\bLDG\b", line)) for line in lines[:wait])
-        assert above == 5, f"{name}: {above} loads above the wait"
+        assert above is not None, f"{name}: no griddepcontrol.wait"
+        loads = sum(bool(re.search(r"\bLDG\b", line)) for line in above)
+        assert loads == 5, f"{name}: {loads} loads above the wait"
         checked += 1
     assert checked == 2, checked
 
@@ -378,13 +389,7 @@ def test_norm_fixed_loads_stay_above_the_wait(tmp_path):
 def test_nvcc_compiles_every_source_with_torch_headers(tmp_path):
     """Every .cu file, including the torch-facing launcher, compiles (slow: minutes on 2 cores)."""
     nvcc = _nvcc()
-    from torch.utils.cpp_extension import include_paths
-
-    # A CPU build of torch lacks this generated header; it only sets export macros.
-    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
-    shim.mkdir(parents=True)
-    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    incs = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path / 'shim'}"]
+    incs = _torch_include_flags(tmp_path)
     for src in sorted(KERNELS.glob("*.cu")):
         cmd = [nvcc, "-std=c++20", "-gencode=arch=compute_90a,code=compute_90a", *incs, "-c", str(src),
                "-o", str(tmp_path / (src.stem + ".o"))]  # fmt: skip
