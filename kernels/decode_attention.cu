@@ -28,12 +28,19 @@
 //      (kv_cache.attention_mask's rule).
 //   3. The output goes to [B, H * hd], element i of a row at out_index[i] when
 //      given (the act-order row order of the output projection that reads it).
-//   4. With S > 1, every block writes (unnormalized output, max, sum) to an
+//   4. With S > 1 (lock merge), every block writes (unnormalized output, max, sum) to an
 //      fp32 scratch buffer; the last block of the (row, kv head), counted in
 //      `locks` (self-resetting), merges them: one warp per head turns the
 //      maxima and sums into weights with shuffles while every thread's partial
 //      outputs are already requested, then each output sums in key order.
 //      Deterministic (a fixed order everywhere).
+//   5. Cluster merge (CL, sm_90; the launcher's plan_cluster decides): where the grid fits on the
+//      SMs at once and at most 8 key blocks of 128 slots (64 with G > 4) cover the cache, the S
+//      blocks of a (row, kv head) form one thread-block cluster. Each block keeps its (output,
+//      max, sum) in its own shared memory; after a cluster barrier, block s merges output
+//      elements [s, s + 1) * ceil(G hd / S) from every block's shared memory (distributed
+//      shared memory, blocks in key order), then a second barrier keeps the memory alive until
+//      all have read. No scratch buffer, no lock, no round trip through L2 after the keys.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,9 +49,12 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "device_info.cuh"
@@ -58,6 +68,7 @@ namespace {
 // Threads per block: 128 or 256 (a template argument, chosen by the launcher).
 constexpr int kMaxGroup = 8;       // query heads per kv head served
 constexpr int kMaxBlockKeys = 1024;
+constexpr int kMaxClusterBlocks = 8;  // key blocks merged as one cluster (the portable cluster size)
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -117,14 +128,14 @@ struct AttnArgs {
 // writes a cache slot but this one, and only slot `slot` (whose loaded value is never used: the
 // new k, v come from shared memory); every other slot was written by an earlier launch, complete
 // before this step's first kernel. Masked slots are zeroed before use.
-template <typename T, int HD, int GMAX, int kAttnThreads, bool EARLY>
+template <typename T, int HD, int GMAX, int kAttnThreads, bool EARLY, bool CL>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const AttnArgs a) {
   constexpr int kAttnWarps = kAttnThreads / 32;
   constexpr int kLanesPerKey = HD / 8;                       // 16-byte slices of one key
   constexpr int kKeysPerPass = kAttnThreads / kLanesPerKey;  // keys the block covers per pass
   // Keys per step: every thread loads its K and V slices of the whole step at
-  // once (one memory round trip per step, not one per key).
-  constexpr int kStep = GMAX <= 4 ? 64 : 32;
+  // once (one memory round trip per step, not one per key). CL blocks hold one step of twice that.
+  constexpr int kStep = (GMAX <= 4 ? 64 : 32) * (CL ? 2 : 1);
   constexpr int kPasses = kStep / kKeysPerPass;
   static_assert(kPasses >= 1 && kStep % kKeysPerPass == 0, "a step must be whole passes of the block");
   // Launched as a programmatic dependent (pdl_chain in device_info.cuh), the kernel may be scheduled
@@ -161,6 +172,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   __shared__ float wmax[kAttnWarps][GMAX];
   __shared__ float red[kAttnWarps][GMAX * HD];
   __shared__ int last_block;
+  __shared__ float cl_out[CL ? GMAX * HD : 1];  // CL: this block's unnormalized output,
+  __shared__ float2 cl_ml[GMAX];                // and its (max, sum) per head
   const T* row = reinterpret_cast<const T*>(a.qkv) + size_t(b) * (a.H + 2 * a.Hkv) * HD;
   const float* cs = a.cos + size_t(b) * (HD / 2);
   const float* sn = a.sin + size_t(b) * (HD / 2);
@@ -331,7 +344,10 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
       float v = 0.f, l = 0.f;
 #pragma unroll
       for (int w = 0; w < kAttnWarps; ++w) v += red[w][i], l += wmax[w][g];
-      if (S == 1) {
+      if constexpr (CL) {
+        cl_out[i] = v;
+        if (d == 0) cl_ml[g] = make_float2(m_run[g], l);
+      } else if (S == 1) {
         const int o_i = (hk * G + g) * HD + d;
         reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + (a.out_index ? int(a.out_index[o_i]) : o_i)] =
             from_float<T>(v / l);
@@ -343,6 +359,50 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     }
   }
   probe.mark(3);
+  if constexpr (CL) {
+    // Blocks [s_lo, s_hi] had keys (the one holding `slot` always has); their rank in the cluster is s.
+    // Block s merges output elements [s * chunk, (s + 1) * chunk) of the (row, kv head): with S >= 2,
+    // at most half of G hd, so kMergeIters rounds of the block's threads.
+    constexpr int kMergeIters = (GMAX * HD / 2 + kAttnThreads - 1) / kAttnThreads;
+    const int s_lo = lo / BK, s_hi = min(slot, a.kv_len - 1) / BK;
+    const int chunk = (G * HD + S - 1) / S, e_end = min((s + 1) * chunk, G * HD);
+    int oi[kMergeIters];
+#pragma unroll
+    for (int r = 0; r < kMergeIters; ++r) {  // the output positions, requested before the barrier
+      const int i = s * chunk + tid + r * kAttnThreads, o_i = hk * G * HD + i;
+      oi[r] = i < e_end && a.out_index ? int(__ldg(a.out_index + o_i)) : o_i;
+    }
+    cluster_sync_all();  // every block's cl_out / cl_ml written and visible to the cluster
+#pragma unroll
+    for (int r = 0; r < kMergeIters; ++r) {
+      const int i = s * chunk + tid + r * kAttnThreads;
+      if (i >= e_end) break;
+      const int g = i / HD;
+      float2 ml[kMaxClusterBlocks];
+      float pv[kMaxClusterBlocks];
+#pragma unroll
+      for (int t = 0; t < kMaxClusterBlocks; ++t) {
+        ml[t] = make_float2(-INFINITY, 0.f), pv[t] = 0.f;
+        if (t >= s_lo && t <= s_hi) {  // all requested before any is used: one round trip
+          ml[t] = ld_cluster_f2(cluster_map(smem_addr(&cl_ml[g]), t));
+          pv[t] = ld_cluster_f32(cluster_map(smem_addr(&cl_out[i]), t));
+        }
+      }
+      float m = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kMaxClusterBlocks; ++t) m = fmaxf(m, ml[t].x);
+      float l = 0.f, v = 0.f;
+#pragma unroll
+      for (int t = 0; t < kMaxClusterBlocks; ++t) {  // key order
+        const float e = ml[t].x == -INFINITY ? 0.f : expf(ml[t].x - m);
+        l = fmaf(e, ml[t].y, l);
+        v = fmaf(e, pv[t], v);
+      }
+      reinterpret_cast<T*>(a.out)[size_t(b) * a.H * HD + oi[r]] = from_float<T>(v / l);
+    }
+    cluster_sync_relaxed();  // no block leaves (and frees its shared memory) while others read it
+    return;
+  }
   if (S == 1) return;  // one block per (row, kv head): it always holds `slot` and wrote the output
 
   // The last block of this (row, kv head) merges the blocks that had keys, in key order.
@@ -465,6 +525,41 @@ int plan_block_keys(int B, int Hkv, int kv_len, int sms) {
 // 20.2; 512 threads: 11.4 at batch 1).
 int plan_threads(long blocks, int sms) { return blocks <= sms ? 256 : 128; }
 
+// Blocks of `kernel` (256 threads) that can run at once as clusters of S on this device
+// (cudaOccupancyMaxActiveClusters x S; 0 where the query fails), queried once per (device, kernel, S)
+// on the current device.
+int cluster_slots(int device, void (*kernel)(AttnArgs), int S) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, void (*)(AttnArgs), int>, int> cache;
+  const std::lock_guard<std::mutex> hold(mu);
+  const auto key = std::make_tuple(device, kernel, S);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(S, 1, 1);
+  cfg.blockDim = dim3(256);
+  cudaLaunchAttribute attr[1] = {cluster_attribute(dim3(S, 1, 1))};
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0;
+  }
+  return cache[key] = n * S;
+}
+
+// Key blocks S for the cluster merge (step 5 at the top), or 0 for the lock merge: sm_90, the
+// planned split (block_keys 0), one step of `cl_keys` slots per block, 2 <= S <= 8, and all
+// B * Hkv clusters resident at once (the merge waits on every block of its cluster).
+int plan_cluster(int B, int Hkv, int kv_len, int cl_keys, int sms, int device, int block_keys) {
+  static const bool off = env_off("ZEPHYR_ATTN_CLUSTER");
+  if (off || block_keys != 0 || cc_major(device) < 9) return 0;
+  const int S = (kv_len + cl_keys - 1) / cl_keys;
+  if (S < 2 || S > kMaxClusterBlocks || long(B) * Hkv * S > sms) return 0;
+  return S;
+}
+
 }  // namespace
 
 // See zephyr_plugins/kernel_ops.py for the schema and the meaning of each argument.
@@ -503,51 +598,60 @@ at::Tensor decode_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   const c10::cuda::OptionalCUDAGuard guard(qkv.device());
   auto out = at::empty({B, H * HD}, qkv.options());
   if (B == 0) return out;
-  const int sms = sm_count(qkv.get_device());
-  const int BK = block_keys > 0 ? int(block_keys) : plan_block_keys(B, Hkv, int(kv_len), sms);
+  const int device = qkv.get_device(), sms = sm_count(device);
+  const int gmax = G <= 4 ? 4 : 8;
+  // The 256-thread blocks load their first step of the cache before waiting for the kernel before
+  // (EARLY, above); ZEPHYR_ATTN_EARLY=0 (read once, for A/B runs) keeps them waiting first.
+  static const bool early = !env_off("ZEPHYR_ATTN_EARLY");
+  const bool half = qkv.scalar_type() == at::kHalf;
+  // The instantiation for (dtype, head dim, group bound, threads, merge).
+  auto kernel_for = [&](int threads, bool cl) {
+    auto pick = [&](auto* type, auto head_dim) -> void (*)(AttnArgs) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      constexpr int D = decltype(head_dim)::value;
+      if (cl)
+        return gmax == 4 ? (early ? decode_attention_kernel<T, D, 4, 256, true, true>
+                                  : decode_attention_kernel<T, D, 4, 256, false, true>)
+                         : (early ? decode_attention_kernel<T, D, 8, 256, true, true>
+                                  : decode_attention_kernel<T, D, 8, 256, false, true>);
+      if (gmax == 4)
+        return threads == 256 ? (early ? decode_attention_kernel<T, D, 4, 256, true, false>
+                                       : decode_attention_kernel<T, D, 4, 256, false, false>)
+                              : decode_attention_kernel<T, D, 4, 128, false, false>;
+      return threads == 256 ? (early ? decode_attention_kernel<T, D, 8, 256, true, false>
+                                     : decode_attention_kernel<T, D, 8, 256, false, false>)
+                            : decode_attention_kernel<T, D, 8, 128, false, false>;
+    };
+    using D64 = std::integral_constant<int, 64>;
+    using D128 = std::integral_constant<int, 128>;
+    if (half) return HD == 128 ? pick(static_cast<__half*>(nullptr), D128{}) : pick(static_cast<__half*>(nullptr), D64{});
+    return HD == 128 ? pick(static_cast<__nv_bfloat16*>(nullptr), D128{})
+                     : pick(static_cast<__nv_bfloat16*>(nullptr), D64{});
+  };
+  const int cl_keys = gmax == 4 ? 128 : 64;  // the CL kernels' step: one per block
+  int S_cl = plan_cluster(B, Hkv, int(kv_len), cl_keys, sms, device, int(block_keys));
+  if (S_cl > 0 && long(B) * Hkv * S_cl > cluster_slots(device, kernel_for(256, true), S_cl)) S_cl = 0;  // not all resident
+  const int BK = block_keys > 0 ? int(block_keys) : S_cl > 0 ? cl_keys : plan_block_keys(B, Hkv, int(kv_len), sms);
   TORCH_CHECK(BK % 64 == 0 && BK >= 64 && BK <= kMaxBlockKeys,
               "decode_attention: block_keys must be a multiple of 64 in [64, ", kMaxBlockKeys, "], got ", BK);
   const int S = (int(kv_len) + BK - 1) / BK;
-  const int gmax = G <= 4 ? 4 : 8;
-  const int threads = plan_threads(long(B) * Hkv * S, sms);
-  TORCH_CHECK(2 * S * G <= threads / 32 * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
+  const int threads = S_cl > 0 ? 256 : plan_threads(long(B) * Hkv * S, sms);
+  TORCH_CHECK(S_cl > 0 || 2 * S * G <= threads / 32 * gmax * HD, "decode_attention: ", S, " key blocks of ", BK,
               " slots are too many to merge; use larger block_keys");
   at::Tensor partial;
-  if (S > 1) partial = at::empty({B, Hkv, S, G, HD + 2}, qkv.options().dtype(at::kFloat));
+  if (S > 1 && S_cl == 0) partial = at::empty({B, Hkv, S, G, HD + 2}, qkv.options().dtype(at::kFloat));
   AttnArgs args{qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr(),
                 v_cache.data_ptr(), slot.data_ptr<int64_t>(), pad.data_ptr<int64_t>(), locks.data_ptr<int>(),
-                S > 1 ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
+                partial.defined() ? partial.data_ptr<float>() : nullptr, out.data_ptr(),
                 scatter ? out_index->data_ptr<int64_t>() : nullptr, H, Hkv, G, Lmax, int(kv_len), int(window), BK,
                 float(1.0 / std::sqrt(double(HD))),
                 !env_off("ZEPHYR_ATTN_MERGE")};  // read per launch: the GPU test switches it in-process
   const dim3 grid(S, Hkv, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
   tl_setup(stream);
-  // The 256-thread blocks load their first step of the cache before waiting for the kernel before
-  // (EARLY, above); ZEPHYR_ATTN_EARLY=0 (read once, for A/B runs) keeps them waiting first.
-  static const bool early = !env_off("ZEPHYR_ATTN_EARLY");
-  // The instantiation for (dtype, head dim); group bound and threads chosen here.
-  auto launch = [&](auto* type, auto head_dim) {
-    using T = std::remove_pointer_t<decltype(type)>;
-    constexpr int D = decltype(head_dim)::value;
-    void (*k)(AttnArgs);
-    if (gmax == 4)
-      k = threads == 256 ? (early ? decode_attention_kernel<T, D, 4, 256, true> : decode_attention_kernel<T, D, 4, 256, false>)
-                         : decode_attention_kernel<T, D, 4, 128, false>;
-    else
-      k = threads == 256 ? (early ? decode_attention_kernel<T, D, 8, 256, true> : decode_attention_kernel<T, D, 8, 256, false>)
-                         : decode_attention_kernel<T, D, 8, 128, false>;
-    return launch_kernel(k, grid, dim3(threads), stream, pdl_chain(qkv.get_device()), args);
-  };
-  using D64 = std::integral_constant<int, 64>;
-  using D128 = std::integral_constant<int, 128>;
-  const bool half = qkv.scalar_type() == at::kHalf;
-  cudaError_t err;
-  if (half)
-    err = HD == 128 ? launch(static_cast<__half*>(nullptr), D128{}) : launch(static_cast<__half*>(nullptr), D64{});
-  else
-    err = HD == 128 ? launch(static_cast<__nv_bfloat16*>(nullptr), D128{})
-                    : launch(static_cast<__nv_bfloat16*>(nullptr), D64{});
+  const cudaError_t err =
+      launch_kernel_clusters(kernel_for(threads, S_cl > 0), grid, dim3(threads), 0, stream, pdl_chain(device),
+                             dim3(S_cl > 0 ? S : 1, 1, 1), args);
   C10_CUDA_CHECK(err);
   return out;
 }

@@ -195,6 +195,14 @@ __device__ __forceinline__ void cluster_sync_all() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
+// The same barrier without memory ordering (no fence before the arrive): for a cluster's last
+// barrier, which only keeps every block's shared memory alive until the others have read it (the
+// values those reads returned were already used by then).
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+#endif
+}
 // The address of shared-memory address `addr` (of this block) in block `rank` of the cluster.
 __device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
   uint32_t r = addr;
@@ -202,6 +210,20 @@ __device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
 #endif
   return r;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
+  float v = 0.f;
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ float2 ld_cluster_f2(uint32_t addr) {
+  float2 v = make_float2(0.f, 0.f);
+#ifdef ZEPHYR_DEVICE_BULK
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+#endif
+  return v;
 }
 __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -238,20 +260,21 @@ __device__ __forceinline__ void pdl_wait() {
 // (sm_90): it may start before the previous kernel ends, and waits in
 // pdl_wait() before reading what that kernel wrote.
 // `smem`: bytes of dynamic shared memory.
-// The launch attribute that makes blocks (x, y, z .. z + cluster_z - 1) one cluster (sm_90).
-inline cudaLaunchAttribute cluster_z_attribute(unsigned cluster_z) {
+// The launch attribute that makes each `cluster` of blocks one thread-block cluster (sm_90).
+inline cudaLaunchAttribute cluster_attribute(dim3 cluster) {
   cudaLaunchAttribute a = {};
   a.id = cudaLaunchAttributeClusterDimension;
-  a.val.clusterDim.x = 1;
-  a.val.clusterDim.y = 1;
-  a.val.clusterDim.z = cluster_z;
+  a.val.clusterDim.x = cluster.x;
+  a.val.clusterDim.y = cluster.y;
+  a.val.clusterDim.z = cluster.z;
   return a;
 }
 
-// cluster_z > 1: blocks (x, y, z .. z + cluster_z - 1) form a cluster (grid.z a multiple of it; sm_90).
+// Blocks grouped as clusters of `cluster` (each grid dimension a multiple of it; sm_90) where it
+// holds more than one block.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                  bool pdl, unsigned cluster_z, Args... args) {
+cudaError_t launch_kernel_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                   cudaStream_t stream, bool pdl, dim3 cluster, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -263,11 +286,18 @@ cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 blo
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster_z > 1) attr[n++] = cluster_z_attribute(cluster_z);
+  if (cluster.x * cluster.y * cluster.z > 1) attr[n++] = cluster_attribute(cluster);
   cfg.attrs = attr;
   cfg.numAttrs = n;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// cluster_z > 1: blocks (x, y, z .. z + cluster_z - 1) form a cluster (grid.z a multiple of it; sm_90).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                  bool pdl, unsigned cluster_z, Args... args) {
+  return launch_kernel_clusters(kernel, grid, block, smem, stream, pdl, dim3(1, 1, cluster_z), args...);
 }
 
 template <typename... Params, typename... Args>

@@ -973,7 +973,7 @@ int gptq_ws_cluster_slots(int mt, bool has_z, int S, int wgs) {
     cfg.gridDim = dim3(1, 1, S);
     cfg.blockDim = dim3(tiled_threads(kTiledWs, wgs));
     cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs, wgs);
-    cudaLaunchAttribute attr[1] = {cluster_z_attribute(unsigned(S))};
+    cudaLaunchAttribute attr[1] = {cluster_attribute(dim3(1, 1, unsigned(S)))};
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int n = 0;

@@ -3,11 +3,12 @@
 ``zephyr::decode_attention`` (rope + cache write + grouped-query attention,
 split along the keys) against its reference, the model's unfused path run in
 fp32 on the same inputs, on fresh random data: Mistral-7B's heads (32 on 8,
-hd 128), SmolLM2's (9 on 3, hd 64), one and eight query heads per kv head;
-batch 1 to 32; caches up to 4096 slots; slots on and next to key-block
-edges; padding, sliding windows, planned and forced key blocks; fp16 and
-bf16. Also: only the slot is written, the split locks return to zero,
-CUDA-graph replay with a moving slot, opcheck.
+hd 128), SmolLM2's (9 on 3, hd 64), one and eight query heads per kv head
+(hd 64 and 128); batch 1 to 32; caches up to 4096 slots; slots on and next
+to key-block edges; padding, sliding windows, planned and forced key blocks;
+fp16 and bf16; the lock merge and the cluster merge. Also: only the slot is
+written, the split locks return to zero, CUDA-graph replay with a moving
+slot, opcheck, a C++ refusal raised as an error.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from zephyr_plugins.kernel_ops import decode_attention, decode_attention_referen
 
 pytestmark = pytest.mark.gpu
 
-HEADS = {"mistral": (32, 8, 128), "smollm2": (9, 3, 64), "mha": (8, 8, 128), "g8": (16, 2, 64)}
+HEADS = {"mistral": (32, 8, 128), "smollm2": (9, 3, 64), "mha": (8, 8, 128), "g8": (16, 2, 64), "g8w": (16, 2, 128)}
 
 
 def _case(heads, bsz, lmax, slot, window_pads, dtype, seed):
@@ -61,6 +62,7 @@ def _check(c, heads, kv_len, window, block_keys, dtype, out_index=None):
     assert torch.equal(c["v_cache"], exact["v_cache"])
     assert torch.equal(c["k_cache"], exact["k_cache"])
     assert int(c["locks"].abs().sum()) == 0  # the split semaphores reset themselves
+    return got
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -182,3 +184,89 @@ def test_early_loads_same_bits(tmp_path):
     assert len(results["0"]) == len(results["1"]) == 18
     for i, (a, b) in enumerate(zip(results["0"], results["1"])):
         assert torch.equal(a, b), i
+
+
+_CLUSTER_CASES = [("mistral", 1, 768, 600, 0), ("mistral", 1, 768, 600, 300), ("mistral", 1, 1024, 1000, 0),
+                  ("mistral", 5, 256, 255, 0), ("smollm2", 2, 1024, 1000, 0), ("mha", 3, 512, 255, 100),
+                  ("g8", 1, 512, 400, 0), ("mistral", 1, 768, 130, 0), ("g8w", 1, 128, 100, 0),
+                  ("g8w", 3, 256, 200, 0)]  # fmt: skip
+_CLUSTER_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_attention_gpu as t
+t.cuda_with_kernels()  # loads the built kernels (the caller checked that they build)
+perm = torch.randperm(32 * 128, generator=torch.Generator().manual_seed(1)).cuda()
+outs = []
+for dtype in (torch.float16, torch.bfloat16):
+    for heads, bsz, lmax, slot, window in t._CLUSTER_CASES:
+        c = t._case(heads, bsz, lmax, slot, window, dtype, seed=slot + bsz)
+        index = perm if heads == "mistral" and bsz == 1 and window else None
+        outs += [t._check(c, heads, lmax, window, 0, dtype, out_index=index).cpu(), c["k_cache"].cpu(),
+                 c["v_cache"].cpu()]
+torch.save(outs, {path!r})
+print("ok", len(outs))
+"""
+
+
+def test_cluster_merge_matches_reference_and_runs(tmp_path):
+    """Where the planned split fits as thread-block clusters (batch 1 to 5, caches up to 1024
+    slots, one to eight query heads per kv head), the cluster merge (the default on sm_90) and the
+    lock merge (ZEPHYR_ATTN_CLUSTER=0, read once per process) both match the reference in both
+    dtypes, with and without a window and out_index, and write the same cache; their outputs
+    differ in bits somewhere (the merges round differently), which shows the cluster path ran."""
+    import os
+    import subprocess
+
+    dev = cuda_with_kernels()
+    if torch.cuda.get_device_capability(dev)[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    here = str(Path(__file__).resolve().parent)
+    results = {}
+    for flag in ("0", None):
+        path = str(tmp_path / f"cluster{flag}.pt")
+        env = {k: v for k, v in os.environ.items() if k != "ZEPHYR_ATTN_CLUSTER"}
+        if flag is not None:
+            env["ZEPHYR_ATTN_CLUSTER"] = flag
+        res = subprocess.run([sys.executable, "-c", _CLUSTER_CODE.format(here=here, path=path)], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_ATTN_CLUSTER={flag}: " + res.stderr[-6000:]
+        results[flag] = torch.load(path)
+    lock, cluster = results["0"], results[None]
+    assert len(lock) == len(cluster) == 6 * len(_CLUSTER_CASES)
+    for i in range(0, len(lock), 3):
+        assert torch.equal(lock[i + 1], cluster[i + 1]) and torch.equal(lock[i + 2], cluster[i + 2]), i
+    assert any(not torch.equal(lock[i], cluster[i]) for i in range(0, len(lock), 3))
+
+
+_REFUSAL_CODE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_attention_gpu as t
+t.cuda_with_kernels()
+h, hkv, _ = t.HEADS["mistral"]
+c = t._case("mistral", 1, 768, 600, 0, torch.float16, seed=1)
+c["qkv"] = c["qkv"].float()  # past the Python wrapper's checks, straight to the op
+try:
+    torch.ops.zephyr.decode_attention(*c.values(), h, hkv, 768, 0, 0)
+except RuntimeError as exc:
+    print("refused:", str(exc).splitlines()[0])
+"""
+
+
+def test_kernel_refusal_raises_instead_of_crashing():
+    """A TORCH_CHECK in the C++ launcher (float32 qkv sent straight to the op, past the wrapper's
+    ValueError) surfaces as a RuntimeError naming the problem; the process does not crash.
+
+    The message here is text only. On the GPU machine's image (torch 2.11, CUDA 13), any extension
+    whose TORCH_CHECK message formats an integer or a size crashed the process (SIGSEGV), a
+    ten-line load_inline extension built with g++ included, while messages of text and dtypes
+    raised; so the wrappers in kernel_ops.py check every argument before the op (see README.md).
+    """
+    import subprocess
+
+    cuda_with_kernels()
+    here = str(Path(__file__).resolve().parent)
+    res = subprocess.run([sys.executable, "-c", _REFUSAL_CODE.format(here=here)], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, f"rc {res.returncode}: " + res.stderr[-6000:]
+    assert "refused:" in res.stdout and "qkv must be contiguous float16/bfloat16" in res.stdout, res.stdout
