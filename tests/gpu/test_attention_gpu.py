@@ -260,7 +260,8 @@ def test_kernel_refusal_raises_instead_of_crashing():
     The message here is text only. On the GPU machine's image (torch 2.11, CUDA 13), any extension
     whose TORCH_CHECK message formats an integer or a size crashed the process (SIGSEGV), a
     ten-line load_inline extension built with g++ included, while messages of text and dtypes
-    raised; so the wrappers in kernel_ops.py check every argument before the op (see README.md).
+    raised (results/ab_H200_2026-11-28/env_torch_check_int_crash.log); the wrappers in
+    kernel_ops.py check the arguments before the op.
     """
     import subprocess
 
