@@ -525,9 +525,8 @@ int plan_block_keys(int B, int Hkv, int kv_len, int sms) {
 // 20.2; 512 threads: 11.4 at batch 1).
 int plan_threads(long blocks, int sms) { return blocks <= sms ? 256 : 128; }
 
-// Blocks of `kernel` (256 threads) that can run at once as clusters of S on this device
-// (cudaOccupancyMaxActiveClusters x S; 0 where the query fails), queried once per (device, kernel, S)
-// on the current device.
+// Blocks of `kernel` (256 threads) resident at once as clusters of S along x on `device` (the current
+// one): resident_cluster_blocks, queried once per (device, kernel, S).
 int cluster_slots(int device, void (*kernel)(AttnArgs), int S) {
   static std::mutex mu;
   static std::map<std::tuple<int, void (*)(AttnArgs), int>, int> cache;
@@ -535,18 +534,7 @@ int cluster_slots(int device, void (*kernel)(AttnArgs), int S) {
   const auto key = std::make_tuple(device, kernel, S);
   const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(S, 1, 1);
-  cfg.blockDim = dim3(256);
-  cudaLaunchAttribute attr[1] = {cluster_attribute(dim3(S, 1, 1))};
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 0;
-  }
-  return cache[key] = n * S;
+  return cache[key] = resident_cluster_blocks(reinterpret_cast<const void*>(kernel), dim3(256), 0, dim3(S, 1, 1));
 }
 
 // Key blocks S for the cluster merge (step 5 at the top), or 0 for the lock merge: sm_90, the

@@ -293,17 +293,30 @@ cudaError_t launch_kernel_clusters(void (*kernel)(Params...), dim3 grid, dim3 bl
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// cluster_z > 1: blocks (x, y, z .. z + cluster_z - 1) form a cluster (grid.z a multiple of it; sm_90).
-template <typename... Params, typename... Args>
-cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                  bool pdl, unsigned cluster_z, Args... args) {
-  return launch_kernel_clusters(kernel, grid, block, smem, stream, pdl, dim3(1, 1, cluster_z), args...);
-}
-
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                bool pdl, Args... args) {
-  return launch_kernel_cluster(kernel, grid, block, smem, stream, pdl, 1u, args...);
+  return launch_kernel_clusters(kernel, grid, block, smem, stream, pdl, dim3(1, 1, 1), args...);
+}
+
+// Blocks of `kernel` (`block` threads, `smem` bytes of dynamic shared memory) that can be resident at
+// once as clusters of `cluster` on the current device: cudaOccupancyMaxActiveClusters x the cluster's
+// size, or 0 where the query fails or no cluster fits (the error is cleared). Clusters sit within one
+// GPC, so this can be fewer than the SMs hold as single blocks. A host query; callers cache it.
+inline int resident_cluster_blocks(const void* kernel, dim3 block, size_t smem, dim3 cluster) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = cluster;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1] = {cluster_attribute(cluster)};
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (kernel == nullptr || cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n * int(cluster.x * cluster.y * cluster.z);
 }
 
 template <typename... Params, typename... Args>

@@ -957,10 +957,9 @@ int gptq_tiled_occupancy(int mt, bool has_z, int variant, int wgs) {
   return v;
 }
 
-// WS blocks resident at once when the S blocks of a tile form a cluster (S = 2, 4 or 8): the clusters
-// that fit at once (cudaOccupancyMaxActiveClusters) x S, cached; 0 where the query fails. Clusters sit
-// within one GPC, so this can be fewer than the SMs: on the H100 a grid of 128 such blocks in clusters
-// of 4 or 8 needed a second wave (ab_H100_2026-11-28/ws_cluster_sum.log).
+// WS blocks resident at once when the S blocks of a tile form a cluster (S = 2, 4 or 8):
+// resident_cluster_blocks, cached; 0 where the query fails. On the H100 a grid of 128 such blocks in
+// clusters of 4 or 8 needed a second wave (ab_H100_2026-11-28/ws_cluster_sum.log).
 template <typename T, int BITS>
 int gptq_ws_cluster_slots(int mt, bool has_z, int S, int wgs) {
   static int slots[3][2][3][2] = {};  // [MT 2/4/8][has_z][S 2/4/8][wgs 1/2]; -1: failed
@@ -969,21 +968,9 @@ int gptq_ws_cluster_slots(int mt, bool has_z, int S, int wgs) {
   if (v == 0) {
     const TiledKernel<T> k = tiled_kernel_for<T, BITS>(mt, has_z, kTiledWs, wgs);
     gptq_tiled_occupancy<T, BITS>(mt, has_z, kTiledWs, wgs);  // sets the shared-memory attribute
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(1, 1, S);
-    cfg.blockDim = dim3(tiled_threads(kTiledWs, wgs));
-    cfg.dynamicSmemBytes = tiled_block_smem<BITS>(mt, kTiledWs, wgs);
-    cudaLaunchAttribute attr[1] = {cluster_attribute(dim3(1, 1, unsigned(S)))};
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int n = 0;
-    if (k == nullptr || cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(k), &cfg) != cudaSuccess ||
-        n < 1) {
-      (void)cudaGetLastError();
-      v = -1;
-    } else {
-      v = n * S;
-    }
+    v = resident_cluster_blocks(reinterpret_cast<const void*>(k), dim3(tiled_threads(kTiledWs, wgs)),
+                                tiled_block_smem<BITS>(mt, kTiledWs, wgs), dim3(1, 1, unsigned(S)));
+    if (v == 0) v = -1;
   }
   return v < 0 ? 0 : v;
 }
@@ -996,12 +983,12 @@ cudaError_t gptq_tiled_launch(const TiledArgs& a) {
   if (k == nullptr) return cudaErrorInvalidValue;
   gptq_tiled_occupancy<T, BITS>(mt, a.zeros != nullptr, a.variant, a.wgs);  // sets the shared-memory attribute
   const dim3 grid((a.M + 16 * mt - 1) / (16 * mt), (a.Np / kBlockN + kTiledWarps - 1) / kTiledWarps, a.S);
-  return launch_kernel_cluster(k, grid, dim3(tiled_threads(a.variant, a.wgs)),
-                               tiled_block_smem<BITS>(mt, a.variant, a.wgs),
-                               a.stream, a.pdl, a.cluster ? unsigned(a.S) : 1u, static_cast<const T*>(a.x),
-                               static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
-                               static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N,
-                               a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
+  return launch_kernel_clusters(k, grid, dim3(tiled_threads(a.variant, a.wgs)),
+                                tiled_block_smem<BITS>(mt, a.variant, a.wgs), a.stream, a.pdl,
+                                dim3(1, 1, a.cluster ? unsigned(a.S) : 1u), static_cast<const T*>(a.x),
+                                static_cast<const uint4*>(a.qweight), static_cast<const T*>(a.scales),
+                                static_cast<const T*>(a.zeros), a.partial, a.locks, static_cast<T*>(a.out), a.M, a.N,
+                                a.Kp, a.Np, a.G, a.group_rows, a.cpb, a.S);
 }
 
 extern template int gptq_ws_cluster_slots<__half, 4>(int, bool, int, int);

@@ -13,6 +13,8 @@ slot, opcheck, a C++ refusal raised as an error.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -154,7 +156,8 @@ t.cuda_with_kernels()  # loads the built kernels (the caller checked that they b
 outs = []
 for heads, bsz, lmax, slot, window in [("mistral", 1, 768, 600, 0), ("mistral", 1, 768, 600, 300),
                                        ("smollm2", 2, 1024, 1000, 0), ("g8", 1, 4096, 4000, 0),
-                                       ("mistral", 1, 64, 0, 0), ("mha", 3, 512, 255, 100)]:
+                                       ("mistral", 1, 64, 0, 0), ("mha", 3, 512, 255, 100),
+                                       ("mistral", 1, 2048, 1500, 0)]:  # the last one: too long for a cluster
     h, hkv, _ = t.HEADS[heads]
     c = t._case(heads, bsz, lmax, slot, window, torch.float16, seed=slot + bsz)
     y = decode_attention(**c, n_heads=h, n_kv_heads=hkv, kv_len=lmax, window=window)
@@ -164,24 +167,31 @@ print("ok", len(outs))
 """
 
 
+def _run_script(code: str, path: str = "", switches=None) -> subprocess.CompletedProcess:
+    """Run one of this module's scripts (``code``, formatted with this folder and ``path``) in a fresh
+    process, with the environment variables in ``switches`` set (removed where None): the kernels'
+    A/B switches are read once per process."""
+    switches = switches or {}
+    env = {k: v for k, v in os.environ.items() if k not in switches}
+    env.update({k: v for k, v in switches.items() if v is not None})
+    here = str(Path(__file__).resolve().parent)
+    return subprocess.run([sys.executable, "-c", code.format(here=here, path=path)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
 def test_early_loads_same_bits(tmp_path):
     """The 256-thread blocks that load their first step of the cache before the wait (EARLY, the
     default) give the same bits as the same blocks waiting first (ZEPHYR_ATTN_EARLY=0, read once per
-    process): batch 1 with and without a window, a split and an unsplit cache, other head layouts."""
-    import os
-    import subprocess
-
+    process): batch 1 with and without a window, a split and an unsplit cache, other head layouts;
+    the cluster merge's blocks and (the 2048-slot cache) the lock merge's."""
     cuda_with_kernels()
-    here = str(Path(__file__).resolve().parent)
     results = {}
     for flag in ("0", "1"):
         path = str(tmp_path / f"early{flag}.pt")
-        env = {**os.environ, "ZEPHYR_ATTN_EARLY": flag}
-        res = subprocess.run([sys.executable, "-c", _EARLY_CODE.format(here=here, path=path)], env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        res = _run_script(_EARLY_CODE, path, {"ZEPHYR_ATTN_EARLY": flag})
         assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_ATTN_EARLY={flag}: " + res.stderr[-6000:]
         results[flag] = torch.load(path)
-    assert len(results["0"]) == len(results["1"]) == 18
+    assert len(results["0"]) == len(results["1"]) == 21
     for i, (a, b) in enumerate(zip(results["0"], results["1"])):
         assert torch.equal(a, b), i
 
@@ -214,21 +224,13 @@ def test_cluster_merge_matches_reference_and_runs(tmp_path):
     lock merge (ZEPHYR_ATTN_CLUSTER=0, read once per process) both match the reference in both
     dtypes, with and without a window and out_index, and write the same cache; their outputs
     differ in bits somewhere (the merges round differently), which shows the cluster path ran."""
-    import os
-    import subprocess
-
     dev = cuda_with_kernels()
     if torch.cuda.get_device_capability(dev)[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
-    here = str(Path(__file__).resolve().parent)
     results = {}
     for flag in ("0", None):
         path = str(tmp_path / f"cluster{flag}.pt")
-        env = {k: v for k, v in os.environ.items() if k != "ZEPHYR_ATTN_CLUSTER"}
-        if flag is not None:
-            env["ZEPHYR_ATTN_CLUSTER"] = flag
-        res = subprocess.run([sys.executable, "-c", _CLUSTER_CODE.format(here=here, path=path)], env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        res = _run_script(_CLUSTER_CODE, path, {"ZEPHYR_ATTN_CLUSTER": flag})
         assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_ATTN_CLUSTER={flag}: " + res.stderr[-6000:]
         results[flag] = torch.load(path)
     lock, cluster = results["0"], results[None]
@@ -263,11 +265,7 @@ def test_kernel_refusal_raises_instead_of_crashing():
     raised (results/ab_H200_2026-11-28/env_torch_check_int_crash.log); the wrappers in
     kernel_ops.py check the arguments before the op.
     """
-    import subprocess
-
     cuda_with_kernels()
-    here = str(Path(__file__).resolve().parent)
-    res = subprocess.run([sys.executable, "-c", _REFUSAL_CODE.format(here=here)], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    res = _run_script(_REFUSAL_CODE)
     assert res.returncode == 0, f"rc {res.returncode}: " + res.stderr[-6000:]
     assert "refused:" in res.stdout and "qkv must be contiguous float16/bfloat16" in res.stdout, res.stdout
