@@ -16,13 +16,18 @@
 // Grid: (key blocks S, kv heads, rows). A block owns `block_keys` cache slots
 // of one (row, kv head) and all G = H / Hkv query heads that share it:
 //   1. q of the G heads, rotated in fp32 and rounded to the activation type
-//      (as the unfused path does), scaled by 1/sqrt(hd), into shared memory.
+//      (as the unfused path does), into shared memory.
 //      The block whose slots hold `slot` also rotates k and writes k, v there
 //      (and keeps them in shared memory for its own use).
 //   2. Steps of 64 keys (32 with G > 4): each thread loads its 16-byte slices
 //      of K and V for the whole step at once (one memory round trip per
-//      step), the G dot products of a key are reduced with shuffles, and an
-//      online softmax (block-wide running max) accumulates P @ V. Masked keys
+//      step). The scores are tensor-core products: each warp takes KW <= 16
+//      keys of the step as the rows of mma.sync.m16n8k16 tiles against the G
+//      (<= 8) query heads as columns, with K read straight from global memory
+//      in fragment order (below), then scaled by 1/sqrt(hd) in fp32. An online
+//      softmax (block-wide running max) turns them into probabilities, once
+//      per (key, head), which reach the threads holding the V slices through
+//      shared memory; P @ V is fp32 FMAs. Masked keys
 //      are never read: a row sees slots [lo, slot] with
 //      lo = max(pad, slot - window + 1), and always itself
 //      (kv_cache.attention_mask's rule).
@@ -138,6 +143,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   constexpr int kStep = (GMAX <= 4 ? 64 : 32) * (CL ? 2 : 1);
   constexpr int kPasses = kStep / kKeysPerPass;
   static_assert(kPasses >= 1 && kStep % kKeysPerPass == 0, "a step must be whole passes of the block");
+  // Scores: warp w takes keys [w KW, (w + 1) KW) of a step as rows of m16n8k16 tiles (rows >= KW
+  // empty), the query heads as the 8 columns, hd / 16 k-steps. Lane (fr = lane / 4, fc = lane % 4)
+  // holds A (K) rows fr and fr + 8 and B (q) column fr. The dot product does not depend on the
+  // order of the dims, so k-step 2m + h's fragment columns {2fc, 2fc + 1, 2fc + 8, 2fc + 9} are
+  // taken as dims 32m + 8fc + 4h + {0, 1, 2, 3}: a lane reads 16 contiguous bytes of a key (or of
+  // q) per two k-steps, and a warp's load of one m covers 64 contiguous bytes of each of its keys.
+  constexpr int KW = kStep / kAttnWarps;
+  static_assert(kStep % kAttnWarps == 0 && KW >= 1 && KW <= 16, "a warp's keys must fit one tile");
+  constexpr int kRows = KW > 8 ? 2 : 1;  // tile rows a lane loads (fr, and fr + 8 with KW > 8)
+  constexpr int kMK = HD / 32;           // 16-byte pieces of a key per lane
   // Launched as a programmatic dependent (pdl_chain in device_info.cuh), the kernel may be scheduled
   // while the kernel that writes qkv still runs: it waits before reading anything. The output
   // projection after it may be scheduled as soon as every block of this one has started.
@@ -148,26 +163,35 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.G, BK = a.block_keys;
   const int dl = tid % kLanesPerKey, kk = tid / kLanesPerKey;  // slice, key within a pass
+  const int fr = lane >> 2, fc = lane & 3;                      // mma fragment row and column pair
   const int c0 = s * BK, c1 = min(c0 + BK, a.kv_len);
   const size_t head_off = size_t(b * a.Hkv + hk) * a.Lmax * HD;
   T* kc = reinterpret_cast<T*>(a.k_cache) + head_off;
   T* vc = reinterpret_cast<T*>(a.v_cache) + head_off;
-  uint4 kr0[EARLY ? kPasses : 1], vr0[EARLY ? kPasses : 1];  // EARLY: the step at c0, loaded before the wait
+  // EARLY: the step at c0, loaded before the wait (K in fragment order, V in slices)
+  uint4 kr0[EARLY ? kRows : 1][EARLY ? kMK : 1], vr0[EARLY ? kPasses : 1];
   if constexpr (EARLY) {
+#pragma unroll
+    for (int h = 0; h < kRows; ++h) {
+      const int r = fr + 8 * h, j = c0 + warp * KW + r;
+#pragma unroll
+      for (int m = 0; m < kMK; ++m) {
+        kr0[h][m] = make_uint4(0, 0, 0, 0);
+        if (r < KW && j < c1) kr0[h][m] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + 32 * m + 8 * fc);
+      }
+    }
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int j = c0 + p * kKeysPerPass + kk;
-      kr0[p] = vr0[p] = make_uint4(0, 0, 0, 0);
-      if (j < c1) {
-        kr0[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
-        vr0[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
-      }
+      vr0[p] = make_uint4(0, 0, 0, 0);
+      if (j < c1) vr0[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
     }
   }
   pdl_wait();
   probe.mark(1);
 
-  __shared__ float q_s[GMAX * HD];
+  __shared__ __align__(16) T q_s[GMAX * HD];  // rotated q, rounded to T, unscaled
+  __shared__ __align__(16) float p_s[kStep * GMAX];  // a step's probabilities [key][head]
   __shared__ float kv_new[2 * HD];  // the new token's k (rotated) and v
   __shared__ float wmax[kAttnWarps][GMAX];
   __shared__ float red[kAttnWarps][GMAX * HD];
@@ -179,13 +203,14 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   const float* sn = a.sin + size_t(b) * (HD / 2);
   // EARLY: q, k and v of the new token go to registers here, before the slot is known (their loads
   // then travel with the slot's); the block that holds the slot writes k, v below.
-  float q_e[EARLY ? (GMAX * HD + kAttnThreads - 1) / kAttnThreads : 1], k_e = 0.f, v_e = 0.f;
+  T q_e[EARLY ? (GMAX * HD + kAttnThreads - 1) / kAttnThreads : 1];
+  float k_e = 0.f, v_e = 0.f;
   T k_t{}, v_t{};
   if constexpr (EARLY) {
 #pragma unroll
     for (int r = 0; r < (GMAX * HD + kAttnThreads - 1) / kAttnThreads; ++r) {
       const int i = tid + r * kAttnThreads, g = i / HD, d = i % HD;
-      q_e[r] = g < G ? to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale : 0.f;
+      q_e[r] = g < G ? from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn)) : from_float<T>(0.f);
     }
     if (tid < HD) {
       k_t = from_float<T>(rotate<T, HD>(row + (a.H + hk) * HD, tid, cs, sn));
@@ -222,7 +247,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     } else {
       for (int i = tid; i < G * HD; i += kAttnThreads) {
         const int g = i / HD, d = i % HD;
-        q_s[i] = to_float(from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn))) * a.scale;
+        q_s[i] = from_float<T>(rotate<T, HD>(row + (hk * G + g) * HD, d, cs, sn));
       }
       if (writer) {  // this block writes the new token's k and v (and reads them from shared memory)
         const T* kh = row + (a.H + hk) * HD;
@@ -237,60 +262,70 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     }
     __syncthreads();
     probe.mark(2);
-    float qr[GMAX][8];
+    // This lane's B fragments: head fr's q (zero for fr >= G), dims 32m + 8fc + [0, 8).
+    uint4 qb[kMK];
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        qr[g][e] = 0.f;
-        if (g < G) qr[g][e] = q_s[g * HD + dl * 8 + e];
-      }
+    for (int m = 0; m < kMK; ++m)
+      qb[m] = fr < G ? *reinterpret_cast<const uint4*>(q_s + fr * HD + 32 * m + 8 * fc) : make_uint4(0, 0, 0, 0);
 
     for (int base = j0; base < j1; base += kStep) {
-      // All of the step's K and V slices in flight at once (the new token's row comes from shared
-      // memory). Issuing the first step's loads before the rotation of q and k was tried: 211
+      // All of the step's K and V slices in flight at once (the new token's k and v come from
+      // shared memory). Issuing the first step's loads before the rotation of q and k was tried: 211
       // instead of 168 registers, and batch 32 decoded 3% slower on the H100.
-      uint4 kr[kPasses], vr[kPasses];
       const bool early = EARLY && base == c0;  // this step was loaded before the wait (j0 == c0)
+      uint4 kr[kRows][kMK], vr[kPasses];
 #pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
-        kr[p] = vr[p] = make_uint4(0, 0, 0, 0);
-        const int j = base + p * kKeysPerPass + kk;
-        if (j < j1 && j != slot) {
-          if (early) {
-            kr[p] = kr0[EARLY ? p : 0], vr[p] = vr0[EARLY ? p : 0];
-          } else {
-            kr[p] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + dl * 8);
-            vr[p] = *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
+      for (int h = 0; h < kRows; ++h) {
+        const int r = fr + 8 * h, j = base + warp * KW + r;
+#pragma unroll
+        for (int m = 0; m < kMK; ++m) {
+          kr[h][m] = make_uint4(0, 0, 0, 0);
+          if (r < KW && j < j1) {
+            if (j == slot) {
+              T f[8];
+#pragma unroll
+              for (int e = 0; e < 8; ++e) f[e] = from_float<T>(kv_new[32 * m + 8 * fc + e]);  // exact
+              memcpy(&kr[h][m], f, sizeof(f));
+            } else if (early) {
+              kr[h][m] = kr0[EARLY ? h : 0][EARLY ? m : 0];
+            } else {
+              kr[h][m] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + 32 * m + 8 * fc);
+            }
           }
         }
       }
-      float sc[kPasses][GMAX];
-      float mx[GMAX];
-#pragma unroll
-      for (int g = 0; g < GMAX; ++g) mx[g] = -INFINITY;
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
+        vr[p] = make_uint4(0, 0, 0, 0);
         const int j = base + p * kKeysPerPass + kk;
-        float kf[8];
-        slice_values<T>(kr[p], kv_new + dl * 8, j == slot, kf);
-#pragma unroll
-        for (int g = 0; g < GMAX; ++g) {
-          float acc = 0.f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc = fmaf(qr[g][e], kf[e], acc);
-#pragma unroll
-          for (int off = kLanesPerKey / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-          sc[p][g] = j < j1 ? acc : -INFINITY;
-          mx[g] = fmaxf(mx[g], sc[p][g]);
-        }
+        if (j < j1 && j != slot) vr[p] = early ? vr0[EARLY ? p : 0] : *reinterpret_cast<const uint4*>(vc + size_t(j) * HD + dl * 8);
       }
-      // Block-wide max of the step's scores, per head: warps by shuffles, then shared memory.
+      // Scores of keys (rows fr, fr + 8) x heads (2fc, 2fc + 1): two accumulators (even and odd
+      // k-steps) halve the chain of dependent mma.
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int g = 0; g < GMAX; ++g) {
+      for (int m = 0; m < kMK; ++m)
 #pragma unroll
-        for (int off = kLanesPerKey; off < 32; off <<= 1) mx[g] = fmaxf(mx[g], __shfl_xor_sync(0xffffffffu, mx[g], off));
-        if (lane == 0) wmax[warp][g] = mx[g];
+        for (int h = 0; h < 2; ++h) {
+          const uint4& k0 = kr[0][m];
+          const uint4& k1 = kr[kRows - 1][m];
+          const uint32_t af[4] = {h ? k0.z : k0.x, kRows > 1 ? (h ? k1.z : k1.x) : 0u, h ? k0.w : k0.y,
+                                  kRows > 1 ? (h ? k1.w : k1.y) : 0u};
+          Traits<T>::mma(acc[h], af, h ? qb[m].z : qb[m].x, h ? qb[m].w : qb[m].y);
+        }
+      float sc[2][2], mx[2];  // [row][head 2fc + i]
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = fr + 8 * h, j = base + warp * KW + r;
+          sc[h][i] = r < KW && j < j1 ? (acc[0][2 * h + i] + acc[1][2 * h + i]) * a.scale : -INFINITY;
+        }
+        // The warp's max per head: over the lanes that share fc.
+        mx[i] = fmaxf(sc[0][i], sc[1][i]);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], off));
+        if (fr == 0 && 2 * fc + i < GMAX) wmax[warp][2 * fc + i] = mx[i];
       }
       __syncthreads();
 #pragma unroll
@@ -304,17 +339,32 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #pragma unroll
         for (int e = 0; e < 8; ++e) o[g][e] *= alpha;
       }
-      __syncthreads();  // wmax is rewritten by the next step
+      // Probabilities, once per (key, head): the lanes holding the scores write them.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int g = 2 * fc + i;
+        float m = m_run[0];
+#pragma unroll
+        for (int u = 1; u < GMAX; ++u)
+          if (u == g) m = m_run[u];
+#pragma unroll
+        for (int h = 0; h < kRows; ++h) {
+          const int r = fr + 8 * h;
+          if (r < KW && g < G) p_s[(warp * KW + r) * GMAX + g] = expf(sc[h][i] - m);
+        }
+      }
+      __syncthreads();  // p_s complete; wmax is rewritten by the next step
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
         const int j = base + p * kKeysPerPass + kk;
         if (j >= j1) continue;
         float vf[8];
         slice_values<T>(vr[p], kv_new + HD + dl * 8, j == slot, vf);
+        const float* pk = p_s + (p * kKeysPerPass + kk) * GMAX;
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
           if (g >= G) break;
-          const float pr = expf(sc[p][g] - m_run[g]);
+          const float pr = pk[g];
           l_run[g] += pr;
 #pragma unroll
           for (int e = 0; e < 8; ++e) o[g][e] = fmaf(pr, vf[e], o[g][e]);

@@ -144,6 +144,18 @@ def test_runtime_float_model_uses_kernel_and_matches(float_ckpt):
         ref = cpu.steps(nxt, 30 + step, pad)
         got = on.steps(nxt.cuda(), 30 + step, pad.cuda()).cpu()
         assert float((got - ref).norm() / ref.norm()) < 1e-2, step
+    # Greedy generation through the kernel (a batch of two, left padded): each token is the argmax of the
+    # cuBLAS model's logits for the same prefix (teacher forced, one prefill per row), up to a near tie.
+    # Comparing the two paths' generated tokens for equality instead failed at step 23 of 24 once the
+    # attention kernel's rounding changed: a random model's top two logits can sit within rounding.
     prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (20, 9)]
     greedy = SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
-    assert on.generate_tokens(prompts, greedy) == off.generate_tokens(prompts, greedy)
+    outs = on.generate_tokens(prompts, greedy)
+    no_pad = torch.zeros(1, dtype=torch.long, device="cuda")
+    for prompt, toks in zip(prompts, outs):
+        assert len(toks) == 24
+        seq = torch.tensor([prompt + toks[:-1]], device="cuda")
+        logits = off.model(seq, 0, no_pad, kv_len=128)[0, len(prompt) - 1 :]  # [24, V]: predicts toks
+        chosen = logits.gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
+        gap = logits.max(dim=1).values - chosen
+        assert bool((gap <= 2e-2 * logits.std(dim=1)).all()), gap
