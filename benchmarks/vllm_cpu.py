@@ -57,6 +57,11 @@ CHECKPOINTS = {"u4g64": (4, False), "u4g64_act": (4, True), "u8g64_act": (8, Tru
 
 
 def git_commit() -> str:
+    """ZEPHYR_GIT_COMMIT when set (the rule of benchmarks/kernels.py's: a copied tree's .git may be stale), else
+    git's HEAD."""
+    env = os.environ.get("ZEPHYR_GIT_COMMIT")
+    if env:
+        return env
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
     except Exception:
