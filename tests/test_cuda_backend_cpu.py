@@ -385,6 +385,36 @@ def test_norm_fixed_loads_stay_above_the_wait(tmp_path):
     assert checked == 2, checked
 
 
+def test_attention_early_loads_stay_above_the_wait(tmp_path):
+    """In decode_attention's sm_90a SASS, every EARLY kernel (the 256-thread blocks of grids that fit on the
+    SMs) requests exactly its first step's K and V cache slices before griddepcontrol.wait (ACQBULK): the K
+    pieces in mma fragment order (rows per lane x hd / 32) and the V slices (one per pass of the block's
+    keys). Nothing else: q, k, v, cos, sin, the slot and the padding are written or may be written by the
+    kernel before. The kernels without EARLY load nothing above their wait."""
+    import re
+
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    obj = tmp_path / "attn.o"
+    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", *_torch_include_flags(tmp_path),
+           "-c", str(KERNELS / "decode_attention.cu"), "-o", str(obj)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    checked = 0
+    for name, above in _sass_above_wait(obj, cuobjdump):
+        m = re.search(r"decode_attention_kernelI\w+?Li(\d+)ELi(\d)ELi(\d+)ELb([01])ELb([01])E", name)
+        if m is None:
+            continue
+        hd, gmax, threads, early, cl = (int(v) for v in m.groups())
+        assert above is not None, f"{name}: no griddepcontrol.wait"
+        loads = sum(bool(re.search(r"\bLDG\b", line)) for line in above)
+        step = (64 if gmax <= 4 else 32) * (2 if cl else 1)  # keys per step (the kernel's kStep)
+        keys_per_warp = step // (threads // 32)
+        want = (2 if keys_per_warp > 8 else 1) * (hd // 32) + step // (threads // (hd // 8)) if early else 0
+        assert loads == want, f"{name}: {loads} loads above the wait, want {want}"
+        checked += 1
+    assert checked == 40, checked  # 2 dtypes x 2 head dims x 10 (group bound, threads, EARLY, cluster)
+
+
 @pytest.mark.slow
 def test_nvcc_compiles_every_source_with_torch_headers(tmp_path):
     """Every .cu file, including the torch-facing launcher, compiles (slow: minutes on 2 cores)."""
