@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
   const size_t head_off = size_t(b * a.Hkv + hk) * a.Lmax * HD;
   T* kc = reinterpret_cast<T*>(a.k_cache) + head_off;
   T* vc = reinterpret_cast<T*>(a.v_cache) + head_off;
+  // This lane's 16-byte piece m of key j in fragment order (dims 32m + 8fc + [0, 8)).
+  auto k_piece = [&](int j, int m) { return *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + 32 * m + 8 * fc); };
   // EARLY: the step at c0, loaded before the wait (K in fragment order, V in slices)
   uint4 kr0[EARLY ? kRows : 1][EARLY ? kMK : 1], vr0[EARLY ? kPasses : 1];
   if constexpr (EARLY) {
@@ -177,7 +179,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #pragma unroll
       for (int m = 0; m < kMK; ++m) {
         kr0[h][m] = make_uint4(0, 0, 0, 0);
-        if (r < KW && j < c1) kr0[h][m] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + 32 * m + 8 * fc);
+        if (r < KW && j < c1) kr0[h][m] = k_piece(j, m);
       }
     }
 #pragma unroll
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
             } else if (early) {
               kr[h][m] = kr0[EARLY ? h : 0][EARLY ? m : 0];
             } else {
-              kr[h][m] = *reinterpret_cast<const uint4*>(kc + size_t(j) * HD + 32 * m + 8 * fc);
+              kr[h][m] = k_piece(j, m);
             }
           }
         }
