@@ -338,6 +338,18 @@ def _torch_include_flags(tmp_path) -> list[str]:
     return [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path / 'shim'}"]
 
 
+def _sm90a_object(tmp_path, source: str, timeout: int = 600):
+    """The torch-facing kernel file ``source`` compiled to sm_90a SASS (nvcc and cuobjdump both found, or the
+    test skipped, before the compile): (object path, cuobjdump)."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    obj = tmp_path / (Path(source).stem + ".o")
+    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", *_torch_include_flags(tmp_path),
+           "-c", str(KERNELS / source), "-o", str(obj)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return obj, cuobjdump
+
+
 def test_gemv_weight_loads_stay_above_the_wait(sm90a_u4):
     """In every GEMV kernel variant's sm_90a SASS the first weight unit's 8 streaming loads
     (LDG.E.NA) come before griddepcontrol.wait (ACQBULK), so that they overlap the kernel before; and
@@ -368,12 +380,7 @@ def test_norm_fixed_loads_stay_above_the_wait(tmp_path):
     (no branch between), ptxas had moved all five below it."""
     import re
 
-    nvcc, cuobjdump = _nvcc(), _cuobjdump()  # both found (or skipped) before the ~25 s compile
-    obj = tmp_path / "norm.o"
-    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", *_torch_include_flags(tmp_path),
-           "-c", str(KERNELS / "add_rms_norm.cu"), "-o", str(obj)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    obj, cuobjdump = _sm90a_object(tmp_path, "add_rms_norm.cu")  # ~25 s
     checked = 0
     for name, above in _sass_above_wait(obj, cuobjdump):
         if "add_rms_norm_permuted_kernel" not in name:
@@ -393,12 +400,7 @@ def test_attention_early_loads_stay_above_the_wait(tmp_path):
     kernel before. The kernels without EARLY load nothing above their wait."""
     import re
 
-    nvcc, cuobjdump = _nvcc(), _cuobjdump()
-    obj = tmp_path / "attn.o"
-    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", *_torch_include_flags(tmp_path),
-           "-c", str(KERNELS / "decode_attention.cu"), "-o", str(obj)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    obj, cuobjdump = _sm90a_object(tmp_path, "decode_attention.cu", timeout=900)  # ~50 s
     checked = 0
     for name, above in _sass_above_wait(obj, cuobjdump):
         m = re.search(r"decode_attention_kernelI\w+?Li(\d+)ELi(\d)ELi(\d+)ELb([01])ELb([01])E", name)
