@@ -11,9 +11,12 @@ done, 4 lock; norm: 1 wait) and its exit, from ``%globaltimer`` (0.25 us steps o
 Printed per kernel kind of the last decode step (medians over its calls, in us): ``dur`` from the first
 wait release to the last block's exit; ``gap`` since the previous recorded kernel's exit (kernels not
 recorded, such as the compiled elementwise ops and the head, and the launch boundary); ``wspr`` the spread
-of wait releases; ``lead`` how long before its wait release the first block was resident; ``ph1..ph3``
-the medians over blocks of stamp 2 - 1, 3 - 2, 4 - 3; ``merge`` the last block's time after the lock;
-``arrspr`` the spread of arrivals at the lock. Then one layer in order.
+of wait releases; ``lead`` how long before its wait release the first block was resident; ``sms`` the SMs
+its blocks ran on; ``ph1..ph3`` the medians over blocks of stamp 2 - 1, 3 - 2, 4 - 3; ``p2spr`` the spread
+of stamp 2 over the blocks (GEMV: when their weight loops end); ``merge`` the last block's time after the
+lock; ``arrspr`` the spread of arrivals at the lock. Then one layer in order. ``--records FILE`` also
+writes each batch's last step as JSON (gzip-compressed when FILE ends in .gz): per launch, its blocks'
+rows (stamps 0-4 and the exit in us, then tag, block, SM, n), for grouping offline (by SM, say).
 
 The stamps cost registers and time (4-bit batch 1 on the H200: ~4% slower than the normal build), so
 compare variants within one such build, and measure speed with ``e2e.py`` or a same-process A/B on the
@@ -22,6 +25,7 @@ normal build.
 Usage::
 
     python benchmarks/decode_timeline.py [--configs u4g128_act,u8g128_act] [--batches 1,8] [--workdir DIR]
+                                         [--records FILE]
 
 Needs a CUDA GPU (sm_90 for the dependent launches the stamps are about). First written for the
 2026-11-28 H200 session (``results/ab_H200_2026-11-28/decode_timeline_e196a2f.log``, a branch build of
@@ -125,6 +129,9 @@ def summarize(step: list[dict]) -> dict:
         d["wspr"].append(g["wait_last"] - g["wait"])
         d["lead"].append(g["wait"] - g["entry"])
         d["blocks"].append(len(ts))
+        d["sms"].append(len({r.smid for r in g["records"]}))
+        done = [t[2] for t in ts if t[2]]
+        d["p2spr"].append(max(done) - min(done) if done else float("nan"))
         for k in (1, 2, 3):
             d[f"ph{k}"].append(_median([t[k + 1] - t[k] for t in ts if t[k + 1] and t[k]]))
         last = max(ts, key=lambda t: t[5])
@@ -138,14 +145,32 @@ def summarize(step: list[dict]) -> dict:
     return {"kinds": kinds, "span_us": span, "recorded_us": busy, "between_us": span - busy}
 
 
+def step_rows(step: list[dict]) -> list[list[list]]:
+    """A step's launches as plain rows for JSON: per block its stamps and exit (us), tag, block, SM, n."""
+    return [[[*r.t, r.tag, r.block, r.smid, r.n] for r in g["records"]] for g in step]
+
+
+def write_records(path: str, steps_by_label: dict) -> None:
+    """{label: step_rows(...)} as JSON, gzip-compressed when the path ends in .gz; written to a temporary
+    file and renamed."""
+    import gzip
+    import json
+
+    tmp = f"{path}.tmp"
+    with (gzip.open(tmp, "wt") if path.endswith(".gz") else open(tmp, "w")) as f:
+        json.dump(steps_by_label, f)
+    os.replace(tmp, path)
+
+
 def print_summary(label: str, step: list[dict]) -> None:
     s = summarize(step)
     print(f"== {label}: {len(step)} recorded kernels, span {s['span_us']:.1f} us, in them {s['recorded_us']:.1f}, "
           f"between them {s['between_us']:.1f}")  # fmt: skip
-    cols = ("dur", "gap", "wspr", "lead", "ph1", "ph2", "ph3", "merge", "arrspr")
-    print(f"{'kernel':48s} {'calls':>5s} {'blocks':>6s} " + " ".join(f"{c:>6s}" for c in cols))
+    cols = ("dur", "gap", "wspr", "lead", "ph1", "ph2", "ph3", "p2spr", "merge", "arrspr")
+    print(f"{'kernel':48s} {'calls':>5s} {'blocks':>6s} {'sms':>4s} " + " ".join(f"{c:>6s}" for c in cols))
     for name, d in s["kinds"].items():
-        print(f"{name:48s} {d['calls']:5d} {d['blocks']:6.0f} " + " ".join(f"{d[c]:6.2f}" for c in cols))
+        head = f"{name:48s} {d['calls']:5d} {d['blocks']:6.0f} {d['sms']:4.0f} "
+        print(head + " ".join(f"{d[c]:6.2f}" for c in cols))
     attn = [i for i, g in enumerate(step) if g["key"][0] % 10 == 1]
     if attn:
         i0 = max(attn[len(attn) // 2] - 1, 0)  # a layer from the middle, from its qkv GEMV
@@ -164,8 +189,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
+    ap.add_argument("--records", default=None, help="also write each batch's last step's records here (JSON)")
     args = ap.parse_args(argv)
     names, batches, reuse = checked_run_args(ap, args)  # before anything runs (e2e.py's rule)
+    if args.records and not os.path.isdir(os.path.dirname(os.path.abspath(args.records))):
+        ap.error(f"--records: no folder {os.path.dirname(os.path.abspath(args.records))} to write into")
 
     import torch
 
@@ -191,6 +219,7 @@ def main(argv=None) -> int:
         return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0)
 
     work = args.workdir or tempfile.mkdtemp(prefix="zephyr_timeline_")
+    dumped: dict = {}
     for cfg in names:
         folder = os.path.join(work, cfg)
         if not reuse[cfg]:
@@ -218,9 +247,13 @@ def main(argv=None) -> int:
             if not found:
                 print(f"== {cfg} batch {b}: no decode step among {count} records (built without the stamps?)")
                 continue
-            print_summary(f"{cfg} batch {b}, {torch.cuda.get_device_name()}", found[-1])
+            label = f"{cfg} batch {b}, {torch.cuda.get_device_name()}"
+            print_summary(label, found[-1])
+            dumped[label] = step_rows(found[-1])
         del llm
         torch.cuda.empty_cache()
+    if args.records:
+        write_records(args.records, dumped)
     return 0
 
 if __name__ == "__main__":

@@ -93,9 +93,37 @@ def test_decode_timeline_groups_launches_and_steps():
     assert gemv["wspr"] == 0.25 and gemv["lead"] == 3.0
     assert attn["ph1"] == 1.0 and attn["ph2"] == 3.0 and attn["ph3"] == 0.5
     assert attn["merge"] == 5.5 and attn["arrspr"] == 0.0
+    assert gemv["sms"] == attn["sms"] == 1 and gemv["p2spr"] == 0.0  # every synthetic block on SM 7
     assert s["span_us"] == 32 * 20.0 - 1.0 and abs(s["between_us"] - (32 * 3 - 1) * 1.0) < 1e-9
     assert "attention S=12 B=1 early threads=256" in dt.kernel_name(101121, 256)
     assert dt.kernel_name(1012, 6144) == "gemv N=6144 M=1 S=1"
+
+
+def test_decode_timeline_counts_sms_and_writes_records(tmp_path):
+    """``sms`` counts the SMs a launch's blocks ran on, ``p2spr`` spreads stamp 2 over its blocks, and
+    --records' writer round-trips a step's rows (plain and gzip JSON)."""
+    import gzip
+    import json
+
+    import decode_timeline as dt
+
+    rows = _timeline_rows(steps=1)
+    for i, r in enumerate(rows):  # spread the blocks over SMs 0..2, the third one's loop ending 0.5 us later
+        r[7] = (i % 3) | (r[7] & ~0xFFFFFFFF)
+        if i % 3 == 2:
+            r[2] += 500
+    step = dt.steps(dt.instances(dt.parse(rows)))[0]
+    gemv = dt.summarize(step)["kinds"]["gemv N=6144 M=1 S=1"]
+    assert gemv["sms"] == 3 and gemv["p2spr"] == 0.5
+    for name in ("rec.json", "rec.json.gz"):
+        path = tmp_path / name
+        dt.write_records(str(path), {"x": dt.step_rows(step)})
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt") as f:
+            back = json.load(f)["x"]
+        assert len(back) == len(step) and back[0][0][8] == step[0]["records"][0].smid
+        assert back[0][0][:6] == step[0]["records"][0].t
+        assert not (tmp_path / f"{name}.tmp").exists()
 
 
 def test_decode_timeline_drops_short_segments():
@@ -121,6 +149,9 @@ def test_decode_timeline_refuses_bad_arguments_before_running(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         dt.main(["--batches", "0"])
     assert "--batches must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dt.main(["--records", str(tmp_path / "missing" / "rec.json.gz")])
+    assert "--records: no folder" in capsys.readouterr().err
     e2e.write_random_checkpoint(str(tmp_path / "u4g128_act"), (8, 128, True), device="cpu", config=TINY)
     with pytest.raises(SystemExit):
         dt.main(["--configs", "u4g128_act", "--workdir", str(tmp_path)])
