@@ -169,3 +169,21 @@ def test_decode_whatif_refuses_a_foreign_workdir_before_running(tmp_path, monkey
     with pytest.raises(SystemExit, match="holds another checkpoint"):
         decode_whatif.main()
     assert decode_whatif.zm.decode_attention is real  # the model's attention was not swapped
+
+
+def test_ab_decode_refuses_bad_arguments_before_running(capsys, monkeypatch):
+    """ab_decode.py: unknown --configs, bad --batches / --steps / --repeat and a --label that would split
+    its RESULT line are usage errors before any GPU work; without a GPU it says so and returns 1."""
+    import ab_decode
+
+    for argv, msg in ((["--configs", "u5g128"], "unknown --configs"), (["--batches", "2,a"], "--batches must be"),
+                      (["--steps", "1"], "--steps must be >= 2"), (["--repeat", "0"], "--steps must be >= 2"),
+                      (["--label", "two words"], "--label must be one word")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            ab_decode.main(argv)
+        assert msg in capsys.readouterr().err, argv
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ab_decode.main(["--batches", "1"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""One side of a same-machine A/B of decode speed: this tree's runtime on Zephyr-7B-shaped random checkpoints.
+
+Two builds (say main and a change) are compared by running this script from each tree in turn, one
+process per tree and round, so that each gets its own CUDA context and its own kernel build (the kernel
+cache is keyed by the sources), and alternating the trees so that a drift of the machine does not favour
+one. In one device call, for example::
+
+    git archive main | (mkdir -p scratch/main && tar -x -C scratch/main)
+    export ZEPHYR_CUDA_ARCHS=90a ZEPHYR_KERNEL_CACHE=$PWD/.cache/zephyr_kernels
+    for r in 0 1; do
+      for tree in $PWD $PWD/scratch/main; do
+        PYTHONPATH=$tree python $tree/benchmarks/ab_decode.py --workdir .cache/ab --label $(basename $tree)
+      done
+    done
+
+(a tree without this script can run the other's copy: only ``PYTHONPATH`` picks the runtime). Per
+configuration and batch it prints one line::
+
+    RESULT <label> <config> b<batch> <tok/s> tok/s <us> us/step tokens <sha1 of the generated ids>
+
+The rate is that of ``--steps`` greedy steps after a 512-token prompt (random ids, seed 1): the best of
+``--repeat`` full generations less the best of as many 1-token ones, over steps - 1 (graphs captured by
+a warm-up generation first). Equal token hashes mean both builds produced the same greedy tokens.
+EOS is ignored (random weights). Checkpoints are written by ``e2e.write_random_checkpoint`` into
+``--workdir`` (one already there is reused; first run ~5 s each on the GPU).
+
+A scratch version of this worker (the same timing; fixed arguments) produced the same-run A/B logs under
+``results/ab_H200_2026-11-28/`` of sessions 23 and 24.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main(argv=None) -> int:
+    from e2e import CONFIGS, checked_run_args, write_random_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="u4g128_act")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
+    ap.add_argument("--label", default="tree", help="first field of each RESULT line (which tree this is)")
+    ap.add_argument("--steps", type=int, default=256, help="greedy steps per timed generation (>= 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed generations per batch, best taken (>= 1)")
+    ap.add_argument("--prompt", type=int, default=512)
+    args = ap.parse_args(argv)
+    names, batches, reuse = checked_run_args(ap, args)  # before anything runs (e2e.py's rule)
+    if args.steps < 2 or args.repeat < 1 or args.prompt < 1:
+        ap.error("--steps must be >= 2, --repeat and --prompt >= 1")
+    if any(c.isspace() for c in args.label) or not args.label:
+        ap.error(f"--label must be one word, got {args.label!r}")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("ab_decode: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from zephyr_plugins.generation_api import SamplingParams
+    from zephyr_plugins.runtime import Zephyr
+
+    work = args.workdir or tempfile.mkdtemp(prefix="zephyr_ab_")
+    full = SamplingParams(max_new_tokens=args.steps, temperature=0, repetition_penalty=1.0)
+    one = SamplingParams(max_new_tokens=1, temperature=0, repetition_penalty=1.0)
+
+    def best(fn):
+        times, out = [], None
+        for _ in range(args.repeat):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times), out
+
+    for cfg in names:
+        folder = os.path.join(work, cfg)
+        if not reuse[cfg]:
+            write_random_checkpoint(folder, CONFIGS[cfg])
+        max_len = -(-(args.prompt + args.steps + 1) // 256) * 256
+        llm = Zephyr.from_pretrained(folder, device="cuda", dtype=torch.float16, max_batch_size=max(batches),
+                                     max_seq_len=max_len)  # fmt: skip
+        llm.eos_token_ids = set()
+        g = torch.Generator().manual_seed(1)
+        for b in batches:
+            prompts = torch.randint(3, 32000, (b, args.prompt), generator=g).tolist()
+            llm.generate_tokens(prompts, full)  # warm-up: captures the decode graphs
+            t_one, _ = best(lambda: llm.generate_tokens(prompts, one))
+            t_all, tokens = best(lambda: llm.generate_tokens(prompts, full))
+            step = (t_all - t_one) / (args.steps - 1)
+            digest = hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:10]
+            print(f"RESULT {args.label} {cfg} b{b} {b / step:9.1f} tok/s {step * 1e6:8.1f} us/step tokens {digest}",
+                  flush=True)  # fmt: skip
+        del llm
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
