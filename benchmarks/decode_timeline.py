@@ -192,8 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--records", default=None, help="also write each batch's last step's records here (JSON)")
     args = ap.parse_args(argv)
     names, batches, reuse = checked_run_args(ap, args)  # before anything runs (e2e.py's rule)
-    if args.records and not os.path.isdir(os.path.dirname(os.path.abspath(args.records))):
-        ap.error(f"--records: no folder {os.path.dirname(os.path.abspath(args.records))} to write into")
+    records_dir = os.path.dirname(os.path.abspath(args.records)) if args.records else None
+    if records_dir is not None and not os.path.isdir(records_dir):
+        ap.error(f"--records: no folder {records_dir} to write into")
 
     import torch
 

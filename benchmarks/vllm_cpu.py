@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,15 +56,12 @@ CHECKPOINTS = {"u4g64": (4, False), "u4g64_act": (4, True), "u8g64_act": (8, Tru
 
 
 def git_commit() -> str:
-    """ZEPHYR_GIT_COMMIT when set (the rule of benchmarks/kernels.py's: a copied tree's .git may be stale), else
-    git's HEAD."""
-    env = os.environ.get("ZEPHYR_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
+    """The commit the results are filed under: benchmarks/kernels.py's rule (ZEPHYR_GIT_COMMIT when set, as a
+    copied tree's .git may be stale, else git's HEAD), imported when the results are written, so that torch
+    is not imported before the engine's environment is set."""
+    from kernels import git_commit as commit
+
+    return commit()
 
 
 def cpu_name() -> str:
