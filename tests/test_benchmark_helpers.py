@@ -187,3 +187,23 @@ def test_ab_decode_refuses_bad_arguments_before_running(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ab_decode.main(["--batches", "1"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_result_files_name_the_commit_from_the_environment(monkeypatch):
+    """Every benchmark files its results under ZEPHYR_GIT_COMMIT when set (a tree copied to the GPU machine
+    may carry a stale .git), vllm_cpu.py through kernels.py's rule; else git's HEAD (or "unknown").
+    vllm_cpu.py is imported in a child process: importing it sets vLLM's environment defaults."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def vllm_cpu_commit() -> str:
+        code = "import vllm_cpu; print(vllm_cpu.git_commit())"
+        return subprocess.run([sys.executable, "-c", code], cwd=bench, env=dict(os.environ), capture_output=True,
+                              text=True, check=True, timeout=120).stdout.strip()  # fmt: skip
+
+    monkeypatch.setenv("ZEPHYR_GIT_COMMIT", "0123abc")
+    assert kernels.git_commit() == vllm_cpu_commit() == "0123abc"
+    monkeypatch.delenv("ZEPHYR_GIT_COMMIT")
+    head = vllm_cpu_commit()
+    assert head == kernels.git_commit() and head != "0123abc" and head
