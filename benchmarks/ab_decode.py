@@ -1,20 +1,33 @@
 """One side of a same-machine A/B of decode speed: this tree's runtime on Zephyr-7B-shaped random checkpoints.
 
-Two builds (say main and a change) are compared by running this script from each tree in turn, one
-process per tree and round, so that each gets its own CUDA context and its own kernel build (the kernel
-cache is keyed by the sources), and alternating the trees so that a drift of the machine does not favour
-one. In one device call, for example::
+Two builds (say main and a change) are compared by running this script once per tree and round, one
+process each, so that each gets its own CUDA context and its own kernel build (the kernel cache is keyed
+by the sources), and alternating the trees so that a drift of the machine does not favour one. In one
+device call, for example::
 
     git archive main | (mkdir -p scratch/main && tar -x -C scratch/main)
+    patch -p1 -d scratch/change < change.patch     # not `git apply` there: see below
     export ZEPHYR_CUDA_ARCHS=90a ZEPHYR_KERNEL_CACHE=$PWD/.cache/zephyr_kernels
-    for r in 0 1; do
-      for tree in $PWD $PWD/scratch/main; do
-        PYTHONPATH=$tree python $tree/benchmarks/ab_decode.py --workdir .cache/ab --label $(basename $tree)
+    for r in 0 1 2; do
+      for tree in scratch/change scratch/main; do
+        python benchmarks/ab_decode.py --tree $tree --workdir .cache/ab --label $(basename $tree)
       done
     done
 
-(a tree without this script can run the other's copy: only ``PYTHONPATH`` picks the runtime). Per
-configuration and batch it prints one line::
+``--tree`` (default: the tree this script is in) is the tree whose runtime runs: its ``zephyr_plugins``,
+its ``kernels/`` and its ``benchmarks/e2e.py`` come first on ``sys.path``, and the script refuses to run
+if ``zephyr_plugins`` or the kernel sources it finds are elsewhere. ``PYTHONPATH`` does not choose the
+tree: ``e2e.py`` puts its own tree first on ``sys.path`` when imported, so before ``--tree`` every run of
+one tree's copy of this script measured that tree, whatever ``PYTHONPATH`` said (session 25's first A/B
+runs compared main with itself that way). Each run first prints::
+
+    TREE <label> <tree> kernels <kernel source folder> key <kernel cache key>
+
+(``--print-tree`` prints only that and exits, without a GPU). Two trees with the same key run the same
+kernels. A patch is applied to a scratch tree with ``patch -p1 -d DIR``: ``git apply`` run inside a
+folder of this repository skips, without a word, every path of the patch outside that folder.
+
+Per configuration and batch it prints one line::
 
     RESULT <label> <config> b<batch> <tok/s> tok/s <us> us/step tokens <sha1 of the generated ids>
 
@@ -24,8 +37,13 @@ a warm-up generation first). Equal token hashes mean both builds produced the sa
 EOS is ignored (random weights). Checkpoints are written by ``e2e.write_random_checkpoint`` into
 ``--workdir`` (one already there is reused; first run ~5 s each on the GPU).
 
+How far apart one build's processes read (H200, 4-bit g128 act-order, batch 1, session 25): 546.6-551.4
+tok/s over 8 processes on one machine, 547.1-563.2 over 8 on another, and the first process on a
+just-started machine up to 572. Take three rounds or more and compare ranges, not single reads.
+
 A scratch version of this worker (the same timing; fixed arguments) produced the same-run A/B logs under
-``results/ab_H200_2026-11-28/`` of sessions 23 and 24.
+``results/ab_H200_2026-11-28/`` of sessions 23 and 24 (there the two trees' rates, timelines and test
+counts differ, so each process ran its own tree).
 """
 
 from __future__ import annotations
@@ -43,10 +61,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def runtime_tree(tree) -> tuple[Path, Path, str]:
+    """Put ``tree``'s runtime first on ``sys.path`` and import it: (the tree, its kernel source folder, the
+    kernel cache key). ValueError where it is not a tree of this repository or where ``e2e.py``,
+    ``zephyr_plugins`` or the kernel sources come from elsewhere (one of them imported already)."""
+    tree = Path(tree).resolve()
+    if not (tree / "zephyr_plugins" / "__init__.py").is_file() or not (tree / "benchmarks" / "e2e.py").is_file():
+        raise ValueError(f"--tree {tree}: not a zephyr-plugins tree (no zephyr_plugins/__init__.py or "
+                         "benchmarks/e2e.py there)")  # fmt: skip
+    sys.path[:0] = [str(tree), str(tree / "benchmarks")]
+    import e2e
+    import zephyr_plugins
+    from zephyr_plugins import kernel_build
+
+    for what, path in (("benchmarks/e2e.py", e2e.__file__), ("zephyr_plugins", zephyr_plugins.__file__),
+                       ("the kernel sources", kernel_build.KERNEL_DIR)):  # fmt: skip
+        if tree not in Path(path).resolve().parents:
+            raise ValueError(f"--tree {tree}: {what} comes from {path}, outside that tree (imported before; "
+                             "run each tree in a process of its own)")  # fmt: skip
+    return tree, kernel_build.KERNEL_DIR, kernel_build.cache_key()
+
+
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--tree", default=str(ROOT))
+    try:
+        tree, kernel_dir, key = runtime_tree(pre.parse_known_args(argv)[0].tree)
+    except ValueError as exc:
+        print(f"ab_decode: {exc}", file=sys.stderr)
+        return 2
     from e2e import CONFIGS, checked_run_args, write_random_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", default=str(ROOT), help="the tree whose runtime and kernels run (default: this one)")
+    ap.add_argument("--print-tree", action="store_true", help="print the TREE line and exit (no GPU needed)")
     ap.add_argument("--configs", default="u4g128_act")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
@@ -60,6 +108,9 @@ def main(argv=None) -> int:
         ap.error("--steps must be >= 2, --repeat and --prompt >= 1")
     if any(c.isspace() for c in args.label) or not args.label:
         ap.error(f"--label must be one word, got {args.label!r}")
+    print(f"TREE {args.label} {tree} kernels {kernel_dir} key {key}", flush=True)
+    if args.print_tree:
+        return 0
 
     import torch
 

@@ -189,6 +189,64 @@ def test_ab_decode_refuses_bad_arguments_before_running(capsys, monkeypatch):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def _tree_copy(dest: Path) -> Path:
+    """The parts of this repository that ab_decode.py imports from a tree, copied to ``dest``."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("zephyr_plugins", "kernels"):
+        shutil.copytree(root / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "benchmarks").mkdir()
+    for name in ("ab_decode.py", "e2e.py", "kernels.py"):
+        shutil.copy(root / "benchmarks" / name, dest / "benchmarks" / name)
+    return dest
+
+
+def test_ab_decode_runs_the_tree_it_is_given_not_the_one_on_pythonpath(tmp_path):
+    """ab_decode.py --tree: the runtime and kernels of that tree run, whichever tree PYTHONPATH names and
+    whichever tree's copy of the script is started (before --tree, e2e.py put its own tree first and
+    session 25's first A/B runs measured main against itself). Its TREE line names the tree, its kernel
+    folder and their cache key; a changed kernel source changes the key."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    copy = _tree_copy(tmp_path / "copy")
+    env = {**os.environ, "PYTHONPATH": str(root), "ZEPHYR_PLUGINS_NO_ENTRYPOINTS": "1"}
+
+    def tree_line(tree):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "ab_decode.py"), "--tree", str(tree),
+                              "--label", "x", "--print-tree"], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        line = [x for x in out.stdout.splitlines() if x.startswith("TREE ")]
+        assert len(line) == 1, out.stdout
+        _, label, t, _, kdir, _, key = line[0].split()
+        return label, Path(t), Path(kdir), key
+
+    label, t, kdir, key = tree_line(copy)
+    assert (label, t, kdir) == ("x", copy.resolve(), copy.resolve() / "kernels")
+    _, t_root, kdir_root, key_root = tree_line(root)
+    assert (t_root, kdir_root, key_root) == (root, root / "kernels", key)  # same sources, same key
+    with open(copy / "kernels" / "gptq_gemm.cu", "a") as f:
+        f.write("// changed\n")
+    assert tree_line(copy)[3] != key
+
+
+def test_ab_decode_refuses_a_tree_it_cannot_run(tmp_path, capsys):
+    """A --tree that is no tree of this repository, or one whose modules this process imported from
+    another tree already, is refused with both paths named, before anything runs."""
+    import ab_decode
+
+    assert ab_decode.main(["--tree", str(tmp_path), "--print-tree"]) == 2
+    assert "not a zephyr-plugins tree" in capsys.readouterr().err
+    copy = _tree_copy(tmp_path / "copy")
+    saved = list(sys.path)
+    try:
+        with pytest.raises(ValueError, match="outside that tree"):
+            ab_decode.runtime_tree(copy)  # e2e and zephyr_plugins are this repository's, imported above
+    finally:
+        sys.path[:] = saved
+
+
 def test_result_files_name_the_commit_from_the_environment(monkeypatch):
     """Every benchmark files its results under ZEPHYR_GIT_COMMIT when set (a tree copied to the GPU machine
     may carry a stale .git), vllm_cpu.py through kernels.py's rule; else git's HEAD (or "unknown").
