@@ -21,10 +21,12 @@ tree: ``e2e.py`` puts its own tree first on ``sys.path`` when imported, so befor
 one tree's copy of this script measured that tree, whatever ``PYTHONPATH`` said (session 25's first A/B
 runs compared main with itself that way). Each run first prints::
 
-    TREE <label> <tree> kernels <kernel source folder> key <kernel cache key>
+    TREE <label> <tree> kernels <kernel source folder> key <kernel cache key> runtime <digest>
 
-(``--print-tree`` prints only that and exits, without a GPU). Two trees with the same key run the same
-kernels. A patch is applied to a scratch tree with ``patch -p1 -d DIR``: ``git apply`` run inside a
+(``--print-tree`` prints only that and exits, without a GPU; ``--build-only`` builds the tree's kernels
+and exits). Two trees with the same key run the same kernels, with the same runtime digest (the key and
+the package's Python sources) the same code. ``benchmarks/ab_trees.py`` runs the whole loop and refuses
+two variants that would run the same code. A patch is applied to a scratch tree with ``patch -p1 -d DIR``: ``git apply`` run inside a
 folder of this repository skips, without a word, every path of the patch outside that folder.
 
 Per configuration and batch it prints one line::
@@ -82,6 +84,17 @@ def runtime_tree(tree) -> tuple[Path, Path, str]:
     return tree, kernel_build.KERNEL_DIR, kernel_build.cache_key()
 
 
+def runtime_hash(tree: Path, kernel_key: str) -> str:
+    """A digest of what a run of ``tree`` executes: its ``zephyr_plugins`` Python sources and the kernel
+    cache key (the kernel sources, torch, CUDA, archs). Equal digests: the same runtime."""
+    h = hashlib.sha256(kernel_key.encode())
+    pkg = tree / "zephyr_plugins"
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(str(p.relative_to(pkg)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--tree", default=str(ROOT))
@@ -95,6 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", default=str(ROOT), help="the tree whose runtime and kernels run (default: this one)")
     ap.add_argument("--print-tree", action="store_true", help="print the TREE line and exit (no GPU needed)")
+    ap.add_argument("--build-only", action="store_true", help="build the tree's kernels and exit (BUILT line)")
     ap.add_argument("--configs", default="u4g128_act")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--workdir", default=None, help="where the random checkpoints go (one found there is reused)")
@@ -108,15 +122,22 @@ def main(argv=None) -> int:
         ap.error("--steps must be >= 2, --repeat and --prompt >= 1")
     if any(c.isspace() for c in args.label) or not args.label:
         ap.error(f"--label must be one word, got {args.label!r}")
-    print(f"TREE {args.label} {tree} kernels {kernel_dir} key {key}", flush=True)
+    print(f"TREE {args.label} {tree} kernels {kernel_dir} key {key} runtime {runtime_hash(tree, key)}", flush=True)
     if args.print_tree:
         return 0
+    if args.build_only:
+        from zephyr_plugins.kernel_build import ensure_built
+
+        ok, why = ensure_built()
+        print(f"BUILT {args.label} {'ok' if ok else 'failed'}{'' if ok else ': ' + str(why)}", flush=True)
+        return 0 if ok else 1
 
     import torch
 
     if not torch.cuda.is_available():
         print("ab_decode: needs a CUDA GPU", file=sys.stderr)
         return 1
+    print(f"CARD {args.label} {torch.cuda.get_device_name()}", flush=True)
     from zephyr_plugins.generation_api import SamplingParams
     from zephyr_plugins.runtime import Zephyr
 

@@ -219,13 +219,16 @@ def test_ab_decode_runs_the_tree_it_is_given_not_the_one_on_pythonpath(tmp_path)
         assert out.returncode == 0, out.stderr
         line = [x for x in out.stdout.splitlines() if x.startswith("TREE ")]
         assert len(line) == 1, out.stdout
-        _, label, t, _, kdir, _, key = line[0].split()
-        return label, Path(t), Path(kdir), key
+        _, label, t, _, kdir, _, key, _, runtime = line[0].split()
+        return label, Path(t), Path(kdir), key, runtime
 
-    label, t, kdir, key = tree_line(copy)
+    label, t, kdir, key, runtime = tree_line(copy)
     assert (label, t, kdir) == ("x", copy.resolve(), copy.resolve() / "kernels")
-    _, t_root, kdir_root, key_root = tree_line(root)
-    assert (t_root, kdir_root, key_root) == (root, root / "kernels", key)  # same sources, same key
+    assert tree_line(root)[1:] == (root, root / "kernels", key, runtime)  # same sources, same key and digest
+    with open(copy / "zephyr_plugins" / "runtime.py", "a") as f:
+        f.write("# changed\n")
+    after_py = tree_line(copy)
+    assert after_py[3] == key and after_py[4] != runtime  # a Python change: same kernels, another runtime
     with open(copy / "kernels" / "gptq_gemm.cu", "a") as f:
         f.write("// changed\n")
     assert tree_line(copy)[3] != key
@@ -265,3 +268,103 @@ def test_result_files_name_the_commit_from_the_environment(monkeypatch):
     monkeypatch.delenv("ZEPHYR_GIT_COMMIT")
     head = vllm_cpu_commit()
     assert head == kernels.git_commit() and head != "0123abc" and head
+
+
+FAKE_WORKER = '''
+import argparse, os, sys
+from pathlib import Path
+ap = argparse.ArgumentParser()
+ap.add_argument("--tree"); ap.add_argument("--label"); ap.add_argument("--configs"); ap.add_argument("--batches")
+ap.add_argument("--steps"); ap.add_argument("--repeat"); ap.add_argument("--workdir")
+ap.add_argument("--print-tree", action="store_true"); ap.add_argument("--build-only", action="store_true")
+a = ap.parse_args()
+tree = Path(a.tree)
+print(f"TREE {a.label} {tree} kernels {tree / 'kernels'} key k runtime {(tree / 'RUNTIME').read_text().strip()}")
+if a.print_tree:
+    sys.exit(0)
+if a.build_only:
+    print(f"BUILT {a.label} ok"); sys.exit(0)
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(a.label + "\\n")
+n = sum(1 for _ in open(os.environ["FAKE_LOG"]))
+if os.environ.get("FAKE_FAIL") == str(n):
+    print("boom", file=sys.stderr); sys.exit(3)
+print("CARD", a.label, "Fake GPU 80GB")
+rate = float(os.environ.get("FAKE_RATE", "100")) + n  # a drift with the run number
+for cfg in a.configs.split(","):
+    for b in a.batches.split(","):
+        print(f"RESULT {a.label} {cfg} b{b} {rate * int(b):9.1f} tok/s {1e6 / rate:8.1f} us/step tokens "
+              f"{os.environ.get('FAKE_TOKENS', 'same')}")
+'''
+
+
+def _fake_trees(tmp_path, runtimes):
+    trees = []
+    for i, r in enumerate(runtimes):
+        t = tmp_path / f"tree{i}"
+        t.mkdir()
+        (t / "RUNTIME").write_text(r)
+        trees.append(t)
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER)
+    return trees, worker
+
+
+def test_ab_trees_refuses_variants_that_run_the_same_code(tmp_path, capsys, monkeypatch):
+    """Two variants with one runtime digest and one environment would measure a build against itself
+    (session 25: a patch that `git apply` skipped): refused before any build or run, unless --same-ok;
+    the same tree with another environment is a real variant. Bad variant specs are usage errors."""
+    import ab_trees
+
+    (a, b), worker = _fake_trees(tmp_path, ["r1", "r1"])
+    log = tmp_path / "log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    w = ["--worker", str(worker), "--rounds", "1", "--batches", "1"]
+    assert ab_trees.main([f"x={a}", f"y={b}", *w]) == 2
+    assert "y and x run the same code with the same environment" in capsys.readouterr().err
+    assert not log.exists()  # nothing ran
+    assert ab_trees.main([f"x={a}", f"y={a}@ZEPHYR_SMEM_CARVEOUT=100", *w]) == 0
+    assert ab_trees.main([f"x={a}", f"y={b}", "--same-ok", *w]) == 0
+    for spec, msg in ((f"two words={a}", "one-word label"), (f"x={tmp_path / 'nope'}", "is not a folder"),
+                      (f"x={a}@1BAD=2", "is not VAR=VALUE")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            ab_trees.main([spec, f"y={b}", *w])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ab_trees.main([f"x={a}", f"x={b}", *w])
+    assert "distinct labels" in capsys.readouterr().err
+
+
+def test_ab_trees_rotates_the_order_and_summarizes(tmp_path, capsys, monkeypatch):
+    """Every variant once per round, the order rotated by one each round; the summary has each variant's
+    runs, min / median / max and median over the first's; a failed run is reported, the rest go on, and
+    the exit status says so; the JSON (atomic) has the card, the variants and every RESULT line."""
+    import json
+
+    import ab_trees
+
+    (a, b, c), worker = _fake_trees(tmp_path, ["r1", "r2", "r3"])
+    log = tmp_path / "log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    out = tmp_path / "ab.json"
+    argv = [f"x={a}", f"y={b}", f"z={c}", "--worker", str(worker), "--rounds", "3", "--batches", "1,8",
+            "--out", str(out)]  # fmt: skip
+    assert ab_trees.main(argv) == 0
+    assert log.read_text().split() == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]
+    data = json.loads(out.read_text())
+    assert data["meta"]["card"] == "Fake GPU 80GB" and set(data["meta"]["variants"]) == {"x", "y", "z"}
+    assert len(data["results"]) == 18 and len(data["lines"]) == 18
+    rows = {(r["label"], r["batch"]): r for r in data["summary"]}
+    # run numbers: x 1, 6, 8; y 2, 4, 9; z 3, 5, 7 -> rates 100 + n (x batch)
+    assert (rows["x", 1]["min"], rows["x", 1]["median"], rows["x", 1]["max"]) == (101.0, 106.0, 108.0)
+    assert rows["y", 8]["median"] == 104.0 * 8 and rows["y", 1]["vs_first"] == pytest.approx(104 / 106)
+    assert all(r["same_tokens"] and r["runs"] == 3 for r in data["summary"])
+    assert not list(tmp_path.glob(".ab.json.*"))  # no temporary left
+
+    log.unlink()
+    monkeypatch.setenv("FAKE_FAIL", "2")
+    monkeypatch.setenv("FAKE_TOKENS", "other")
+    assert ab_trees.main([f"x={a}", f"y={b}", "--worker", str(worker), "--rounds", "2", "--batches", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "round 0, y: exit 3" in captured.err and "boom" in captured.err
+    assert len(log.read_text().split()) == 4  # the other runs went on
