@@ -26,8 +26,9 @@ runs compared main with itself that way). Each run first prints::
 (``--print-tree`` prints only that and exits, without a GPU; ``--build-only`` builds the tree's kernels
 and exits). Two trees with the same key run the same kernels, with the same runtime digest (the key and
 the package's Python sources) the same code. ``benchmarks/ab_trees.py`` runs the whole loop and refuses
-two variants that would run the same code. A patch is applied to a scratch tree with ``patch -p1 -d DIR``: ``git apply`` run inside a
-folder of this repository skips, without a word, every path of the patch outside that folder.
+two variants that would run the same code. A patch is applied to a scratch tree with
+``patch -p1 -d DIR``: ``git apply`` run inside a folder of this repository skips, without a word, every
+path of the patch outside that folder.
 
 Per configuration and batch it prints one line::
 

@@ -202,11 +202,14 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from kernels import git_commit
 
-        write_json(out, {"meta": {"card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                  "commit": git_commit(), "variants": {lb: {"tree": os.path.relpath(t), "env": e,
-                                  "runtime": runtime[lb][0]} for lb, t, e in variants},
-                                  "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "variants")}},
-                         "results": results, "summary": rows, "lines": raw})  # fmt: skip
+        meta = {
+            "card": card,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(),
+            "variants": {lb: {"tree": os.path.relpath(t), "env": e, "runtime": runtime[lb][0]} for lb, t, e in variants},
+            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "variants")},
+        }
+        write_json(out, {"meta": meta, "results": results, "summary": rows, "lines": raw})
         print(f"wrote {out}")
     return 1 if failed else 0
 
