@@ -206,7 +206,8 @@ def main(argv=None) -> int:
             "card": card,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(),
-            "variants": {lb: {"tree": os.path.relpath(t), "env": e, "runtime": runtime[lb][0]} for lb, t, e in variants},
+            "variants": {lb: {"tree": os.path.relpath(t), "env": e, "runtime": runtime[lb][0]}
+                         for lb, t, e in variants},
             "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "variants")},
         }
         write_json(out, {"meta": meta, "results": results, "summary": rows, "lines": raw})
