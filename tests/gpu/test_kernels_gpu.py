@@ -684,8 +684,11 @@ def test_gemv_cluster_sum_same_bits(tmp_path):
     through the shared memory of a thread-block cluster (the CS variant) where all clusters fit at once;
     without it, through fp32 partials in global memory and a last block. Both add the slices in the same
     order, so every forced plan (4, 8, 16 warps x 2, 4, 8 splits; GX and not; 4- and 8-bit, sym and asym,
-    both dtypes) gives the same bits either way and the reference's answer. The cluster sum allocates no
-    partials, so the allocation counts show it ran: for the planned down projection at batch 1 at least."""
+    both dtypes), and the planned down projection at batch 1, give the same bits either way and the
+    reference's answer. The cluster sum allocates no partials, so the allocation counts show it ran: in at
+    least ten calls (splits of 2 in blocks of 4 or 8 warps fit as clusters on an sm_90 card many times
+    over; whether the batch-1 down plan, 64 clusters of 4, gets them depends on the card's occupancy
+    answer, so that one is not asserted)."""
     import os
 
     outs, allocs = {}, {}
@@ -700,7 +703,6 @@ def test_gemv_cluster_sum_same_bits(tmp_path):
     for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
         assert torch.equal(a, b), i
     assert all(c <= p for c, p in zip(allocs["1"], allocs["0"])), allocs
-    assert allocs["1"][27] < allocs["0"][27], (allocs["1"][27], allocs["0"][27])  # planned down, batch 1
     assert sum(c < p for c, p in zip(allocs["1"], allocs["0"])) >= 10, allocs
 
 
