@@ -540,7 +540,7 @@ at::Tensor gemv_repacked(const char* op, const at::Tensor& x, const at::Tensor& 
   bool gx = false;
   const int gx_max = perm.numel() ? gemv_gx_max_m(int(bits)) : gemv_gx_inorder_max_m(int(bits));
   if (z.M <= gx_max && reinterpret_cast<uintptr_t>(perm.numel() ? perm.data_ptr() : nullptr) % 16 == 0) {
-    const long bytes = long(W) * z.M * xs_chunks * kChunkK * x.element_size();
+    const long bytes = long(gemv_gx_smem_bytes(W, z.M, xs_chunks, x.element_size()));
     int cap;
     if (half)
       cap = bits == 4 ? gptq_gemv_gx_smem_cap<__half, 4>(z.M, W, z.has_z, scale_after, swiglu)
@@ -561,7 +561,7 @@ at::Tensor gemv_repacked(const char* op, const at::Tensor& x, const at::Tensor& 
   static const bool gemv_cluster_on = env_on("ZEPHYR_GEMV_CLUSTER_SUM");
   bool cluster = false;
   if (gemv_cluster_on && !swiglu && nt == 1 && (S == 2 || S == 4 || S == 8) && tiled_wgmma_available(x.get_device())) {
-    const int smem = gx ? W * z.M * xs_chunks * kChunkK * int(x.element_size()) : 0;
+    const int smem = gx ? int(gemv_gx_smem_bytes(W, z.M, xs_chunks, x.element_size())) : 0;
     int cslots;
     if (half)
       cslots = bits == 4 ? gptq_gemv_cluster_slots<__half, 4>(z.M, W, z.has_z, scale_after, gx, S, smem)

@@ -542,6 +542,29 @@ __host__ __device__ constexpr int gemv_gx_chunks(int upw, int bits) {
   return (upw + 2 * (bits / 4) - 2) / (bits / 4);
 }
 
+// Bytes of dynamic shared memory a GX block of `warps` warps takes for M rows: each warp's region of
+// `xs_chunks` chunks of x (`elem` bytes per value).
+__host__ __device__ constexpr size_t gemv_gx_smem_bytes(int warps, int m, int xs_chunks, size_t elem) {
+  return size_t(warps) * m * xs_chunks * kChunkK * elem;
+}
+
+// Raises `kernel`'s dynamic shared memory limit to all a block may have beside its static shared memory
+// (a function attribute; the occupancy queries and launches honour it): that many bytes, or 0 on error
+// (the error cleared).
+inline int raise_dynamic_smem_limit(const void* kernel) {
+  int device = 0, optin = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || optin <= int(fa.sharedSizeBytes) ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return optin - int(fa.sharedSizeBytes);
+}
+
 // The kernel instantiation for M rows: NT from M; scale_after is honoured for
 // M <= 16 only (one or two x tiles), larger M scale in the dequantization; gx for M <= 8 only;
 // swiglu for M <= 16 only (null above).
@@ -556,24 +579,20 @@ GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx, bool
       return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false, false>
                    : gptq_gemv_kernel<T, BITS, false, false, 4, false, false>;
     } else {
-      auto with = [&](auto sw_c) -> GemvKernel<T> {
+      auto with = [&](auto sw_c, auto cs_c) -> GemvKernel<T> {
         constexpr bool SW = decltype(sw_c)::value;
-        if constexpr (NT == 1 && !SW) {
-          if (cs)
-            return has_z ? (scale_after ? gptq_gemv_kernel<T, BITS, true, true, 1, GXV, false, true>
-                                        : gptq_gemv_kernel<T, BITS, true, false, 1, GXV, false, true>)
-                         : (scale_after ? gptq_gemv_kernel<T, BITS, false, true, 1, GXV, false, true>
-                                        : gptq_gemv_kernel<T, BITS, false, false, 1, GXV, false, true>);
-        } else if (cs) {
-          return nullptr;
-        }
+        constexpr bool CSV = decltype(cs_c)::value;
         if (has_z)
-          return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV, SW>
-                             : gptq_gemv_kernel<T, BITS, true, false, NT, GXV, SW>;
-        return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV, SW>
-                           : gptq_gemv_kernel<T, BITS, false, false, NT, GXV, SW>;
+          return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV, SW, CSV>
+                             : gptq_gemv_kernel<T, BITS, true, false, NT, GXV, SW, CSV>;
+        return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV, SW, CSV>
+                           : gptq_gemv_kernel<T, BITS, false, false, NT, GXV, SW, CSV>;
       };
-      return swiglu ? with(std::true_type{}) : with(std::false_type{});
+      if (cs) {
+        if constexpr (NT == 1) return swiglu ? nullptr : with(std::false_type{}, std::true_type{});
+        return nullptr;
+      }
+      return swiglu ? with(std::true_type{}, std::false_type{}) : with(std::false_type{}, std::false_type{});
     }
   };
   using F = std::false_type;
@@ -600,7 +619,7 @@ cudaError_t gptq_gemv_launch(const GemvArgs& a) {
   const GemvKernel<T> k = gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx, a.swiglu, cs);
   if (k == nullptr) return cudaErrorInvalidValue;
   const int pair = a.swiglu ? a.N / 2 / kBlockN : 0;
-  const size_t smem = a.gx ? size_t(a.warps) * a.M * a.xs_chunks * kChunkK * sizeof(T) : 0;
+  const size_t smem = a.gx ? gemv_gx_smem_bytes(a.warps, a.M, a.xs_chunks, sizeof(T)) : 0;
   return launch_kernel_clusters(k, dim3(a.swiglu ? pair : a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream,
                                 a.pdl, dim3(1, cs ? unsigned(a.S) : 1u, 1),
                                 static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
@@ -625,17 +644,9 @@ int gptq_gemv_cluster_slots(int m, int warps, bool has_z, bool scale_after, bool
   auto it = slots.find(key);
   if (it == slots.end()) {
     const GemvKernel<T> k = gemv_kernel_for<T, BITS>(m, has_z, scale_after, gx, false, true);
-    // GX: the kernel's dynamic shared memory limit raised to all a block may have first (as
-    // gptq_gemv_gx_smem_cap does for the other variants), so that the launch and the query accept `smem`.
-    int device = 0, optin = 0;
-    cudaFuncAttributes fa{};
-    bool ok = smem == 0 ||
-              (cudaGetDevice(&device) == cudaSuccess &&
-               cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-               cudaFuncGetAttributes(&fa, k) == cudaSuccess && optin - int(fa.sharedSizeBytes) >= smem &&
-               cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) ==
-                   cudaSuccess);
-    if (!ok) (void)cudaGetLastError();
+    // GX: the kernel's dynamic shared memory limit raised first (as gptq_gemv_gx_smem_cap does for the
+    // other variants), so that the launch and the query accept `smem`.
+    const bool ok = smem == 0 || raise_dynamic_smem_limit(reinterpret_cast<const void*>(k)) >= smem;
     const int blocks = ok ? resident_cluster_blocks(reinterpret_cast<const void*>(k), dim3(warps * 32),
                                                     size_t(smem), dim3(1, unsigned(S), 1))
                           : 0;
@@ -676,14 +687,9 @@ int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after, bool s
     // The kernel's dynamic shared memory limit is first raised to all a block may have (the
     // occupancy query honours the limit: at the default 48 KB less the 32 KB reduction buffer,
     // M = 2 at 16 warps would not fit), then the query says what keeps the blocks per SM.
-    int device = 0, optin = 0, blocks = 0;
-    cudaFuncAttributes fa{};
+    int blocks = 0;
     size_t bytes = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-        cudaFuncGetAttributes(&fa, k) != cudaSuccess || optin <= int(fa.sharedSizeBytes) ||
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) !=
-            cudaSuccess ||
+    if (raise_dynamic_smem_limit(reinterpret_cast<const void*>(k)) == 0 ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, warps * 32, 0) != cudaSuccess || blocks < 1 ||
         cudaOccupancyAvailableDynamicSMemPerBlock(&bytes, k, blocks, warps * 32) != cudaSuccess) {
       (void)cudaGetLastError();  // clear the sticky error of a failed query; GX is then not used
