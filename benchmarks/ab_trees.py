@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,18 +91,6 @@ def summarize(results: list[dict], labels: list[str]) -> list[dict]:
                          "median": med, "max": max(rates), "vs_first": med / base if base else None,
                          "same_tokens": same})  # fmt: skip
     return rows
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -200,7 +186,7 @@ def main(argv=None) -> int:
               f"{'same' if row['same_tokens'] else 'DIFFER'}")  # fmt: skip
     if out is not None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from kernels import git_commit
+        from kernels import git_commit, write_json_atomic
 
         meta = {
             "card": card,
@@ -210,7 +196,7 @@ def main(argv=None) -> int:
                          for lb, t, e in variants},
             "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "variants")},
         }
-        write_json(out, {"meta": meta, "results": results, "summary": rows, "lines": raw})
+        write_json_atomic(out, {"meta": meta, "results": results, "summary": rows, "lines": raw}, indent=1)
         print(f"wrote {out}")
     return 1 if failed else 0
 

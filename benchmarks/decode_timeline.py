@@ -151,15 +151,11 @@ def step_rows(step: list[dict]) -> list[list[list]]:
 
 
 def write_records(path: str, steps_by_label: dict) -> None:
-    """{label: step_rows(...)} as JSON, gzip-compressed when the path ends in .gz; written to a temporary
-    file and renamed."""
-    import gzip
-    import json
+    """{label: step_rows(...)} as JSON, gzip-compressed when the path ends in .gz (kernels.py's atomic
+    writer)."""
+    from kernels import write_json_atomic
 
-    tmp = f"{path}.tmp"
-    with (gzip.open(tmp, "wt") if path.endswith(".gz") else open(tmp, "w")) as f:
-        json.dump(steps_by_label, f)
-    os.replace(tmp, path)
+    write_json_atomic(path, steps_by_label)
 
 
 def print_summary(label: str, step: list[dict]) -> None:

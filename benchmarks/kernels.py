@@ -75,6 +75,24 @@ def kernels_unavailable() -> str | None:
     return None if ok else f"CUDA kernels unavailable: {why}"
 
 
+def write_json_atomic(path, payload, indent=None) -> None:
+    """``payload`` as JSON at ``path`` (gzip-compressed when it ends in .gz), through a temporary file in the
+    same folder and a rename, so that a failed write leaves nothing half-written."""
+    import gzip
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        with gzip.open(tmp, "wt") if path.name.endswith(".gz") else open(tmp, "w") as f:
+            json.dump(payload, f, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def zephyr_env() -> dict:
     """The ``ZEPHYR_*`` environment variables set for this run (the kernels' switches, for A/B results);
     paths (the kernel cache) are left out."""

@@ -368,3 +368,25 @@ def test_ab_trees_rotates_the_order_and_summarizes(tmp_path, capsys, monkeypatch
     captured = capsys.readouterr()
     assert "round 0, y: exit 3" in captured.err and "boom" in captured.err
     assert len(log.read_text().split()) == 4  # the other runs went on
+
+
+@pytest.mark.parametrize("name", ["out.json", "out.json.gz"])
+def test_write_json_atomic_round_trips_and_leaves_nothing_on_failure(tmp_path, name):
+    """kernels.write_json_atomic (the results writer of ab_trees.py and decode_timeline.py --records): plain
+    or gzip JSON by the name; a payload that cannot be written raises and leaves neither the file nor a
+    temporary, and an earlier file at the path stays as it was."""
+    import gzip
+    import json
+
+    path = tmp_path / name
+    kernels.write_json_atomic(path, {"a": [1, 2]})
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        assert json.load(f) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        kernels.write_json_atomic(path, {"a": object()})
+    with opener(path, "rt") as f:
+        assert json.load(f) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        kernels.write_json_atomic(tmp_path / "new.json", {"a": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
