@@ -52,9 +52,14 @@ def parse_variant(spec: str) -> tuple[str, Path, dict[str, str]]:
     return label, path, env
 
 
+def worker_cmd(worker: Path, tree: Path, label: str, args: list[str]) -> list[str]:
+    """The command line of one worker run on ``tree``."""
+    return [sys.executable, str(worker), "--tree", str(tree), "--label", label, *args]
+
+
 def run_worker(worker: Path, tree: Path, label: str, env: dict, args: list[str], timeout: float):
     """One worker process: (return code, stdout lines, the last lines of stderr)."""
-    cmd = [sys.executable, str(worker), "--tree", str(tree), "--label", label, *args]
+    cmd = worker_cmd(worker, tree, label, args)
     try:
         out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # its captured output is bytes whatever text= says
@@ -146,9 +151,9 @@ def main(argv=None) -> int:
     for label, tree, env in variants:
         trees.setdefault(tree, (label, env))
     jobs = str(max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 2)) // len(trees)))
-    procs = [(label, subprocess.Popen([sys.executable, str(worker), "--tree", str(tree), "--label", label, *common,
-                                       "--build-only"], env={**os.environ, **env, "MAX_JOBS": jobs},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [(label, subprocess.Popen(worker_cmd(worker, tree, label, [*common, "--build-only"]),
+                                      env={**os.environ, **env, "MAX_JOBS": jobs}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
              for tree, (label, env) in trees.items()]  # fmt: skip
     for label, p in procs:
         so, se = p.communicate()
