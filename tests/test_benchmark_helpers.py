@@ -187,6 +187,15 @@ def test_ab_decode_refuses_bad_arguments_before_running(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ab_decode.main(["--batches", "1"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
+    # --build-only says whether the tree's kernels could be built, and fails when they could not
+    from zephyr_plugins import kernel_build
+
+    monkeypatch.setattr(kernel_build, "ensure_built", lambda: (False, "no nvcc here"))
+    assert ab_decode.main(["--build-only", "--label", "x"]) == 1
+    assert "BUILT x failed: no nvcc here" in capsys.readouterr().out
+    monkeypatch.setattr(kernel_build, "ensure_built", lambda: (True, None))
+    assert ab_decode.main(["--build-only", "--label", "x"]) == 0
+    assert "BUILT x ok" in capsys.readouterr().out
 
 
 def _tree_copy(dest: Path) -> Path:
