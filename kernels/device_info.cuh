@@ -30,13 +30,6 @@ inline bool env_off(const char* name) {
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
-// Whether environment variable `name` is set to "1" (the A/B switches that turn a path on; callers read it
-// once per process).
-inline bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
 // Multiprocessor count.
 inline int sm_count(int device) { return cached_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
 

@@ -550,37 +550,15 @@ at::Tensor gemv_repacked(const char* op, const at::Tensor& x, const at::Tensor& 
                       : gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(z.M, W, z.has_z, scale_after, swiglu);
     gx = bytes <= cap;
   }
-  // Opt-in (ZEPHYR_GEMV_CLUSTER_SUM=1, read once; not yet measured on a GPU): a split of 2, 4 or 8 at
-  // M <= 8 (one x tile, not SWIGLU) sums through a thread-block cluster (the CS kernel variant) instead of
-  // fp32 partials in global memory and a last block (no partial round trip, fence or lock), where every
-  // cluster of the grid is resident at once (an sm_90a build on an sm_90 card, and the occupancy query
-  // says so). Same bits either way: the same order of additions (test_gemv_cluster_sum_same_bits). At
-  // batch 1 this is the down projection (K = 14336: 64 column blocks x 4 splits), whose partials, lock
-  // and last block took ~2 us after its weight loop in the decode timeline
-  // (ab_H200_2026-11-28/gemv_weight_stream_2cdac45.log).
-  static const bool gemv_cluster_on = env_on("ZEPHYR_GEMV_CLUSTER_SUM");
-  bool cluster = false;
-  if (gemv_cluster_on && !swiglu && nt == 1 && (S == 2 || S == 4 || S == 8) && tiled_wgmma_available(x.get_device())) {
-    const int smem = gx ? int(gemv_gx_smem_bytes(W, z.M, xs_chunks, x.element_size())) : 0;
-    int cslots;
-    if (half)
-      cslots = bits == 4 ? gptq_gemv_cluster_slots<__half, 4>(z.M, W, z.has_z, scale_after, gx, S, smem)
-                         : gptq_gemv_cluster_slots<__half, 8>(z.M, W, z.has_z, scale_after, gx, S, smem);
-    else
-      cslots = bits == 4 ? gptq_gemv_cluster_slots<__nv_bfloat16, 4>(z.M, W, z.has_z, scale_after, gx, S, smem)
-                         : gptq_gemv_cluster_slots<__nv_bfloat16, 8>(z.M, W, z.has_z, scale_after, gx, S, smem);
-    cluster = cslots >= nblk * S;
-  }
   bool pdl = false;
   const at::Tensor xg = gx ? x : gather_x(x, perm, z.K, z.Kp, stream, pdl);
   pdl = pdl || pdl_chain(x.get_device());
   at::Tensor partial;
-  if (S > 1 && !cluster) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
+  if (S > 1) partial = at::empty({S, z.M, z.Np}, x.options().dtype(at::kFloat));
   GemvArgs args{xg.data_ptr(), gx && perm.numel() ? perm.data_ptr<int>() : nullptr, qweight.data_ptr(),
-                scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr,
-                S > 1 && !cluster ? partial.data_ptr<float>() : nullptr, locks.data_ptr<int>(), out.data_ptr(),
-                out_index, z.M, z.N, z.K, z.Kp, z.Np, z.G, z.group_rows, upw, S, W, scale_after, gx, xs_chunks, swiglu,
-                cluster, pdl, stream};
+                scales.data_ptr(), z.has_z ? zeros.data_ptr() : nullptr, S > 1 ? partial.data_ptr<float>() : nullptr,
+                locks.data_ptr<int>(), out.data_ptr(), out_index, z.M, z.N, z.K, z.Kp, z.Np, z.G, z.group_rows,
+                upw, S, W, scale_after, gx, xs_chunks, swiglu, pdl, stream};
   cudaError_t err;
   if (half)
     err = bits == 4 ? gptq_gemv_launch<__half, 4>(args) : gptq_gemv_launch<__half, 8>(args);

@@ -8,7 +8,6 @@ template cudaError_t gptq_gemm_small_launch<__half, 4>(const SmallArgs&);
 template int gptq_gemm_small_occupancy<__half, 4>(int, bool, bool);
 template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 template int gptq_gemv_occupancy<__half, 4>(int, int, bool, bool, bool);
-template int gptq_gemv_cluster_slots<__half, 4>(int, int, bool, bool, bool, int, int);
 template int gptq_gemv_gx_smem_cap<__half, 4>(int, int, bool, bool, bool);
 template cudaError_t gptq_tiled_launch<__half, 4>(const TiledArgs&);
 template int gptq_tiled_occupancy<__half, 4>(int, bool, int, int);

@@ -43,9 +43,6 @@
 //   kernel and one round trip of the [M, N] intermediate fewer per layer at decode batches.
 #pragma once
 
-#include <map>
-#include <mutex>
-#include <tuple>
 #include <type_traits>
 
 #include "gptq_kernels.cuh"
@@ -74,31 +71,7 @@ __device__ __forceinline__ int gemv_x_swizzle(int r, int u) { return u ^ ((r & 1
 // more warps than slots (NT = 4, 8 warps) the upper half first adds into the lower half.
 __host__ __device__ constexpr int gemv_red_slots(int nt) { return nt == 1 ? 16 : (nt == 2 ? 8 : 4); }
 
-// The GEMV's split-K sum through a thread-block cluster: every block of the cluster holds its M x 64 sums
-// at `sums` (shared memory); after the cluster barrier, block rank r adds its 1/S of them over the S blocks
-// in slice order (the order of the partials' path: the same bits) and writes them; the second barrier keeps
-// every block's shared memory alive until the others have read it. Not inlined: kept out of the kernel's
-// register allocation (inlined, ptxas spilled in the main loop of the NT = 1 variants at the 128-register
-// cap).
-template <typename T>
-__device__ __noinline__ void gemv_cluster_sum(const float* sums, T* __restrict__ out, int M, int N, int S, int n0) {
-#ifndef ZEPHYR_DEVICE_BULK
-  __trap();  // no cluster instructions in this build: the host launches the CS variant only on sm_90a code
-#endif
-  cluster_sync_all();
-  const int total = M * kBlockN, per = (total + S - 1) / S, r = int(cluster_rank());
-  const uint32_t base = smem_addr(sums);
-  for (int i = r * per + int(threadIdx.x); i < min((r + 1) * per, total); i += int(blockDim.x)) {
-    float v = 0.f;
-    for (int ss = 0; ss < S; ++ss) v += ld_cluster_f32(cluster_map(base + uint32_t(i) * 4u, uint32_t(ss)));
-    const int m = i / kBlockN, j = i % kBlockN;
-    if (n0 + j < N) out[(size_t)m * N + n0 + j] = Traits<T>::from_float(v);
-  }
-  cluster_sync_relaxed();
-}
-
-// CS: the split-K sum through a thread-block cluster (S > 1, one x tile, no SWIGLU; `partial` unused).
-template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool GX, bool SWIGLU, bool CS = false>
+template <typename T, int BITS, bool HAS_Z, bool SCALE_AFTER, int NT, bool GX, bool SWIGLU>
 __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     const T* __restrict__ x,            // [M, Kp] (gathered/padded unless x itself qualifies); GX: [M, K] as given
     const int* __restrict__ perm,       // GX: [K] act-order permutation (x column of zk row k), or null
@@ -120,7 +93,6 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
   constexpr int kDefaultZero = 1 << (BITS - 1);
   static_assert(!SCALE_AFTER || NT <= 2, "scale-after keeps a second accumulator set: NT <= 2 only");
   static_assert(!SWIGLU || NT <= 2, "SWIGLU sums each half's warps in their own slots: NT <= 2 only");
-  static_assert(!CS || (NT == 1 && !SWIGLU), "the cluster sum serves one x tile without SWIGLU");
   constexpr int kSlots = gemv_red_slots(NT);
   __shared__ float red[kSlots][8 * NT * kBlockN];
   __shared__ int is_last;
@@ -482,20 +454,6 @@ __global__ void __launch_bounds__(gemv_max_warps(NT) * 32, 1) gptq_gemv_kernel(
     }
     return;
   }
-  if constexpr (CS) {
-    // S > 1, a column block's S blocks one thread-block cluster (launched with cluster (1, S, 1), sm_90):
-    // each block leaves its warps' sum in its own red[0] (only this thread reads or writes element i
-    // here) for gemv_cluster_sum; no partials, fence or lock.
-    for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
-      float v = 0.f;
-      for (int w = 0; w < Wr; ++w) v += red[w][i];
-      red[0][i] = v;
-    }
-    probe.mark(3);
-    gemv_cluster_sum<T>(&red[0][0], out, M, N, S, n0);
-    probe.mark(4);
-    return;
-  }
   for (int i = threadIdx.x; i < M * kBlockN; i += blockDim.x) {
     float v = 0.f;
     for (int w = 0; w < Wr; ++w) v += red[w][i];
@@ -527,7 +485,6 @@ struct GemvArgs {
   bool gx;           // gather x in the kernel (M <= kGemvGxMaxM)
   int xs_chunks;     // GX: chunks of x per warp region (gemv_gx_chunks)
   bool swiglu;       // out = silu(gate) * up of the two halves of N (M <= 16, N / 2 a multiple of 64)
-  bool cluster;      // S in {2, 4, 8}, M <= 8, no SWIGLU: a column block's S blocks are one cluster (CS)
   bool pdl;
   cudaStream_t stream;
 };
@@ -543,56 +500,33 @@ __host__ __device__ constexpr int gemv_gx_chunks(int upw, int bits) {
 }
 
 // Bytes of dynamic shared memory a GX block of `warps` warps takes for M rows: each warp's region of
-// `xs_chunks` chunks of x (`elem` bytes per value).
+// `xs_chunks` chunks of x (`elem` bytes per value). The launch and the host's GX decision both use it.
 __host__ __device__ constexpr size_t gemv_gx_smem_bytes(int warps, int m, int xs_chunks, size_t elem) {
   return size_t(warps) * m * xs_chunks * kChunkK * elem;
-}
-
-// Raises `kernel`'s dynamic shared memory limit to all a block may have beside its static shared memory
-// (a function attribute; the occupancy queries and launches honour it): that many bytes, or 0 on error
-// (the error cleared).
-inline int raise_dynamic_smem_limit(const void* kernel) {
-  int device = 0, optin = 0;
-  cudaFuncAttributes fa{};
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || optin <= int(fa.sharedSizeBytes) ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return optin - int(fa.sharedSizeBytes);
 }
 
 // The kernel instantiation for M rows: NT from M; scale_after is honoured for
 // M <= 16 only (one or two x tiles), larger M scale in the dequantization; gx for M <= 8 only;
 // swiglu for M <= 16 only (null above).
-// cs: the cluster-sum variant (one x tile, no SWIGLU; null otherwise).
 template <typename T, int BITS>
-GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx, bool swiglu = false, bool cs = false) {
+GemvKernel<T> gemv_kernel_for(int m, bool has_z, bool scale_after, bool gx, bool swiglu = false) {
   auto pick = [&](auto nt_c, auto gx_c) -> GemvKernel<T> {
     constexpr int NT = decltype(nt_c)::value;
     constexpr bool GXV = decltype(gx_c)::value;
     if constexpr (NT == 4) {
-      if (swiglu || cs) return nullptr;
+      if (swiglu) return nullptr;
       return has_z ? gptq_gemv_kernel<T, BITS, true, false, 4, false, false>
                    : gptq_gemv_kernel<T, BITS, false, false, 4, false, false>;
     } else {
-      auto with = [&](auto sw_c, auto cs_c) -> GemvKernel<T> {
+      auto with = [&](auto sw_c) -> GemvKernel<T> {
         constexpr bool SW = decltype(sw_c)::value;
-        constexpr bool CSV = decltype(cs_c)::value;
         if (has_z)
-          return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV, SW, CSV>
-                             : gptq_gemv_kernel<T, BITS, true, false, NT, GXV, SW, CSV>;
-        return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV, SW, CSV>
-                           : gptq_gemv_kernel<T, BITS, false, false, NT, GXV, SW, CSV>;
+          return scale_after ? gptq_gemv_kernel<T, BITS, true, true, NT, GXV, SW>
+                             : gptq_gemv_kernel<T, BITS, true, false, NT, GXV, SW>;
+        return scale_after ? gptq_gemv_kernel<T, BITS, false, true, NT, GXV, SW>
+                           : gptq_gemv_kernel<T, BITS, false, false, NT, GXV, SW>;
       };
-      if (cs) {
-        if constexpr (NT == 1) return swiglu ? nullptr : with(std::false_type{}, std::true_type{});
-        return nullptr;
-      }
-      return swiglu ? with(std::true_type{}, std::false_type{}) : with(std::false_type{}, std::false_type{});
+      return swiglu ? with(std::true_type{}) : with(std::false_type{});
     }
   };
   using F = std::false_type;
@@ -611,48 +545,15 @@ cudaError_t gptq_gemv_launch(const GemvArgs& a) {
   if (a.warps > gemv_max_warps(gemv_tiles(a.M)) || (a.gx && a.M > kGemvGxMaxM)) return cudaErrorInvalidValue;
   // SWIGLU: a block per pair of column blocks (gate, up), an even number of warps.
   if (a.swiglu && (a.M > 16 || a.warps % 2 || a.N % (2 * kBlockN) || a.Np != a.N)) return cudaErrorInvalidValue;
-  // A split sums through the partials or, one x tile without SWIGLU, through a cluster of 2, 4 or 8.
-  if (a.S > 1 && (a.cluster ? (a.swiglu || gemv_tiles(a.M) != 1 || (a.S != 2 && a.S != 4 && a.S != 8))
-                            : a.partial == nullptr))
-    return cudaErrorInvalidValue;
-  const bool cs = a.cluster && a.S > 1;
-  const GemvKernel<T> k = gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx, a.swiglu, cs);
+  const GemvKernel<T> k = gemv_kernel_for<T, BITS>(a.M, a.zeros != nullptr, a.scale_after, a.gx, a.swiglu);
   if (k == nullptr) return cudaErrorInvalidValue;
   const int pair = a.swiglu ? a.N / 2 / kBlockN : 0;
   const size_t smem = a.gx ? gemv_gx_smem_bytes(a.warps, a.M, a.xs_chunks, sizeof(T)) : 0;
-  return launch_kernel_clusters(k, dim3(a.swiglu ? pair : a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream,
-                                a.pdl, dim3(1, cs ? unsigned(a.S) : 1u, 1),
-                                static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
-                                static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
-                                static_cast<T*>(a.out), a.out_index, a.M, a.N, a.K, a.Kp, a.Np, a.G, a.group_rows,
-                                a.upw, a.S, a.xs_chunks, pair);
-}
-
-// Blocks of the CS kernel serving M <= 8 rows (`warps` warps, `smem` bytes of dynamic shared memory)
-// resident at once when a column block's S blocks form a cluster (S = 2, 4 or 8; sm_90):
-// resident_cluster_blocks, cached per variant; 0 where the query fails or no cluster fits. Clusters sit
-// within one GPC, so this can be fewer than the SMs hold as single blocks.
-template <typename T, int BITS>
-int gptq_gemv_cluster_slots(int m, int warps, bool has_z, bool scale_after, bool gx, int S, int smem) {
-  if ((S != 2 && S != 4 && S != 8) || gemv_tiles(m) != 1 || warps < 1 || warps > gemv_max_warps(1) ||
-      (gx && m > kGemvGxMaxM))
-    return 0;
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, bool, bool, bool, int, int>, int> slots;
-  const auto key = std::make_tuple(gemv_tiles(m), warps, has_z, scale_after, gx, S, smem);
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = slots.find(key);
-  if (it == slots.end()) {
-    const GemvKernel<T> k = gemv_kernel_for<T, BITS>(m, has_z, scale_after, gx, false, true);
-    // GX: the kernel's dynamic shared memory limit raised first (as gptq_gemv_gx_smem_cap does for the
-    // other variants), so that the launch and the query accept `smem`.
-    const bool ok = smem == 0 || raise_dynamic_smem_limit(reinterpret_cast<const void*>(k)) >= smem;
-    const int blocks = ok ? resident_cluster_blocks(reinterpret_cast<const void*>(k), dim3(warps * 32),
-                                                    size_t(smem), dim3(1, unsigned(S), 1))
-                          : 0;
-    it = slots.emplace(key, blocks).first;
-  }
-  return it->second;
+  return launch_kernel_smem(k, dim3(a.swiglu ? pair : a.Np / kBlockN, a.S), dim3(a.warps * 32), smem, a.stream,
+                            a.pdl, static_cast<const T*>(a.x), a.perm, static_cast<const uint4*>(a.qweight),
+                            static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros), a.partial, a.locks,
+                            static_cast<T*>(a.out), a.out_index, a.M, a.N, a.K, a.Kp, a.Np, a.G, a.group_rows,
+                            a.upw, a.S, a.xs_chunks, pair);
 }
 
 // Resident blocks per SM of `warps`-warp blocks of the kernel serving M rows (cached), without
@@ -687,9 +588,14 @@ int gptq_gemv_gx_smem_cap(int m, int warps, bool has_z, bool scale_after, bool s
     // The kernel's dynamic shared memory limit is first raised to all a block may have (the
     // occupancy query honours the limit: at the default 48 KB less the 32 KB reduction buffer,
     // M = 2 at 16 warps would not fit), then the query says what keeps the blocks per SM.
-    int blocks = 0;
+    int device = 0, optin = 0, blocks = 0;
+    cudaFuncAttributes fa{};
     size_t bytes = 0;
-    if (raise_dynamic_smem_limit(reinterpret_cast<const void*>(k)) == 0 ||
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaFuncGetAttributes(&fa, k) != cudaSuccess || optin <= int(fa.sharedSizeBytes) ||
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(fa.sharedSizeBytes)) !=
+            cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, warps * 32, 0) != cudaSuccess || blocks < 1 ||
         cudaOccupancyAvailableDynamicSMemPerBlock(&bytes, k, blocks, warps * 32) != cudaSuccess) {
       (void)cudaGetLastError();  // clear the sticky error of a failed query; GX is then not used
@@ -708,10 +614,6 @@ extern template int gptq_gemv_gx_smem_cap<__half, 4>(int, int, bool, bool, bool)
 extern template int gptq_gemv_gx_smem_cap<__half, 8>(int, int, bool, bool, bool);
 extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 4>(int, int, bool, bool, bool);
 extern template int gptq_gemv_gx_smem_cap<__nv_bfloat16, 8>(int, int, bool, bool, bool);
-extern template int gptq_gemv_cluster_slots<__half, 4>(int, int, bool, bool, bool, int, int);
-extern template int gptq_gemv_cluster_slots<__half, 8>(int, int, bool, bool, bool, int, int);
-extern template int gptq_gemv_cluster_slots<__nv_bfloat16, 4>(int, int, bool, bool, bool, int, int);
-extern template int gptq_gemv_cluster_slots<__nv_bfloat16, 8>(int, int, bool, bool, bool, int, int);
 extern template cudaError_t gptq_gemv_launch<__half, 4>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__half, 8>(const GemvArgs&);
 extern template cudaError_t gptq_gemv_launch<__nv_bfloat16, 4>(const GemvArgs&);
