@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"kernels_{card.replace(' ', '_')}_{meta['date'][:10]}"
-    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows, "gemv_plan_sweep": sweep}, indent=1))
+    write_json_atomic(out / f"{tag}.json", {"meta": meta, "summary": summary, "rows": rows, "gemv_plan_sweep": sweep},
+                      indent=1)
     plot(summary, meta, out / f"{tag}.png")
     print(f"wrote {out / (tag + '.json')} and .png")
     return 0

@@ -381,7 +381,7 @@ def test_ab_trees_rotates_the_order_and_summarizes(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("name", ["out.json", "out.json.gz"])
 def test_write_json_atomic_round_trips_and_leaves_nothing_on_failure(tmp_path, name):
-    """kernels.write_json_atomic (the results writer of ab_trees.py and decode_timeline.py --records): plain
+    """kernels.write_json_atomic (the results writer of kernels.py, ab_trees.py and decode_timeline.py --records): plain
     or gzip JSON by the name; a payload that cannot be written raises and leaves neither the file nor a
     temporary, and an earlier file at the path stays as it was."""
     import gzip
