@@ -598,34 +598,6 @@ def test_ws_every_row_tile():
         assert res.returncode == 0 and "ok" in res.stdout, why
 
 
-def _counting_allocations(fn):
-    """``fn()``'s result and the number of allocations it made through the caching allocator (a split-K
-    sum through a cluster allocates no partials: the count shows which path ran)."""
-    a0 = torch.cuda.memory_stats()["allocation.all.allocated"]
-    y = fn()
-    return y, torch.cuda.memory_stats()["allocation.all.allocated"] - a0
-
-
-def _same_bits_under_switch(tmp_path, code: str, var: str) -> tuple[int, dict]:
-    """Runs ``code`` (formatted with ``here`` and ``path``; it saves (outputs, allocation counts) there) in a
-    child process with ``var`` = 1 and = 0 (the A/B switches are read once per process), requires the two
-    runs' outputs to be equal bit for bit, and returns the number of outputs and {flag: allocation counts}."""
-    import os
-
-    outs, allocs = {}, {}
-    for flag in ("1", "0"):
-        path = tmp_path / f"{var}_{flag}.pt"
-        child = code.format(here=str(Path(__file__).resolve().parent), path=str(path))
-        env = {**os.environ, var: flag}
-        res = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0 and "ok" in res.stdout, f"{var}={flag}: " + res.stderr[-6000:]
-        outs[flag], allocs[flag] = torch.load(path)
-    assert len(outs["1"]) == len(outs["0"])
-    for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
-        assert torch.equal(a, b), i
-    return len(outs["1"]), allocs
-
-
 _WS_SUM_CODE = """
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -640,8 +612,9 @@ for k, n, bits, gs, act, sym, dtype in [(4096, 4096, 4, 128, True, True, torch.f
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         for sp in (2, 4, 8):
             t.poison_allocator()
-            y, n_alloc = t._counting_allocations(lambda: t._tiled(layer, x, sp, 4))
-            allocs.append(n_alloc)
+            a0 = torch.cuda.memory_stats()["allocation.all.allocated"]
+            y = t._tiled(layer, x, sp, 4)
+            allocs.append(torch.cuda.memory_stats()["allocation.all.allocated"] - a0)
             t._check_out(y, x, w, dtype)
             outs.append(y.cpu())
 torch.save((outs, allocs), {path!r})
@@ -655,9 +628,20 @@ def test_ws_cluster_sum_same_bits(tmp_path):
     slices in the same order, so the outputs are the same bits (64- and 128-row tiles, both dtypes). The
     cluster sum allocates no partials: each call's allocation count shows which path ran, so the test
     fails if the clusters are never used (splits of 2 always fit at once here)."""
+    import os
+
     _need(4)
-    count, allocs = _same_bits_under_switch(tmp_path, _WS_SUM_CODE, "ZEPHYR_WS_CLUSTER_SUM")
-    assert count == 27
+    outs, allocs = {}, {}
+    for flag in ("1", "0"):
+        path = tmp_path / f"ws_sum_{flag}.pt"
+        code = _WS_SUM_CODE.format(here=str(Path(__file__).resolve().parent), path=str(path))
+        env = {**os.environ, "ZEPHYR_WS_CLUSTER_SUM": flag}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "ok" in res.stdout, f"ZEPHYR_WS_CLUSTER_SUM={flag}: " + res.stderr[-6000:]
+        outs[flag], allocs[flag] = torch.load(path)
+    assert len(outs["1"]) == len(outs["0"]) == 27
+    for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
+        assert torch.equal(a, b), i
     # Calls in (layer, m, split) order; split 2 is every third, from the first.
     assert all(c <= p for c, p in zip(allocs["1"], allocs["0"])), allocs
     assert all(c < p for c, p in zip(allocs["1"][::3], allocs["0"][::3])), allocs
