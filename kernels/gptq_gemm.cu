@@ -175,7 +175,7 @@ cudaError_t launch_gather_tiles(const T* x, const int* perm, T* xt, int M, int K
   const long row_blocks = padded / R;
   const int chunks = Kp / kChunkK;
   const int cps = ceil_div(chunks, int(std::min<long>(chunks, (target + row_blocks - 1) / row_blocks)));
-  const size_t smem = size_t(R) * (K + 8) * 2;
+  const size_t smem = size_t(R) * (K + 8) * 2 + 16;  // the rows, then an mbarrier (bulk copies)
   // Beyond the default 48 KB, up to the device's opt-in limit (227 KB on the H100), to which the
   // kernel's limit is raised once (a failed raise is cleared, so that no later launch reports it).
   const size_t max_smem = size_t(cached_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, 48 * 1024));
@@ -186,10 +186,14 @@ cudaError_t launch_gather_tiles(const T* x, const int* perm, T* xt, int M, int K
     (void)cudaGetLastError();
     return false;
   }();
+  // sm_90: the rows reach shared memory by bulk copies (ZEPHYR_GATHER_BULK=0, read once: the
+  // threads' 16-byte loads, for A/B runs).
+  static const bool bulk_off = env_off("ZEPHYR_GATHER_BULK");
+  const bool bulk = !bulk_off && cc_major(device) >= 9;
   const bool aligned = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(perm) % 8 == 0;
   if (aligned && (smem <= 48 * 1024 || (raised && smem <= max_smem))) {
     return launch_kernel_smem(gather_tiles_smem_kernel<T>, dim3(unsigned(row_blocks), unsigned(ceil_div(chunks, cps))),
-                              dim3(256), smem, stream, dep, x, perm, xt, M, K, Kp, rows, R, cps);
+                              dim3(256), smem, stream, dep, x, perm, xt, M, K, Kp, rows, R, cps, int(bulk));
   }
   const int units = int(padded * Kp / 8);
   return launch_kernel(gather_tiles_kernel<T>, dim3(unsigned(ceil_div(units, 256))), dim3(256), stream, dep, x, perm,

@@ -382,36 +382,85 @@ __global__ void gather_tiles_kernel(const T* __restrict__ x, const int* __restri
 }
 
 // gather_tiles_kernel's output through shared memory, R (1, 2, 4 or 8) rows of
-// x per block: the block copies its rows into shared memory with coalesced
-// 16-byte loads (row stride K + 8 values, so that the R rows of a unit sit in
-// different banks), then writes its units, the R rows of one unit being R*16
-// contiguous bytes of xt. gather_tiles_kernel reads each value from global
+// x per block: the block copies its rows into shared memory (row stride K + 8
+// values, so that the R rows of a unit sit in different banks; on sm_90 by one
+// bulk copy per row, else with coalesced 16-byte loads), then writes its units,
+// the R rows of one unit being R*16 contiguous bytes of xt. In order (no perm)
+// a unit's pairs are read with 4-byte loads, and on sm_90 a block copies only
+// its chunks' columns. gather_tiles_kernel reads each value from global
 // memory where it lands: 8 scattered 2-byte loads per unit, 32 rows apart in
 // a warp, which kept L2 83% busy for 34 us at M = 1024, K = 4096 (ncu, H100,
 // 1.43 GHz) while the WS kernel after it took 67-425 us. Needs K % 8 == 0, x
 // 16-byte aligned and perm 8-byte aligned; rows and R powers of two. Grid:
 // (padded rows / R, splits): block (b, s) writes the units of chunks
-// [s*cps, (s+1)*cps) (at small M, more blocks than row groups; each still
-// copies its whole rows, since act-order takes a chunk's columns from all K).
+// [s*cps, (s+1)*cps) (at small M, more blocks than row groups; with perm each
+// still copies its whole rows, since act-order takes a chunk's columns from all
+// K). Dynamic shared memory: R * (K + 8) values, then 16 bytes (the mbarrier).
 template <typename T>
 __global__ void __launch_bounds__(256) gather_tiles_smem_kernel(const T* __restrict__ x, const int* __restrict__ perm,
                                                                T* __restrict__ xt, int M, int K, int Kp, int rows,
-                                                               int R, int cps) {
-  extern __shared__ uint4 gather_rows[];  // [R][K + 8] values
+                                                               int R, int cps, int bulk) {
+  extern __shared__ uint4 gather_rows[];  // [R][K + 8] values, then (bulk) an mbarrier
   pdl_launch_dependents();
   const T* xs = reinterpret_cast<const T*>(gather_rows);
   const int ks = K + 8, kv = K / 8, m0 = blockIdx.x * R, chunks = Kp / kChunkK;
   const int r_shift = __ffs(R) - 1, rows_shift = __ffs(rows) - 1;  // both powers of two
-  pdl_wait();
-  for (int r = 0; r < R; ++r) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)(m0 + r) * K);
-    for (int c = threadIdx.x; c < kv; c += blockDim.x)
-      gather_rows[r * (ks / 8) + c] = m0 + r < M ? src[c] : make_uint4(0, 0, 0, 0);
+  const int c0 = blockIdx.y * cps, nq = 16 * max(0, min(cps, chunks - c0));
+#ifdef ZEPHYR_DEVICE_BULK
+  // sm_90: one thread hands the rows to the TMA engine (one bulk copy per row, all in flight at
+  // once); rows past M are zeroed by the block meanwhile. In order (no perm), only the block's
+  // columns [128 c0, 128 (c0 + cps)) are copied.
+  if (bulk) {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(gather_rows + R * (ks / 8));
+    const int valid = max(0, min(R, M - m0));
+    const int v0 = perm ? 0 : min(K, c0 * kChunkK), v1 = perm ? K : min(K, (c0 + cps) * kChunkK);
+    if (threadIdx.x == 0) {
+      mbar_init(bar, 1);
+      mbar_init_fence();
+    }
+    for (int c = valid * (ks / 8) + threadIdx.x; c < R * (ks / 8); c += blockDim.x)
+      gather_rows[c] = make_uint4(0, 0, 0, 0);
+    __syncthreads();
+    pdl_wait();
+    if (threadIdx.x == 0) {
+      mbar_arrive_expect(bar, uint32_t(valid) * uint32_t(v1 - v0) * 2u);
+      for (int r = 0; r < valid && v1 > v0; ++r)
+        bulk_copy(gather_rows + r * (ks / 8) + v0 / 8, x + (size_t)(m0 + r) * K + v0, uint32_t(v1 - v0) * 2u, bar);
+    }
+    mbar_wait(bar, 0);
+    __syncthreads();
+  } else
+#endif
+  {
+    pdl_wait();
+    for (int r = 0; r < R; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)(m0 + r) * K);
+      for (int c = threadIdx.x; c < kv; c += blockDim.x)
+        gather_rows[r * (ks / 8) + c] = m0 + r < M ? src[c] : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
   }
-  __syncthreads();
   // Task t: row r = t % R of unit q = t / R of the row (chunk q / 16, unit q % 16). The unit's 8 values
   // are 4 pairs of adjacent chunk columns (zk_chunk_row): 32c + 4i + 2h + {0, 1}, c = 0..3, h = u % 2.
-  const int c0 = blockIdx.y * cps, nq = 16 * max(0, min(cps, chunks - c0));
+  if (perm == nullptr) {  // in order: the pairs are adjacent values, one 4-byte load each (K % 8 == 0)
+#pragma unroll 4
+    for (int t = threadIdx.x; t < R * nq; t += blockDim.x) {
+      const int r = t & (R - 1), q = 16 * c0 + (t >> r_shift);
+      const int u = q & 15, ch = q >> 4, i = u >> 1;
+      const int m = m0 + r;
+      uint4 v;
+      uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int src = ch * kChunkK + zk_chunk_row(i, 8 * (u & 1) + 2 * c);
+        w[c] = src < K ? *reinterpret_cast<const uint32_t*>(xs + r * ks + src) : 0u;
+      }
+      const size_t o = ((size_t)((m >> rows_shift) * chunks + ch) * 16 + u) * rows + (m & (rows - 1));
+      reinterpret_cast<uint4*>(xt)[o] = v;
+    }
+    return;
+  }
+#pragma unroll 2
   for (int t = threadIdx.x; t < R * nq; t += blockDim.x) {
     const int r = t & (R - 1), q = 16 * c0 + (t >> r_shift);
     const int u = q & 15, ch = q >> 4, i = u >> 1;
@@ -421,8 +470,8 @@ __global__ void __launch_bounds__(256) gather_tiles_smem_kernel(const T* __restr
     for (int c = 0; c < 4; ++c) {
       const int src = ch * kChunkK + zk_chunk_row(i, 8 * (u & 1) + 2 * c);
       int2 col = make_int2(src, src + 1);
-      if (perm && src + 1 < K) col = __ldg(reinterpret_cast<const int2*>(perm + src));
-      else if (perm && src < K) col.x = __ldg(perm + src);
+      if (src + 1 < K) col = __ldg(reinterpret_cast<const int2*>(perm + src));
+      else if (src < K) col.x = __ldg(perm + src);
       v[2 * c] = src < K ? xs[r * ks + col.x] : Traits<T>::from_float(0.f);
       v[2 * c + 1] = src + 1 < K ? xs[r * ks + col.y] : Traits<T>::from_float(0.f);
     }
