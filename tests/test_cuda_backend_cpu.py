@@ -715,3 +715,30 @@ def test_gemv_max_m_by_layer_size(monkeypatch):
     assert cb.gemv_max_m(8, 4096, 4096, True) == 0  # off
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         cb.gemv_max_m(3, 4096, 4096, True)
+
+
+def test_ws_max_m_by_output_tiles(monkeypatch):
+    """The WS kernel's row limit per layer on a 132-SM card: 512 rows always, then on while a layer's
+    128 x 256 output tiles make one wave or at least four (Mistral-7B: qkv 640, the others 1024); a
+    card with fewer SMs stops qkv sooner; an explicit environment setting applies to every layer."""
+    from zephyr_plugins.backends import cuda as cb
+
+    monkeypatch.setattr(cb, "_WS_ENV_4", None)
+    monkeypatch.setattr(cb, "_WS_ENV_8", None)
+    monkeypatch.setattr(cb, "FUSED_MAX_M_WS", 1024)
+    monkeypatch.setattr(cb, "FUSED_MAX_M_WS_8BIT", 1024)
+    outs = {"qkv": 6144, "o": 4096, "gate_up": 28672, "down": 4096}
+    for bits in (4, 8):
+        got = {name: cb.ws_max_m(bits, n, 132) for name, n in outs.items()}
+        assert got == {"qkv": 640, "o": 1024, "gate_up": 1024, "down": 1024}, bits
+    assert cb.ws_max_m(4, 6144, 114) == 512  # 5 x 24 = 120 tiles: past one wave of 114
+    assert cb.ws_max_m(4, 4096, 114) == 896  # 8 x 16 = 128 > 114
+    assert cb.ws_max_m(4, 300, 132) == 1024  # 2 column tiles: one wave throughout
+    monkeypatch.setattr(cb, "FUSED_MAX_M_WS", 2048)
+    assert cb.ws_max_m(4, 28672, 132) == 2048  # >= 4 waves from 640 rows on
+    assert cb.ws_max_m(4, 4096, 132) == 1024  # 9 x 16 = 144 tiles at 1152 rows
+    monkeypatch.setattr(cb, "_WS_ENV_4", "256")
+    monkeypatch.setattr(cb, "FUSED_MAX_M_WS", 256)
+    assert cb.ws_max_m(4, 6144, 132) == cb.ws_max_m(4, 28672, 132) == 256
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        cb.ws_max_m(3, 4096, 132)

@@ -14,6 +14,7 @@ fp16 <= 1e-3, bf16 <= 1e-2.
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import textwrap
@@ -76,15 +77,20 @@ def test_main_layout_full_grid(k, n, m):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_fused_limit_rows(bits):
-    """The layer at the largest M its fused path serves (on Hopper the WS limits, FUSED_MAX_M_WS for
-    4-bit and FUSED_MAX_M_WS_8BIT for 8-bit; else FUSED_MAX_M) and one row past it (dequantize + cuBLAS)."""
+@pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 4096)])
+def test_fused_limit_rows(bits, k, n):
+    """The layer at the largest M its fused path serves (on Hopper the WS limit, ws_max_m: 640 rows
+    for Mistral's qkv and 1024 for o on a 132-SM card; else FUSED_MAX_M) and one row past it
+    (dequantize + cuBLAS)."""
     from zephyr_plugins.backends import cuda as cuda_backend
 
-    layer, w, _ = _layer(4096, 6144, bits, 128, True, False, torch.float16)
+    layer, w, _ = _layer(k, n, bits, 128, True, False, torch.float16)
     limit = layer._kernel._fused_max_m
     if _wgmma_available():
-        assert limit == (cuda_backend.FUSED_MAX_M_WS_8BIT if bits == 8 else cuda_backend.FUSED_MAX_M_WS)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert limit == cuda_backend.ws_max_m(bits, n, sms)
+        if sms == 132 and not os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS" + ("_8BIT" if bits == 8 else "")):
+            assert limit == {6144: 640, 4096: 1024}[n]
     else:
         assert limit == cuda_backend.FUSED_MAX_M
     for m in (limit, limit + 1):

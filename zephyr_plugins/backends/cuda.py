@@ -8,7 +8,7 @@
   64-row tiles) that streams the repacked weight once per row tile. On sm_90
   cards (kernels built for sm_90a) the rows above that limit take
   its warp-specialized ``wgmma`` variant (WS: a producer warp fills a ring of
-  shared-memory stages with bulk copies), up to ``FUSED_MAX_M_WS`` rows (8-bit: ``FUSED_MAX_M_WS_8BIT``).
+  shared-memory stages with bulk copies), up to ``ws_max_m(...)`` rows (at most ``FUSED_MAX_M_WS``).
 - More rows (prefill): ``zephyr::gptq_dequantize_repacked`` to the activation
   dtype (rows back in x's order), then ``x @ w`` in cuBLAS.
 
@@ -43,8 +43,15 @@ FUSED_MAX_M = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M", "128"))
 # at M = 512, 865 against 911 at M = 1024, 3468 against 2924 at M = 4096. Since the WS kernel's ring is
 # 128-byte aligned (ab_H100_2026-11-28/ws_ring_alignment.log: 4-bit WS at M = 1024 786 us against 872
 # before), 4-bit weights go to it up to 1024 rows too.
-FUSED_MAX_M_WS = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS", "1024"))
-FUSED_MAX_M_WS_8BIT = int(os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT", "1024"))
+_WS_ENV_4 = os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS")
+_WS_ENV_8 = os.environ.get("ZEPHYR_CUDA_FUSED_MAX_M_WS_8BIT")
+FUSED_MAX_M_WS = int(_WS_ENV_4 or "1024")
+FUSED_MAX_M_WS_8BIT = int(_WS_ENV_8 or "1024")
+# Above this many rows a layer stays on WS only while its output tiles (WS_TILE rows x columns) fill at
+# most one wave of the SMs or at least WS_MANY_WAVES waves: see ws_max_m.
+WS_ALWAYS_M = 512
+WS_TILE = (128, 256)
+WS_MANY_WAVES = 4
 # Split-K semaphores per 64 output columns: the GEMV and small-M kernels use one, the tiled kernel one per
 # (row tile, 256-column group), so 8 let it split K up to M = 32 row tiles (2048 rows at 64 per tile).
 LOCKS_PER_COLUMN_BLOCK = 8
@@ -90,6 +97,37 @@ def gemv_max_m(bits: int, k: int, n: int, ws: bool) -> int:
     return min(base, GEMV_MAX_M_WS)
 
 
+def ws_max_m(bits: int, n: int, sms: int) -> int:
+    """Largest M a layer of ``bits``-bit weights and N = ``n`` outputs sends to the WS kernel (sm_90
+    card with ``sms`` multiprocessors, sm_90a build); dequantize + cuBLAS serves the rows above it.
+
+    Up to WS_ALWAYS_M rows, and on to FUSED_MAX_M_WS / FUSED_MAX_M_WS_8BIT while every row tile
+    added keeps the layer's 128 x 256 output tiles within one wave (<= ``sms``) or at WS_MANY_WAVES
+    waves or more. In between, the WS kernel's second, partly filled wave costs more than cuBLAS's
+    smaller tiles: H200, 4-bit g128 act-order, one run of benchmarks/kernels.py at c655a4d
+    (``ws_us`` / ``dequant_cublas_us``), qkv (N = 6144, 24 column tiles) 62 / 69 us at M = 640
+    (120 tiles), 100 / 75 at 768 (144 tiles), 102 / 89 at 896, 107 / 93 at 1024 (the H100 at
+    8146d00: 107.5 / 95.0 at 1024); 8-bit the same (104 / 79 at 768). The other Mistral layers keep
+    1024: o and down (16 column tiles, one wave up to 1024 rows) were within 1-11 us either way
+    from 640 to 1024 rows, and gate_up (112 column tiles, >= 4 waves from 640 rows) led by 8-20%.
+    ``ZEPHYR_CUDA_FUSED_MAX_M_WS`` / ``..._8BIT``, when set, apply to every layer.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"ws_max_m: bits must be 4 or 8, got {bits}")
+    cap, env = (FUSED_MAX_M_WS_8BIT, _WS_ENV_8) if bits == 8 else (FUSED_MAX_M_WS, _WS_ENV_4)
+    if env is not None or cap <= WS_ALWAYS_M:
+        return cap
+    rows, cols = WS_TILE
+    col_tiles = -(-n // cols)
+    m = WS_ALWAYS_M
+    while m + rows <= cap:
+        tiles = (m // rows + 1) * col_tiles
+        if sms < tiles < WS_MANY_WAVES * sms:
+            break
+        m += rows
+    return m
+
+
 class CudaGPTQBackend(KernelBackend):
     name = "cuda"
     priority = 100
@@ -122,8 +160,11 @@ class CudaGPTQBackend(KernelBackend):
         # The WS kernel is planned where gptq_gemm_repacked can run wgmma (sm_90 card, sm_90a build).
         ws = wgmma_available(layer.qweight.device)
         self._gemv_max_m = gemv_max_m(spec.bits, spec.in_features, spec.out_features, ws)
-        ws_max_m = FUSED_MAX_M_WS_8BIT if spec.bits == 8 else FUSED_MAX_M_WS
-        self._fused_max_m = ws_max_m if ws else FUSED_MAX_M
+        if ws:
+            sms = torch.cuda.get_device_properties(layer.qweight.device).multi_processor_count
+            self._fused_max_m = ws_max_m(spec.bits, spec.out_features, sms)
+        else:
+            self._fused_max_m = FUSED_MAX_M
         try:
             r = repack(
                 layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
