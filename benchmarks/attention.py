@@ -20,7 +20,6 @@ Needs a CUDA GPU with the kernels built.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import kernels_unavailable, run_meta, time_graph  # noqa: E402  (the kernel benchmark's shared pieces)
+from kernels import kernels_unavailable, run_meta, time_graph, write_json_atomic  # noqa: E402  (the kernel benchmark's shared pieces)
 
 H, HKV, HD, LAYERS = 32, 8, 128, 32
 
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         meta = run_meta()
         path = os.path.join(args.out, f"attention_{card.replace(' ', '_')}_{meta['date'][:10]}.json")
-        with open(path, "w") as fh:
-            json.dump({**meta, "rows": rows}, fh, indent=2)
+        write_json_atomic(path, {**meta, "rows": rows}, indent=2)
         print(f"wrote {path}")
     return 0
 

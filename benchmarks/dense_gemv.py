@@ -19,7 +19,6 @@ Writes ``dense_gemv_<card>_<date>.json`` and ``.png`` into DIR (default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import copies_for, copy_bandwidth, kernels_unavailable, run_meta, time_graph  # noqa: E402
+from kernels import copies_for, copy_bandwidth, kernels_unavailable, run_meta, time_graph, write_json_atomic  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "head": (4096, 32000)}  # fmt: skip
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"dense_gemv_{card.replace(' ', '_')}_{meta['date'][:10]}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows, "summary": summary}, indent=1)
     plot(rows, ms, meta, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
     return 0

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import git_commit, zephyr_env  # noqa: E402  (the commit and ZEPHYR_* switches a result file records)
+from kernels import git_commit, write_json_atomic, zephyr_env  # noqa: E402  (the commit and ZEPHYR_* switches a result file records)
 
 ZEPHYR_7B = dict(
     model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
@@ -380,8 +380,7 @@ def main(argv=None) -> int:
     stem = f"e2e_{card.replace(' ', '_')}_{result['date'][:10]}"
 
     def save() -> None:  # after every config, so a run cut short keeps what it measured
-        with open(os.path.join(args.out, stem + ".json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json_atomic(os.path.join(args.out, stem + ".json"), result, indent=2)
 
     for name in names:
         layout = CONFIGS[name]

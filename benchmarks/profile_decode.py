@@ -17,7 +17,6 @@ Needs a CUDA GPU. Writes ``profile_decode_<config>_b<B>.json`` into DIR when giv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernels import write_json_atomic  # noqa: E402  (benchmarks/kernels.py: temporary file, then rename)
 
 
 def short_name(name: str) -> str:
@@ -136,8 +136,8 @@ def main(argv=None) -> int:
             print(f"  {gp['pair'][:110]:<112}{gp['us_per_step']:>8.1f}")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"profile_decode_{args.config}_b{b}.json"), "w") as fh:
-                json.dump({"card": torch.cuda.get_device_name(), "config": args.config, **r}, fh, indent=2)
+            write_json_atomic(os.path.join(args.out, f"profile_decode_{args.config}_b{b}.json"),
+                              {"card": torch.cuda.get_device_name(), "config": args.config, **r}, indent=2)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from zephyr_plugins.config import GPTQConfig  # noqa: E402
 from zephyr_plugins.quantize import quantize_block  # noqa: E402
-from kernels import git_commit  # noqa: E402  (the commit a result file records; benchmarks/kernels.py)
+from kernels import git_commit, write_json_atomic  # noqa: E402  (the commit a result file records; benchmarks/kernels.py)
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   head_dim=128, num_hidden_layers=32, max_position_embeddings=32768, vocab_size=32000,
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
     card = result["card"].replace(" ", "_")
     tag = f"_mse{args.mse:g}" if args.mse else ""
     path = os.path.join(args.out, f"quantize_gptq_mistral7b_{card}{tag}.json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
+    write_json_atomic(path, result, indent=2)
     print(f"| card | per block (s) | 32 blocks, extrapolated (min) | peak GiB |\n|---|---|---|---|\n"
           f"| {result['card']} | {per_block:.2f} | {per_block * 32 / 60:.1f} | {result['peak_memory_gib']:.1f} |")
     print(f"wrote {path}")

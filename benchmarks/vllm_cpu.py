@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import sys
@@ -204,7 +203,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"vllm_cpu_{_dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    from kernels import write_json_atomic
+
+    write_json_atomic(path, doc, indent=2)
 
     cols = [f"batch{b}_tok_s" for b in batches]
     print(f"\n{'run (best round)':<22}" + "".join(f"{c:>16}" for c in cols) + f"{'startup_s':>12}")

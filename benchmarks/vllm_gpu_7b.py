@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernels import write_json_atomic  # noqa: E402  (benchmarks/kernels.py: temporary file, then rename)
 
 LAYOUTS = {"u4g128_act": (4, 128, True), "u4g128": (4, 128, False), "u8g128_act": (8, 128, True)}
 PROMPT, NEW, BATCHES = 512, 256, [1, 32]
@@ -132,8 +134,7 @@ def main(argv=None) -> int:
             row["ratio_runtime_vs_vllm_own"] = {k: round(v / base[k], 2)
                                                 for k, v in row["zephyr_runtime"]["throughput"].items() if base.get(k)}
         doc["results"][name] = row
-        with open(os.path.join(args.out, stem + ".json"), "w") as fh:
-            json.dump(doc, fh, indent=2)
+        write_json_atomic(os.path.join(args.out, stem + ".json"), doc, indent=2)
     with open(os.path.join(args.out, stem + "_engines.log"), "w") as fh:
         fh.write("\n".join(logs))
     try:

@@ -399,3 +399,21 @@ def test_write_json_atomic_round_trips_and_leaves_nothing_on_failure(tmp_path, n
     with pytest.raises(TypeError):
         kernels.write_json_atomic(tmp_path / "new.json", {"a": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_results_json_is_written_whole_or_not_at_all(tmp_path):
+    """kernels.write_json_atomic (every benchmark's results file): a write that fails part-way leaves the
+    previous file as it was and no temporary file beside it; .gz paths are compressed."""
+    import gzip
+    import json
+
+    path = tmp_path / "r.json"
+    kernels.write_json_atomic(path, {"a": [1, 2]}, indent=1)
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        kernels.write_json_atomic(path, {"a": 1, "b": object()})  # not serializable: fails mid-dump
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    kernels.write_json_atomic(tmp_path / "r.json.gz", {"b": 3})
+    with gzip.open(tmp_path / "r.json.gz", "rt") as fh:
+        assert json.load(fh) == {"b": 3}
