@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import kernels_unavailable, run_meta, time_graph, write_json_atomic  # noqa: E402  (the kernel benchmark's shared pieces)
+# The kernel benchmark's shared pieces.
+from kernels import kernels_unavailable, run_meta, time_graph, write_json_atomic  # noqa: E402
 
 H, HKV, HD, LAYERS = 32, 8, 128, 32
 

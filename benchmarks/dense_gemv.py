@@ -28,7 +28,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import copies_for, copy_bandwidth, kernels_unavailable, run_meta, time_graph, write_json_atomic  # noqa: E402
+from kernels import (  # noqa: E402
+    copies_for, copy_bandwidth, kernels_unavailable, run_meta, time_graph, write_json_atomic,
+)
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "head": (4096, 32000)}  # fmt: skip

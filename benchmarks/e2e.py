@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import git_commit, write_json_atomic, zephyr_env  # noqa: E402  (the commit and ZEPHYR_* switches a result file records)
+# The commit and ZEPHYR_* switches a result file records, and its atomic writer.
+from kernels import git_commit, write_json_atomic, zephyr_env  # noqa: E402
 
 ZEPHYR_7B = dict(
     model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from zephyr_plugins.config import GPTQConfig  # noqa: E402
 from zephyr_plugins.quantize import quantize_block  # noqa: E402
-from kernels import git_commit, write_json_atomic  # noqa: E402  (the commit a result file records; benchmarks/kernels.py)
+from kernels import git_commit, write_json_atomic  # noqa: E402  (commit and writer of a result file)
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   head_dim=128, num_hidden_layers=32, max_position_embeddings=32768, vocab_size=32000,

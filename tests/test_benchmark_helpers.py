@@ -381,9 +381,9 @@ def test_ab_trees_rotates_the_order_and_summarizes(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("name", ["out.json", "out.json.gz"])
 def test_write_json_atomic_round_trips_and_leaves_nothing_on_failure(tmp_path, name):
-    """kernels.write_json_atomic (the results writer of kernels.py, ab_trees.py and decode_timeline.py --records): plain
-    or gzip JSON by the name; a payload that cannot be written raises and leaves neither the file nor a
-    temporary, and an earlier file at the path stays as it was."""
+    """kernels.write_json_atomic (every benchmark's results writer): plain or gzip JSON by the name; a
+    payload that cannot be written raises and leaves neither the file nor a temporary, and an earlier
+    file at the path stays as it was."""
     import gzip
     import json
 
@@ -400,20 +400,3 @@ def test_write_json_atomic_round_trips_and_leaves_nothing_on_failure(tmp_path, n
         kernels.write_json_atomic(tmp_path / "new.json", {"a": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
-
-def test_results_json_is_written_whole_or_not_at_all(tmp_path):
-    """kernels.write_json_atomic (every benchmark's results file): a write that fails part-way leaves the
-    previous file as it was and no temporary file beside it; .gz paths are compressed."""
-    import gzip
-    import json
-
-    path = tmp_path / "r.json"
-    kernels.write_json_atomic(path, {"a": [1, 2]}, indent=1)
-    assert json.loads(path.read_text()) == {"a": [1, 2]}
-    with pytest.raises(TypeError):
-        kernels.write_json_atomic(path, {"a": 1, "b": object()})  # not serializable: fails mid-dump
-    assert json.loads(path.read_text()) == {"a": [1, 2]}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
-    kernels.write_json_atomic(tmp_path / "r.json.gz", {"b": 3})
-    with gzip.open(tmp_path / "r.json.gz", "rt") as fh:
-        assert json.load(fh) == {"b": 3}
